@@ -84,6 +84,7 @@ MCi_STATUS_TES_YELLOW = 2 << 53
 MCi_STATUS_MCA = 0xFFFF           # MCACOD
 MCi_STATUS_MSEC = 0xFFFF0000      # MSCOD
 MCi_STATUS_OTHER = 0x01FFFFFF00000000
+MCi_STATUS_FWST = 1 << 37         # firmware updated this error (meaningful with MCG_SER_P)
 
 # MCi_MISC: address mode bits 8:6, LSB bits 5:0 (§1.2)
 MCi_MISC_ADDRMOD_MASK = 0x7 << 6

@@ -1,0 +1,99 @@
+"""Command line: ``emu run|log|bench`` (also ``python -m emu``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from emu.errors import EmuError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: exit 2 with our format
+        raise UsageError("arguments", message)
+
+
+def _machine_args(p):
+    p.add_argument("--topology", default="1x2x2", help="SxCxT (default 1x2x2: 4 CPUs)")
+    p.add_argument("--banks", type=int, default=10, help="MCG_CAP.COUNT (default 10)")
+    p.add_argument("--bank-scopes", default="0-3:core,4-9:package",
+                   help="BANK[-BANK]:thread|core|package,... (default 0-3:core,4-9:package)")
+    p.add_argument("--handler", default="seed", help="handler version (default seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chaos", type=float, default=0.0, help="perturbation probability per yield point")
+    p.add_argument("--watchdog", type=float, default=2.0, help="hang bound in seconds (default 2)")
+    p.add_argument("--no-ser", action="store_true", help="clear MCG_CAP.SER_P")
+
+
+def _config(a):
+    from emu.hw.platform import MachineConfig
+    return MachineConfig(topology=a.topology, nbanks=a.banks, bank_scopes=a.bank_scopes,
+                         handler=a.handler, seed=a.seed, chaos=a.chaos, watchdog_s=a.watchdog,
+                         ser=not a.no_ser).validate()
+
+
+def _print_trial(res: dict, out) -> None:
+    print(f"outcome: {res['outcome']}   resets: {res['resets']}   trial {res['trial']} "
+          f"({res['handler']}, {res['topology']})", file=out)
+    for e in res["errors"]:
+        line = (f"  cpu{e['cpu']} bank{e['bank']} {e['status']} {e['class']}: owners {e['owners']}"
+                f"{' cleared' if e['cleared'] else ' not cleared'}, action {e['action']}")
+        if "page_offline" in e:
+            po = e["page_offline"]
+            line += f", page {po['mfn']:#x} {'|'.join(po['status']) or po['ret']}"
+        print(line, file=out)
+    if res.get("panic"):
+        print(f"  panic: {res['panic']}", file=out)
+    for b in res["boot_log"]:
+        print(f"  boot-time logout: cpu{b['cpu']} bank{b['bank']} {b['status']}", file=out)
+    lat = res["latency_us"]
+    print("  latency µs: " + ", ".join(f"{k} {v}" for k, v in lat.items() if v is not None), file=out)
+    for v in res["violations"]:
+        print(f"  VIOLATION: {v}", file=out)
+
+
+def cmd_run(a) -> int:
+    from emu.machine import Machine
+    from emu.scenario import DEMO, validate_errors
+    cfg = _config(a)
+    from emu.hw.platform import Topology
+    topo = Topology(cfg)
+    errors = a.error or DEMO
+    validate_errors(errors, topo.ncpus, topo.nbanks)   # nothing runs on bad input
+    with Machine(cfg) as m:
+        res = m.inject(errors, local=a.local)
+    if a.json:
+        print(json.dumps(res, sort_keys=True))
+    else:
+        if not a.error:
+            print("demonstration: Xen's srao_mem case (bank 8, 0xBD000000004000CF) "
+                  "on a free page", file=sys.stdout)
+        _print_trial(res, sys.stdout)
+    return 1 if res["violations"] else 0
+
+
+def main(argv=None) -> int:
+    p = _Parser(prog="emu", description="Concurrency-faithful emulator of Xen's x86 MCA handling")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    r = sub.add_parser("run", help="boot a machine, inject errors, print the outcome")
+    _machine_args(r)
+    r.add_argument("--error", action="append", help='"cpu=N bank=N status=0x.. [addr= misc= mcg=]"')
+    r.add_argument("--local", action="store_true", help="deliver as LMCE to the first error's CPU")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    b = sub.add_parser("bench", help="handler latency benchmark (see bench/latency.py)")
+    b.add_argument("--cpus", default="4,16,64")
+    b.add_argument("--injections", type=int, default=1000)
+    b.add_argument("--json", action="store_true")
+    try:
+        a = p.parse_args(argv)
+        if a.cmd == "run":
+            return cmd_run(a)
+        if a.cmd == "bench":
+            from emu.bench import main as bench_main
+            return bench_main(a)
+    except EmuError as exc:
+        print(f"emu: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,367 @@
+"""The coordinator: machine lifecycle, reset controller, watchdog, trial results.
+
+Modelled: power-on (banks zeroed), boot (Xen memory re-initialised, CPU processes
+forked and brought up one at a time through boot-time logout), hardware injection
+(errors written into banks with the overwrite rules, then one #MC raised), the
+reset controller (``mc_panic``, processor shutdown, hangs and dead CPUs all end in
+a warm reset that keeps the banks), and a watchdog: a trial whose handler makes no
+progress for ``watchdog_s`` ends as ``hang`` with a snapshot of every CPU.
+
+It runs as its own process, forked by the front end (:class:`emu.machine.Machine`),
+and dies with it (parent-death signal); every process it forks dies with it.
+Requests arrive as msgpack arrays ``[1, command, args]`` on one pipe.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+import traceback
+
+import msgpack
+
+from emu.errors import EmuError, EmulatorInternalError, UsageError
+from emu.hw import msr
+from emu.hw.banks import Banks
+from emu.hw.cpu import child_signals, cpu_process, deliver_mc, set_pdeathsig
+from emu.hw.platform import ACTION_RING, LOGOUT_RING, MachineConfig, Regions
+from emu.xen import severity as sev
+from emu.xen.mce import LOG_WORDS, PHASES, RESET_NONE, WHO_NAME
+from emu.xen.mctelem import Mctelem
+from emu.xen.page_alloc import PageTable
+from emu.xen.vmce import Vmce
+
+PROTO = 1
+SCHEMA = "emu.trial/1"
+BOOT_TIMEOUT_S = 30.0
+
+
+class Coordinator:
+    def __init__(self, conn, cfg: MachineConfig):
+        self.conn = conn
+        self.cfg = cfg
+        self.R = Regions(cfg)
+        self.topo = self.R.topo
+        self.n = self.topo.ncpus
+        self.banks = Banks(self.R)
+        self.tele = Mctelem(self.R)
+        self.pages = PageTable(self.R)
+        self.vmce = Vmce(self.R)
+        self.boots = 0
+        self.trial_gen = 0
+        self.cpu_pids: dict[int, int] = {}
+        self.pidfds: dict[int, int] = {}
+        self.hooks: dict = {}
+        self.last_boot_log: list = []
+        self.domids = [0]
+
+    # -- lifecycle --------------------------------------------------------------------
+    def power_on(self) -> dict:
+        self.R.power_off()
+        self.banks.power_on(self.cfg.mcg_cap)
+        return self.boot()
+
+    def boot(self) -> dict:
+        t0 = time.monotonic()
+        R, X, L = self.R, self.R.X, self.R.L
+        self.boots += 1
+        R.reinit_xen()
+        self.tele.init(self.boots)
+        self.pages.init_default(self.domids)
+        self.vmce.create(0, 0, hvm=False, nvcpus=min(2, self.n), hwdom=True)
+        X.store(L.trial_gen, self.trial_gen)
+        me = os.getpid()
+        for cpu in range(self.n):
+            pid = os.fork()
+            if pid == 0:
+                cpu_process(R, cpu, me, self.hooks)
+            self.cpu_pids[cpu] = pid
+            self.pidfds[cpu] = os.pidfd_open(pid)
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        while X.load(L.online) < self.n:
+            dead = self._dead_cpus(0.05)
+            if dead or time.monotonic() > deadline:
+                raise EmulatorInternalError(f"boot failed: CPUs {dead or 'timed out'} "
+                                            f"({X.load(L.online)}/{self.n} online)")
+        self.last_boot_log = self._boot_log()
+        return {"boot": self.boots, "cpus": self.n, "pids": dict(self.cpu_pids),
+                "boot_ms": (time.monotonic() - t0) * 1e3, "boot_log": self.last_boot_log}
+
+    def _kill_cpus(self) -> None:
+        for pid in self.cpu_pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in self.cpu_pids.values():
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        for fd in self.pidfds.values():
+            os.close(fd)
+        self.cpu_pids.clear()
+        self.pidfds.clear()
+
+    def warm_reset(self) -> dict:
+        """Reset: every CPU restarts, Xen memory is lost, the banks are kept."""
+        self._kill_cpus()
+        self.banks.warm_reset()
+        return self.boot()
+
+    def shutdown(self) -> None:
+        self._kill_cpus()
+
+    # -- helpers --------------------------------------------------------------------------
+    def _dead_cpus(self, timeout: float) -> list[int]:
+        fds = list(self.pidfds.values())
+        r, _, _ = select.select(fds + [self.R.efd], [], [], timeout)
+        try:
+            os.eventfd_read(self.R.efd)
+        except BlockingIOError:
+            pass
+        return [c for c, fd in self.pidfds.items() if fd in r]
+
+    def _logouts(self, cpu: int) -> list[dict]:
+        X, L = self.R.X, self.R.L
+        n = min(X.load(L.pc(cpu, L.P_LOGOUT_N)), LOGOUT_RING)
+        out = []
+        for k in range(n):
+            base = L.pc(cpu, L.P_LOGOUT) + 8 * LOG_WORDS * k
+            meta, status, addr, misc, gen, rid = (X.load(base + 8 * j) for j in range(LOG_WORDS))
+            out.append({"cpu": cpu, "who": WHO_NAME[meta & 0xFF].name, "bank": (meta >> 8) & 0xFF,
+                        "cleared": bool(meta >> 16 & 1), "status": status, "addr": addr,
+                        "misc": misc, "gen": gen, "record_id": rid})
+        return out
+
+    def _boot_log(self) -> list[dict]:
+        log = []
+        for c in range(self.n):
+            for e in self._logouts(c):
+                if e["who"] == "MCA_RESET":
+                    log.append({"cpu": c, "bank": e["bank"], "status": msr.hexs(e["status"]),
+                                "addr": msr.hexs(e["addr"]), "misc": msr.hexs(e["misc"]),
+                                "record_id": e["record_id"]})
+        return log
+
+    def _actions(self) -> list[dict]:
+        X, L = self.R.X, self.R.L
+        mv = self.tele.mv
+        out = []
+        for k in range(min(X.load(L.action_n), ACTION_RING)):
+            base = L.action_log + 256 * k
+            ln = int.from_bytes(mv[base:base + 2], "little")
+            w, src, bank, status, r, rid, info = msgpack.unpackb(bytes(mv[base + 2:base + 2 + ln]),
+                                                                 strict_map_key=False)
+            out.append({"worker": w, "cpu": src, "bank": bank, "status": status, "result": r,
+                        "record_id": rid, "info": info})
+        return out
+
+    def _snapshot(self) -> list[dict]:
+        X, L = self.R.X, self.R.L
+        snap = []
+        for c in range(self.n):
+            snap.append({"cpu": c, "phase": PHASES[X.load(L.pc(c, L.P_PHASE))],
+                         "halted": bool(X.load(L.pc(c, L.P_HALTED))),
+                         "mcg_status": msr.hexs(self.banks.mcg(c))})
+        return snap
+
+    # -- a trial -------------------------------------------------------------------------
+    def _reset_trial_state(self, gen: int) -> None:
+        X, L = self.R.X, self.R.L
+        X.store(L.trial_gen, gen)
+        X.store(L.action_n, 0)
+        for c in range(self.n):
+            for w in (L.P_LOGOUT_N, L.P_REACHED, L.P_T_ENTER, L.P_T_LOGOUT, L.P_T_EXIT,
+                      L.P_T_SOFTIRQ, L.P_SIRQ_ROLE, L.P_T_BARRIER_A):
+                X.store(L.pc(c, w), 0)
+
+    def trial(self, errors: list[dict], local: bool = False, timeout_s: float | None = None) -> dict:
+        from emu.scenario import validate_errors
+        errs = validate_errors(errors, self.n, self.topo.nbanks, self.domids)
+        R, X, L = self.R, self.R.X, self.R.L
+        self.trial_gen += 1
+        gen = self.trial_gen
+        self._reset_trial_state(gen)
+        written = []
+        for e in errs:
+            addr = e.addr
+            if e.domain is not None:
+                mfn = self.pages.gfn_to_mfn(e.domain, e.addr >> 12)
+                if mfn is None:
+                    raise UsageError("error.addr", f"{e.addr:#x} is not a guest-physical address "
+                                     f"of domain {e.domain}")
+                addr = mfn << 12 | (e.addr & 0xFFF)
+            w = self.banks.hw_report(e.cpu, e.bank, e.status, addr, e.misc)
+            written.append((e, addr, w))
+        targets = [errs[0].cpu] if local or not self.cfg.mce_broadcast else list(range(self.n))
+        dflt = msr.MCG_STATUS_MCIP | msr.MCG_STATUS_RIPV
+        mcg = {c: dflt for c in targets}
+        seen = set()
+        for e in errs:
+            if e.cpu in mcg and e.cpu not in seen and e.mcg is not None:
+                mcg[e.cpu] = e.mcg
+            seen.add(e.cpu)
+        if local:
+            mcg = {c: v | msr.MCG_STATUS_LMCE for c, v in mcg.items()}
+        t0 = time.monotonic_ns()
+        sd = deliver_mc(self.banks, targets, mcg, self.cpu_pids)
+        outcome, detail = ("shutdown", {"cpu": sd}) if sd is not None else \
+            self._wait(gen, targets, timeout_s or self.cfg.watchdog_s)
+        res = self._collect(gen, errs, written, targets, t0, outcome, detail, local)
+        if outcome in ("reset", "shutdown", "hang", "cpu_died"):
+            boot = self.warm_reset()
+            res["resets"] = 1
+            res["boot_log"] = boot["boot_log"]
+            res["boot_ms"] = boot["boot_ms"]
+        from emu.oracle import check_trial
+        res["violations"] = check_trial(res, self.topo)
+        return res
+
+    def _wait(self, gen: int, targets: list[int], watchdog_s: float):
+        X, L = self.R.X, self.R.L
+        last_progress = X.load(L.progress)
+        last_t = time.monotonic()
+        while True:
+            if X.load(L.reset_req) != RESET_NONE:
+                raw = b"".join(X.load(L.panic_msg + 8 * j).to_bytes(8, "little") for j in range(8))
+                return "reset", {"panic": raw.rstrip(b"\0").decode(errors="replace"),
+                                 "cpu": X.load(L.reset_cpu)}
+            k = self.vmce.slot(0)
+            if k is not None and self.vmce.dget(k, 1) == 2:  # the hardware domain crashed
+                return "reset", {"panic": "hardware domain crashed"}
+            if all(X.load(L.pc(c, L.P_DONE_GEN)) == gen for c in targets):
+                return "done", {}
+            dead = self._dead_cpus(0.02)
+            if dead:
+                return "cpu_died", {"cpus": dead}
+            p = X.load(L.progress)
+            now = time.monotonic()
+            if p != last_progress:
+                last_progress, last_t = p, now
+            elif now - last_t > watchdog_s:
+                return "hang", {"snapshot": self._snapshot()}
+
+    def _collect(self, gen, errs, written, targets, t0, outcome, detail, local) -> dict:
+        X, L, topo = self.R.X, self.R.L, self.topo
+        logouts = {c: [e for e in self._logouts(c) if e["who"] == "MCA_MCE_SCAN"]
+                   for c in range(self.n)}
+        actions = self._actions()
+        if outcome == "done":
+            results = [a["result"] for a in actions]
+            outcome = "continued" if sev.MCER_CONTINUE in results or not results else "recovered"
+        errors_out = []
+        for e, maddr, w in written:
+            inst = topo.inst[e.cpu][e.bank]
+            logged = [x for c in range(self.n) for x in logouts[c]
+                      if topo.inst[c][x["bank"]] == inst]
+            acts = [a for a in actions if topo.inst[a["cpu"]][a["bank"]] == inst]
+            cls = sev.intel_check_mce_type(e.status, self.cfg.ser)
+            item = {"cpu": e.cpu, "bank": e.bank, "status": msr.hexs(e.status),
+                    "addr": msr.hexs(maddr), "misc": msr.hexs(e.misc),
+                    "class": "corrected" if cls == "corrected" else cls,
+                    "written": w["written"], "kept": w["kept"],
+                    "bank_status": msr.hexs(w.get("status", 0)),
+                    "owners": sorted({x["cpu"] for x in logged}),
+                    "cleared": any(x["cleared"] for x in logged),
+                    "clearable": sev.intel_need_clearbank_scan(
+                        sev.MCA_MCE_SCAN, w.get("status", e.status), self.cfg.ser),
+                    "sharers": topo.sharers(e.cpu, e.bank),
+                    "action": sev.mcer_name(acts[0]["result"]) if acts else None}
+            if acts:
+                info = acts[0]["info"]
+                if "mfn" in info:
+                    item["page_offline"] = {"mfn": info["mfn"], "ret": info["offline_ret"],
+                                            "status": info["offline"]}
+                if "impacted_domain" in info:
+                    item["impacted_domain"] = info["impacted_domain"]
+                if "vmce" in info:
+                    item["vmce"] = info["vmce"]
+                if "note" in info:
+                    item["note"] = info["note"]
+            errors_out.append(item)
+
+        def lat(word):
+            ts = [X.load(L.pc(c, word)) for c in targets]
+            if not ts or any(t < t0 for t in ts):
+                return None
+            return round((max(ts) - t0) / 1e3, 1)
+        cpus = []
+        for c in range(self.n):
+            reached = X.load(L.pc(c, L.P_REACHED))
+            cpus.append({"cpu": c, "phases": [p for i, p in enumerate(PHASES) if reached >> i & 1],
+                         "mcip_after": bool(self.banks.mcg(c) & msr.MCG_STATUS_MCIP),
+                         "softirq_worker": bool(X.load(L.pc(c, L.P_SIRQ_ROLE)))})
+        res = {"schema": SCHEMA, "trial": gen, "outcome": outcome, "resets": 0,
+               "handler": self.cfg.handler, "seed": self.cfg.seed, "topology": self.cfg.topology,
+               "local": local, "targets": targets, "errors": errors_out, "boot_log": [],
+               "cpus": cpus,
+               "latency_us": {"all_entered": lat(L.P_T_ENTER), "logout_done": lat(L.P_T_LOGOUT),
+                              "handler_exit": lat(L.P_T_EXIT),
+                              "softirq_done": lat(L.P_T_SOFTIRQ)},
+               "telemetry": {"free": self.tele.free_count(), "drops": self.tele.drops()},
+               "domains": self.vmce.domains()}
+        res.update({k: v for k, v in detail.items()})
+        return res
+
+    # -- request loop -----------------------------------------------------------------------
+    def serve(self) -> None:
+        conn = self.conn
+        while True:
+            try:
+                raw = conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            try:
+                ver, cmd, args = msgpack.unpackb(raw, strict_map_key=False)
+                if ver != PROTO:
+                    raise UsageError("protocol", f"version {ver}, expected {PROTO}")
+                if cmd == "quit":
+                    conn.send_bytes(msgpack.packb([True, None]))
+                    return
+                reply = self.dispatch(cmd, args)
+                conn.send_bytes(msgpack.packb([True, reply]))
+            except EmuError as exc:
+                conn.send_bytes(msgpack.packb([False, {"type": type(exc).__name__,
+                                                       "field": getattr(exc, "field", None),
+                                                       "message": str(exc)}]))
+            except Exception as exc:  # noqa: BLE001 - reported as an internal error
+                conn.send_bytes(msgpack.packb([False, {
+                    "type": "EmulatorInternalError", "field": None,
+                    "message": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}]))
+
+    def dispatch(self, cmd: str, args: dict):
+        if cmd == "boot":
+            return self.power_on()
+        if cmd == "trial":
+            return self.trial(args["errors"], bool(args.get("local")), args.get("timeout_s"))
+        if cmd == "reset":
+            return self.warm_reset()
+        if cmd == "snapshot":
+            return {"cpus": self._snapshot(), "pids": self.cpu_pids}
+        if cmd == "hooks":
+            self.hooks.update(args)
+            return None
+        if cmd == "banks":
+            return [[self.banks.read(c, b, r) for r in range(5)] for c in range(self.n)
+                    for b in range(self.topo.nbanks)]
+        raise UsageError("command", f"unknown command {cmd!r}")
+
+
+def coordinator_process(conn, cfg: MachineConfig, parent_pid: int) -> None:
+    """Body of the coordinator process (never returns)."""
+    code = 0
+    co = None
+    try:
+        set_pdeathsig(parent_pid)
+        child_signals()
+        co = Coordinator(conn, cfg)
+        co.serve()
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+        code = 70
+    finally:
+        if co is not None:
+            co.shutdown()
+        os._exit(code)

@@ -1,0 +1,89 @@
+"""A physical CPU: one OS process; #MC delivery and MCIP as silicon does them.
+
+Modelled: the CPU process boots (Xen's ``intel_init_mce`` runs in it), then idles
+or runs its softirq work. A machine check is delivered as a signal, so it
+preempts whatever the process is doing — idling, the softirq, even an earlier
+#MC handler whose MCIP is already clear — and the handler runs nested on top, as
+an exception does. Delivery (:func:`deliver_mc`) is the hardware side: it sets
+MCG_STATUS (with MCIP) and raises the signal; a #MC that finds MCIP already set
+shuts the machine down instead (the SDM's rule, any #MC), and the bank is left as
+it is.
+
+The CPU sets a parent-death signal, so it cannot outlive the coordinator.
+Not modelled: CR4.MCE (always set), parked/offline CPUs, NMI.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+from emu.hw import msr
+
+SIG_MC = signal.SIGUSR1
+PR_SET_PDEATHSIG = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def set_pdeathsig(parent_pid: int) -> None:
+    """Die with the parent; if it is already gone, die now."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def child_signals() -> None:
+    """A forked child starts with default dispositions (pytest's included)."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2,
+              signal.SIGCHLD):
+        signal.signal(s, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C goes to the front end only
+
+
+def cpu_process(R, cpu: int, parent_pid: int, hooks: dict) -> None:
+    """Body of a CPU process (never returns)."""
+    try:
+        set_pdeathsig(parent_pid)
+        child_signals()
+        from emu.hw.yieldpoint import YieldPoints
+        from emu.xen.versions import handler_class
+        X, L = R.X, R.L
+        trace = (X, L.trace_n, L.trace, 4096) if R.cfg.trace else None
+        yps = YieldPoints(cpu, R.cfg.chaos, None, trace)
+        x = handler_class(R.cfg.handler)(R, cpu, yps, hooks)
+        X.store(L.pc(cpu, L.P_PID), os.getpid())
+        signal.signal(SIG_MC, x.do_machine_check)
+        x.boot()
+        soft = L.pc(cpu, L.P_SOFTIRQ)
+        kick = L.pc(cpu, L.P_KICK)
+        while True:
+            # xchg, not load+store: a #MC between the two would lose its raise.
+            if X.xchg(soft, 0):
+                x.mce_softirq()
+                continue
+            R.ev.wait(kick, lambda: X.load(soft) != 0, slice_s=1.0)
+    except BaseException:  # noqa: BLE001 - a CPU must never return into the parent's stack
+        import traceback
+        traceback.print_exc()
+    finally:
+        os._exit(70)
+
+
+def deliver_mc(banks, targets: list[int], mcg_status: dict[int, int], pids: dict[int, int]):
+    """Raise #MC on ``targets``. Returns the CPU that shut down, or None.
+
+    For each CPU: if MCIP is already set the processor shuts down (the caller
+    resets the machine); else MCG_STATUS takes the event's value with MCIP and the
+    signal is sent.
+    """
+    for cpu in targets:
+        new = mcg_status[cpu] | msr.MCG_STATUS_MCIP
+        while True:
+            old = banks.mcg(cpu)
+            if old & msr.MCG_STATUS_MCIP:
+                return cpu
+            if banks.cmpxchg_mcg(cpu, old, new) == old:
+                break
+        os.kill(pids[cpu], SIG_MC)
+    return None

@@ -1,0 +1,114 @@
+"""Futex wait/wake on shared anonymous memory, and the spin-then-sleep wait.
+
+Emulated Xen code spins (``while (...) cpu_relax();``). With more emulated CPUs than
+real cores, pure spinning costs milliseconds per round, so a wait here spins with
+``sched_yield`` for a short budget, then sleeps in ``FUTEX_WAIT`` on a 32-bit *event
+word* that whoever changes the awaited state bumps and wakes (DESIGN.md §3). Which
+interleavings are possible is unchanged; only how a CPU burns its time is.
+
+The futex is the shared (not ``_PRIVATE``) kind, because the words live in a
+``MAP_SHARED`` mapping seen by several processes. Every sleep has a timeout, so a
+waiter re-checks its condition (and panic flags) even if a waker died.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+_SYS_futex = 202  # x86_64
+_FUTEX_WAIT = 0
+_FUTEX_WAKE = 1
+INT_MAX = 0x7FFFFFFF
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def futex_wait(addr: int, expected: int, timeout_s: float | None) -> None:
+    """Sleep while the 32-bit word at ``addr`` equals ``expected``.
+
+    Returns on wake, timeout, signal (EINTR) or if the word already differs; the
+    caller always re-checks its condition.
+    """
+    if timeout_s is None:
+        _syscall(_SYS_futex, ctypes.c_void_p(addr), _FUTEX_WAIT,
+                 ctypes.c_uint32(expected & 0xFFFFFFFF), None, None, 0)
+        return
+    sec = int(timeout_s)
+    ts = _Timespec(sec, int((timeout_s - sec) * 1e9))
+    _syscall(_SYS_futex, ctypes.c_void_p(addr), _FUTEX_WAIT,
+             ctypes.c_uint32(expected & 0xFFFFFFFF), ctypes.byref(ts), None, 0)
+
+
+def futex_wake(addr: int, n: int = INT_MAX) -> int:
+    return _syscall(_SYS_futex, ctypes.c_void_p(addr), _FUTEX_WAKE, n, None, None, 0)
+
+
+# Spin budget before sleeping (DESIGN.md §3: ~50 µs).
+SPIN_NS = 50_000
+_sched_yield = os.sched_yield
+_now = time.monotonic_ns
+
+
+class Events:
+    """Event channels in one shared region: ``bump`` after a change, ``wait`` for one.
+
+    A channel is two u64 words at ``off``: the event counter (its low 32 bits are
+    the futex word; x86 is little-endian) and a count of sleepers, so that a bump
+    with nobody asleep costs no system call. The protocol is the usual one: a
+    sleeper registers, re-checks its condition, then sleeps only if the counter has
+    not moved; a waker changes the state, bumps the counter, then wakes if anyone
+    is registered. Sequential consistency makes one of the two see the other.
+    """
+
+    def __init__(self, A, spin_ns: int = SPIN_NS):
+        self.A = A
+        self.base = A.address
+        self.spin_ns = spin_ns
+
+    def bump(self, off: int, n: int = INT_MAX) -> None:
+        self.A.fetch_add(off, 1)
+        if self.A.load(off + 8):
+            futex_wake(self.base + off, n)
+
+    def wait(self, off: int, cond, timeout_s: float | None = None,
+             slice_s: float = 0.05, check=None) -> bool:
+        """Wait until ``cond()`` is true; False on timeout.
+
+        ``check`` runs between sleeps (e.g. ``mce_panic_check``); it may not return.
+        """
+        load = self.A.load
+        if cond():
+            return True
+        t0 = _now()
+        spin_end = t0 + self.spin_ns
+        deadline = None if timeout_s is None else t0 + int(timeout_s * 1e9)
+        addr = self.base + off
+        while True:
+            seen = load(off)
+            if cond():
+                return True
+            now = _now()
+            if deadline is not None and now >= deadline:
+                return False
+            if check is not None:
+                check()
+            if now < spin_end:
+                _sched_yield()
+                continue
+            s = slice_s
+            if deadline is not None:
+                s = min(s, (deadline - now) / 1e9)
+            self.A.fetch_add(off + 8, 1)
+            try:
+                if cond():
+                    return True
+                futex_wait(addr, seen, s)
+            finally:
+                self.A.fetch_sub(off + 8, 1)

@@ -1,0 +1,73 @@
+"""Yield points: the one choke point before every access to shared emulated state.
+
+Modelled (DESIGN.md §5): in *chaos* mode, with seeded probabilities, a yield point
+yields the core, sleeps briefly or stalls the CPU, so that narrow windows (a shared
+bank read and its clear are two steps) are hit often. With ``trace`` on, each yield
+point appends (sequence, cpu, site) to a ring in Xen memory, so the observed order
+of a trial can be printed. Seeds: trial ``i`` of a campaign seeded ``s`` uses
+``SeedSequence([s, i])``, spawning one stream per process.
+
+Not modelled yet: controlled mode (one process at a time under a scheduler).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+# Site names; their index is what the trace stores.
+SITES = ("rdmsr", "wrmsr", "lock", "unlock", "barrier", "atomic", "telem", "page", "vmce",
+         "softirq")
+SITE = {n: i for i, n in enumerate(SITES)}
+
+_BLOCK = 4096
+
+
+class YieldPoints:
+    def __init__(self, cpu: int, chaos: float = 0.0, seed_seq=None,
+                 trace=None):
+        self.cpu = cpu
+        self.chaos = chaos
+        self.trace = trace          # (atomics, count_off, ring_off, ring_len) or None
+        self._rng = np.random.default_rng(seed_seq) if seed_seq is not None else None
+        self._u = None
+        self._k = _BLOCK
+        if chaos <= 0 and trace is None:
+            self.yp = _noop       # the hot path pays one call only
+
+    def reseed(self, seed_seq) -> None:
+        self._rng = np.random.default_rng(seed_seq)
+        self._k = _BLOCK
+
+    def yp(self, site: str) -> None:
+        if self.trace is not None:
+            A, cnt, ring, n = self.trace
+            k = A.fetch_add(cnt, 1)
+            if k < n:
+                base = ring + 24 * k
+                A.store(base, k)
+                A.store(base + 8, self.cpu)
+                A.store(base + 16, SITE.get(site, 255))
+        if self.chaos > 0 and self._rng is not None:
+            if self._k >= _BLOCK:
+                self._u = self._rng.random((_BLOCK, 2))
+                self._k = 0
+            u, v = self._u[self._k]
+            self._k += 1
+            if u < self.chaos:
+                # Mostly yield; sometimes a short sleep; rarely a stall.
+                if v < 0.7:
+                    os.sched_yield()
+                elif v < 0.97:
+                    time.sleep(2e-5 + v * 1e-4)
+                else:
+                    time.sleep(0.002)
+
+
+def _noop(site: str) -> None:
+    return None
+
+
+def trial_seed(seed: int, trial: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([seed, trial])

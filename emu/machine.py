@@ -1,0 +1,120 @@
+"""The front door to a running machine: :class:`Machine`.
+
+``Machine`` forks the coordinator process (which forks the CPUs), talks to it over
+one pipe with msgpack, and tears everything down on :meth:`close` — or when this
+process dies, through the parent-death signal every emulator process sets.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import msgpack
+import multiprocess
+
+from emu.errors import EmulatorInternalError, Finding, UsageError
+from emu.hw.platform import MachineConfig
+
+_ERRORS = {"UsageError": UsageError, "EmulatorInternalError": EmulatorInternalError}
+
+
+class Machine:
+    """A booted emulated machine. Use as a context manager.
+
+    >>> with Machine(topology="1x2x2") as m:
+    ...     r = m.inject(["cpu=0 bank=8 status=0xBD000000004000CF addr=0x180020 misc=0x86"])
+    """
+
+    def __init__(self, config: MachineConfig | None = None, **kw):
+        self.config = (config or MachineConfig(**kw)).validate()
+        self.pid = None
+        self._conn = None
+        self.boot_info = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> "Machine":
+        from emu.coordinator import coordinator_process
+        ours, theirs = multiprocess.Pipe(duplex=True)
+        me = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            coordinator_process(theirs, self.config, me)
+        theirs.close()
+        self.pid, self._conn = pid, ours
+        self.boot_info = self._call("boot", {})
+        return self
+
+    def close(self) -> None:
+        if self.pid is None:
+            return
+        try:
+            self._conn.send_bytes(msgpack.packb([1, "quit", {}]))
+            if self._conn.poll(10):
+                self._conn.recv_bytes()
+        except (OSError, EOFError):
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            done, _ = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.01)
+        else:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        self._conn.close()
+        self.pid = None
+
+    def __enter__(self) -> "Machine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- requests ------------------------------------------------------------------------
+    def _call(self, cmd: str, args: dict, timeout: float = 120.0):
+        if self.pid is None:
+            raise UsageError("machine", "not started; use `with Machine(...) as m:` or m.start()")
+        try:
+            self._conn.send_bytes(msgpack.packb([1, cmd, args]))
+            if not self._conn.poll(timeout):
+                raise EmulatorInternalError(f"coordinator did not answer {cmd!r} in {timeout} s")
+            ok, payload = msgpack.unpackb(self._conn.recv_bytes(), strict_map_key=False)
+        except (EOFError, OSError) as exc:
+            raise EmulatorInternalError(f"coordinator is gone ({exc})") from None
+        if ok:
+            return payload
+        cls = _ERRORS.get(payload["type"], EmulatorInternalError)
+        if cls is UsageError:
+            field, _, msg = payload["message"].partition(": ")
+            raise UsageError(payload.get("field") or field, msg)
+        raise cls(payload["message"])
+
+    def inject(self, errors, local: bool = False, timeout_s: float | None = None) -> dict:
+        """Write ``errors`` into their banks, raise one #MC, return the trial result."""
+        if isinstance(errors, (str, dict)):
+            errors = [errors]
+        return self._call("trial", {"errors": list(errors), "local": local,
+                                    "timeout_s": timeout_s})
+
+    def check(self, result: dict) -> dict:
+        """Raise :class:`Finding` if the trial violated an invariant."""
+        if result.get("violations"):
+            raise Finding(result["violations"])
+        return result
+
+    def reset(self) -> dict:
+        return self._call("reset", {})
+
+    def snapshot(self) -> dict:
+        return self._call("snapshot", {})
+
+    def set_hooks(self, **hooks) -> None:
+        """Test hooks for CPUs booted from now on (e.g. ``softirq_stall_s``)."""
+        self._call("hooks", hooks)
+
+    @property
+    def cpu_pids(self) -> dict[int, int]:
+        return {int(k): v for k, v in self.snapshot()["pids"].items()}

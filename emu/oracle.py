@@ -1,0 +1,42 @@
+"""Invariants checked after every trial (DESIGN.md §6). Pure: reads a trial result.
+
+A violation is a *finding* about the emulated handler, never an emu bug.
+"""
+from __future__ import annotations
+
+
+def check_trial(res: dict, topo) -> list[str]:
+    v: list[str] = []
+    outcome = res["outcome"]
+    broadcast = not res.get("local")
+    completed = outcome in ("recovered", "continued")
+    for i, e in enumerate(res["errors"]):
+        if not e["written"]:
+            continue
+        tag = f"error[{i}] cpu{e['cpu']}/bank{e['bank']}"
+        if completed or outcome == "reset":
+            took = [c for c in e["sharers"] if c in res["targets"]]
+            if e["clearable"]:
+                if len(e["owners"]) != 1 and completed:
+                    v.append(f"{tag}: clearable error owned by {len(e['owners'])} CPUs "
+                             f"{e['owners']} (expected exactly one)")
+            elif broadcast and completed and sorted(e["owners"]) != sorted(took):
+                v.append(f"{tag}: non-clearable error logged by {e['owners']}, "
+                         f"expected every sharer {took}")
+        if e["class"] == "fatal" and e["clearable"] is False:
+            if outcome not in ("reset", "shutdown", "hang", "cpu_died"):
+                v.append(f"{tag}: fatal error but outcome {outcome!r} (expected reset)")
+            if outcome == "reset":
+                if e["cleared"]:
+                    v.append(f"{tag}: fatal bank cleared before the reset")
+                n = sum(1 for b in res["boot_log"]
+                        if topo.inst[b["cpu"]][b["bank"]] == topo.inst[e["cpu"]][e["bank"]])
+                if n != 1:
+                    v.append(f"{tag}: logged {n} times by boot-time logout (expected once)")
+    if completed:
+        for c in res["cpus"]:
+            if c["mcip_after"]:
+                v.append(f"cpu{c['cpu']}: MCIP still set after the handler")
+            if c["cpu"] in res["targets"] and "softirq_done" not in c["phases"]:
+                v.append(f"cpu{c['cpu']}: did not finish the softirq")
+    return v

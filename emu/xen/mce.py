@@ -1,0 +1,485 @@
+"""The common #MC handler, logout, softirq and panic (mce.c), version ``seed``.
+
+Modelled (xen-mca.md §2): ``mcheck_cmn_handler`` step by step — logout under
+``mce_logout_lock`` where the first reader of a shared clearable bank clears it
+(``mcheck_mca_clearbanks`` while still holding the lock), ``found_error``,
+``severity_cpu`` by plain last-writer store, ``mce_fatal_cpus``, three rendezvous
+on one reused generation barrier, the urgent action, the fatal check on
+``severity_cpu`` (or the LMCE CPU), per-CPU MCIP clear, ``raise_softirq``.
+``mce_softirq``: the two-barrier worker election with its private
+``severity_cpu``, ``mctelem_process_deferred`` over every CPU's list,
+``mce_delayed_action`` and VIRQ_MCA. ``mc_panic``: one CPU panics and asks the
+reset controller for a warm reset without touching the banks; every spinner halts
+in ``mce_panic_check``. Boot-time logout (``MCA_RESET``) after a reset, then the
+bank initialisation of ``intel_init_mce``.
+
+Not modelled: interposed MSRs, the extended (P4) MSR record, CMCI and the poller,
+AMD, console output (the trial result carries what Xen would have printed).
+"""
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+from emu.hw import msr
+from emu.hw.banks import Banks
+from emu.xen import severity as sev
+from emu.xen.barrier import McaBarrier
+from emu.xen.mctelem import (MC_FLAG_CORRECTABLE, MC_FLAG_MCE, MC_FLAG_POLLED,
+                             MC_FLAG_RECOVERABLE, MC_FLAG_UNCORRECTABLE, MC_NONURGENT,
+                             MC_URGENT, MCINFO_FLAGS_UNCOMPLETE, Mctelem, mcinfo_fits)
+from emu.xen.page_alloc import DOMID_INVALID, PageTable
+from emu.xen.spinlock import SpinLock
+
+# Phases a CPU reports (for the trial result and the watchdog's snapshot).
+PHASES = ("idle", "boot", "entered", "logout", "barrier_a", "barrier_b", "fatal_check",
+          "barrier_c", "exit", "softirq", "softirq_worker", "softirq_done", "halted",
+          "panic")
+PH = {n: i for i, n in enumerate(PHASES)}
+
+# Reset requests to the coordinator (the reset controller).
+RESET_NONE, RESET_PANIC = 0, 1
+
+# Logout ring entry: meta(who | bank<<8 | cleared<<16), status, addr, misc, gen, record id
+LOG_WORDS = 6
+WHO_CODE = {sev.MCA_MCE_SCAN: 1, sev.MCA_POLLER: 2, sev.MCA_CMCI_HANDLER: 3, sev.MCA_RESET: 4}
+WHO_NAME = {v: k for k, v in WHO_CODE.items()}
+
+DOMID_IDLE = 0x7FFF   # the idle vCPU: Xen context
+
+
+class McaSummary(NamedTuple):
+    errcnt: int
+    ripv: bool
+    eipv: bool
+    lmce: bool
+    uc: bool
+    pcc: bool
+    recoverable: bool
+
+
+class XenCpu:
+    """Xen's machine-check code as it runs on one physical CPU (one process)."""
+
+    version = "seed"
+
+    def __init__(self, R, cpu: int, yps, hooks=None):
+        self.R, self.cpu = R, cpu
+        self.X, self.L, self.ev = R.X, R.L, R.ev
+        self.cfg = R.cfg
+        self.topo = R.topo
+        self.banks = Banks(R)
+        self.tele = Mctelem(R)
+        self.pages = PageTable(R)
+        self.yp = yps.yp
+        self.yps = yps
+        self.ser = bool(R.cfg.ser)
+        self.mce_broadcast = bool(R.cfg.mce_broadcast)
+        self.nbanks = R.topo.nbanks
+        self.mca_allbanks = (1 << self.nbanks) - 1
+        self.mce_logout_lock = SpinLock(R, R.L.mce_logout_lock)
+        self.mce_trap_bar = McaBarrier(R, R.L.mce_trap_bar)
+        self.mce_inside_bar = McaBarrier(R, R.L.mce_inside_bar)
+        self.mce_severity_bar = McaBarrier(R, R.L.mce_severity_bar)
+        self.check = self.mce_panic_check
+        self.hooks = hooks or {}
+        from emu.xen import mcaction, vmce
+        self.vmce = vmce.Vmce(R)
+        self.mcaction = mcaction.McAction(self)
+
+    # -- per-CPU bookkeeping (what the trial result reads) --------------------------
+    def pc(self, word: int) -> int:
+        return self.L.pc(self.cpu, word)
+
+    def set_phase(self, name: str) -> None:
+        p = PH[name]
+        X = self.X
+        X.store(self.pc(self.L.P_PHASE), p)
+        X.fetch_or(self.pc(self.L.P_REACHED), 1 << p)
+        X.fetch_add(self.L.progress, 1)
+
+    def stamp(self, word: int) -> None:
+        self.X.store(self.pc(word), time.monotonic_ns())
+
+    def notify_coordinator(self) -> None:
+        self.R.notify()
+
+    def _log_logout(self, who, bank, status, addr, misc, cleared, rec_id) -> None:
+        X, L = self.X, self.L
+        k = X.fetch_add(self.pc(L.P_LOGOUT_N), 1)
+        from emu.hw.platform import LOGOUT_RING
+        if k >= LOGOUT_RING:
+            return
+        base = self.pc(L.P_LOGOUT) + 8 * LOG_WORDS * k
+        for j, v in enumerate((WHO_CODE[who] | bank << 8 | int(cleared) << 16, status, addr,
+                               misc, X.load(L.trial_gen), rec_id)):
+            X.store(base + 8 * j, v)
+
+    # -- MSR access (every one is a yield point) ---------------------------------------
+    def mca_rdmsr(self, addr: int) -> int:
+        self.yp("rdmsr")
+        return self.banks.rdmsr(self.cpu, addr)
+
+    def mca_wrmsr(self, addr: int, value: int) -> None:
+        self.yp("wrmsr")
+        self.banks.wrmsr(self.cpu, addr, value)
+
+    # -- panic -------------------------------------------------------------------------
+    def mce_panic_check(self) -> None:
+        if self.X.load(self.L.is_mc_panic):
+            self.halt()
+
+    def halt(self) -> None:
+        """A CPU spinning when another panicked: interrupts on, ``hlt`` forever."""
+        X, L = self.X, self.L
+        self.set_phase("halted")
+        X.store(self.pc(L.P_HALTED), 1)
+        self.notify_coordinator()
+        while True:  # until the reset controller kills this CPU
+            self.ev.wait(L.halt_ev, lambda: False, timeout_s=3600)
+
+    def mc_panic(self, msg: str) -> None:
+        X, L = self.X, self.L
+        if X.cmpxchg(L.is_mc_panic, 0, self.cpu + 1) != 0:
+            self.halt()  # another CPU is already panicking
+        self.set_phase("panic")
+        raw = msg.encode()[:63].ljust(64, b"\0")
+        for j in range(8):
+            X.store(L.panic_msg + 8 * j, int.from_bytes(raw[8 * j:8 * j + 8], "little"))
+        X.store(L.reset_cpu, self.cpu)
+        X.store(L.reset_req, RESET_PANIC)
+        # Spinners notice is_mc_panic in mce_panic_check; wake the sleepers.
+        for bar in (self.mce_trap_bar, self.mce_inside_bar, self.mce_severity_bar):
+            bar.wake_all()
+        self.ev.bump(L.mce_logout_lock + 8)
+        self.notify_coordinator()
+        X.store(self.pc(L.P_HALTED), 1)
+        while True:
+            self.ev.wait(L.halt_ev, lambda: False, timeout_s=3600)
+
+    # -- logout (§2.6) -------------------------------------------------------------------
+    def current_domain(self) -> tuple[int, int]:
+        return (self.X.load(self.pc(self.L.P_CURRENT_DOM)),
+                self.X.load(self.pc(self.L.P_CURRENT_VCPU)))
+
+    def mcheck_mca_logout(self, who, bankmask: int, clear_bank: list | None):
+        gstatus = self.mca_rdmsr(msr.MSR_IA32_MCG_STATUS)
+        if who == sev.MCA_MCE_SCAN:
+            flag, cls = MC_FLAG_MCE, MC_URGENT
+        else:
+            flag, cls = MC_FLAG_POLLED, MC_NONURGENT
+        recover = True   # Intel registers a recoverable_scan callback
+        slot = None
+        errcnt, uc, pcc = 0, False, False
+        banks_rec: list[list[int]] = []
+        flags = 0
+        for i in range(self.nbanks):
+            if not bankmask >> i & 1:
+                continue
+            status = self.mca_rdmsr(msr.MSR_IA32_MCx_STATUS(i))
+            if not status & msr.MCi_STATUS_VAL:
+                continue
+            need_clear = sev.intel_need_clearbank_scan(who, status, self.ser)
+            if errcnt == 0:
+                slot = self.tele.mctelem_reserve(cls, self.cpu)
+            errcnt += 1
+            uc |= bool(status & msr.MCi_STATUS_UC)
+            pcc |= bool(status & msr.MCi_STATUS_PCC)
+            if recover and uc:
+                recover = sev.intel_recoverable_scan(status, self.ser)
+            addr = self.mca_rdmsr(msr.MSR_IA32_MCx_ADDR(i)) if status & msr.MCi_STATUS_ADDRV else 0
+            misc = self.mca_rdmsr(msr.MSR_IA32_MCx_MISC(i)) if status & msr.MCi_STATUS_MISCV else 0
+            domid = DOMID_INVALID
+            if who in (sev.MCA_POLLER, sev.MCA_CMCI_HANDLER) and msr.addr_is_physical(status, misc):
+                domid = self.pages.owner(addr >> 12)
+            if slot is not None:
+                if mcinfo_fits(len(banks_rec) + 1):
+                    banks_rec.append([i, status, addr, misc, domid])
+                else:
+                    flags |= MCINFO_FLAGS_UNCOMPLETE
+            self._log_logout(who, i, status, addr, misc,
+                             need_clear and who != sev.MCA_MCE_SCAN,
+                             self.tele.record_id(slot) if slot is not None else 0)
+            if need_clear:
+                if who == sev.MCA_MCE_SCAN:
+                    clear_bank.append(i)  # cleared by the caller, under the lock
+                else:
+                    self.mcabank_clear(i)
+        if slot is not None:
+            if pcc:
+                flag |= MC_FLAG_UNCORRECTABLE
+            elif uc:
+                flag |= MC_FLAG_RECOVERABLE
+            else:
+                flag |= MC_FLAG_CORRECTABLE
+            s, c, t = self.topo.coords(self.cpu)
+            dom, vcpu = self.current_domain()
+            self.tele.write(slot, {
+                "who": WHO_CODE[who], "flags": flags, "cpu": self.cpu,
+                "g": {"mc_flags": flag, "mc_gstatus": gstatus, "mc_domid": dom,
+                      "mc_vcpuid": vcpu, "mc_socketid": s, "mc_coreid": c,
+                      "mc_core_threadid": t, "mc_apicid": self.cpu,
+                      "mcgcap": self.banks.mcg(self.cpu, 2)},
+                "b": banks_rec, "r": []})
+        summary = McaSummary(errcnt, bool(gstatus & msr.MCG_STATUS_RIPV),
+                             bool(gstatus & msr.MCG_STATUS_EIPV),
+                             bool(gstatus & msr.MCG_STATUS_LMCE), uc, pcc, recover)
+        return slot, summary
+
+    def mcabank_clear(self, i: int) -> None:
+        status = self.mca_rdmsr(msr.MSR_IA32_MCx_STATUS(i))
+        if status & msr.MCi_STATUS_ADDRV:
+            self.mca_wrmsr(msr.MSR_IA32_MCx_ADDR(i), 0)
+        if status & msr.MCi_STATUS_MISCV:
+            self.mca_wrmsr(msr.MSR_IA32_MCx_MISC(i), 0)
+        self.mca_wrmsr(msr.MSR_IA32_MCx_STATUS(i), 0)
+
+    def mcheck_mca_clearbanks(self, clear_bank: list) -> None:
+        for i in clear_bank:
+            self.mcabank_clear(i)
+            self._mark_cleared(i)
+
+    def _mark_cleared(self, bank: int) -> None:
+        # Flag this CPU's latest logout entry of the bank as the clearing one.
+        X, L = self.X, self.L
+        from emu.hw.platform import LOGOUT_RING
+        n = min(X.load(self.pc(L.P_LOGOUT_N)), LOGOUT_RING)
+        for k in range(n - 1, -1, -1):
+            base = self.pc(L.P_LOGOUT) + 8 * LOG_WORDS * k
+            meta = X.load(base)
+            if (meta >> 8) & 0xFF == bank:
+                X.store(base, meta | 1 << 16)
+                return
+
+    # -- fatal set helpers -------------------------------------------------------------
+    def fatal_set(self, cpu: int) -> None:
+        self.X.fetch_or(self.L.mce_fatal_cpus + 8 * (cpu // 64), 1 << (cpu % 64))
+
+    def fatal_cpus(self) -> list[int]:
+        out = []
+        for w in range(self.L.mcefatal_words):
+            v = self.X.load(self.L.mce_fatal_cpus + 8 * w)
+            out += [w * 64 + b for b in range(64) if v >> b & 1]
+        return out
+
+    def severity_cpu_get(self, off: int) -> int:
+        from emu.hw.atomic import signed
+        return signed(self.X.load(off))
+
+    # -- the handler (§2.3) ---------------------------------------------------------------
+    def do_machine_check(self, *_sig) -> None:
+        """Vector 18: mce_enter, the vendor handler, mce_exit."""
+        X, L = self.X, self.L
+        X.fetch_add(self.pc(L.P_NEST), 1)
+        X.store(self.pc(L.P_MC_GEN), X.load(L.trial_gen))
+        self.stamp(L.P_T_ENTER)
+        self.set_phase("entered")
+        try:
+            self.mcheck_cmn_handler()
+        finally:
+            X.fetch_sub(self.pc(L.P_NEST), 1)
+
+    def mcheck_cmn_handler(self) -> None:
+        X, L, cpu, yp, check = self.X, self.L, self.cpu, self.yp, self.check
+        bar = self.mce_trap_bar
+        self.mce_logout_lock.mce_spin_lock(cpu, yp, check)
+        self.set_phase("logout")
+        clear_bank: list[int] = []
+        slot, bs = self.mcheck_mca_logout(sev.MCA_MCE_SCAN, self.mca_allbanks, clear_bank)
+        lmce = bs.lmce
+        bcast = self.mce_broadcast and not lmce
+        if bs.errcnt:
+            if bs.uc or bs.pcc:
+                if slot is not None:
+                    yp("telem")
+                    self.tele.mctelem_defer(slot, cpu, lmce)
+                if bs.pcc or not bs.recoverable:
+                    self.fatal_set(cpu)
+            elif slot is not None:
+                yp("telem")
+                self.tele.mctelem_commit(slot)
+            yp("atomic")
+            X.store(L.found_error, 1)
+            yp("atomic")
+            self.set_severity_cpu(bs)
+            self.mcheck_mca_clearbanks(clear_bank)
+        elif slot is not None:
+            self.tele.mctelem_dismiss(slot)
+        self.mce_logout_lock.spin_unlock(yp)
+        self.stamp(L.P_T_LOGOUT)
+
+        self.set_phase("barrier_a")
+        bar.mce_barrier_enter(bcast, yp, check)
+        self.stamp(L.P_T_BARRIER_A)
+        if slot is not None and self.mce_urgent_action(slot) < 0:
+            self.fatal_set(cpu)
+        bar.mce_barrier_exit(bcast, yp, check)
+
+        self.set_phase("barrier_b")
+        bar.mce_barrier_enter(bcast, yp, check)
+        if lmce or self.severity_cpu_get(L.severity_cpu) == cpu:
+            self.set_phase("fatal_check")
+            self.fatal_check()
+        bar.mce_barrier_exit(bcast, yp, check)
+
+        self.set_phase("barrier_c")
+        bar.mce_barrier_enter(bcast, yp, check)
+        self.clear_mcip()
+        bar.mce_barrier_exit(bcast, yp, check)
+
+        self.stamp(L.P_T_EXIT)
+        self.set_phase("exit")
+        self.raise_softirq()
+
+    # Steps the handler versions and broken variants override ------------------------------
+    def set_severity_cpu(self, bs: McaSummary) -> None:
+        self.X.store(self.L.severity_cpu, self.cpu)  # plain atomic_set: last writer wins
+
+    def fatal_check(self) -> None:
+        X, L = self.X, self.L
+        self.yp("atomic")
+        if not X.load(L.found_error):
+            self.mc_panic("MCE: No CPU found valid MCE, need reset")
+        fatal = self.fatal_cpus()
+        if fatal:
+            self.mc_panic("MCE: Fatal error happened on CPUs " + ",".join(map(str, fatal)))
+        X.store(L.found_error, 0)
+        X.store(L.severity_cpu, -1 & msr.U64)
+
+    def clear_mcip(self) -> None:
+        gstatus = self.mca_rdmsr(msr.MSR_IA32_MCG_STATUS)
+        if gstatus & msr.MCG_STATUS_MCIP:
+            self.mca_wrmsr(msr.MSR_IA32_MCG_STATUS, 0)
+
+    def raise_softirq(self) -> None:
+        self.X.store(self.pc(self.L.P_SOFTIRQ), 1)
+        # The idle loop sleeps on the kick channel; if the #MC interrupted it,
+        # the interrupted wait re-checks on return anyway.
+        self.ev.bump(self.pc(self.L.P_KICK))
+
+    def guest_mode(self) -> bool:
+        dom, _ = self.current_domain()
+        return dom != DOMID_IDLE
+
+    def mce_urgent_action(self, slot: int) -> int:
+        rec = self.tele.read(slot)
+        gstatus = rec["g"]["mc_gstatus"]
+        if not gstatus & msr.MCG_STATUS_RIPV and (
+                not gstatus & msr.MCG_STATUS_EIPV or not self.guest_mode()):
+            return -1
+        return -1 if self.mce_action(rec, urgent=True) == sev.MCER_RESET else 0
+
+    def mce_action(self, rec: dict, urgent: bool, worker_log=None) -> int:
+        """Walk the bank records with the urgent or deferred handler table (§3.3)."""
+        worst = sev.MCER_NOERROR
+        for b in rec["b"]:
+            bank, status = b[0], b[1]
+            if urgent:
+                r = sev.urgent_default_action(status, self.ser)
+                info = None
+            else:
+                preset, kind = sev.deferred_preset(status, self.ser)
+                r, info = preset, None
+                if kind == "memerr":
+                    r, info = self.mcaction.mc_memerr_dhandler(rec, b, preset)
+                if worker_log is not None:
+                    worker_log.append((b, r, info))
+            worst = sev.worst(worst, r)
+            if worst == sev.MCER_RESET:
+                break
+        return worst
+
+    # -- deferred work (§2.5) --------------------------------------------------------------
+    def mce_softirq(self) -> None:
+        X, L, cpu, yp, check = self.X, self.L, self.cpu, self.yp, self.check
+        gen = X.load(self.pc(L.P_MC_GEN))
+        self.stamp(L.P_T_SOFTIRQ_START)
+        self.set_phase("softirq")
+        lmce = self.tele.mctelem_has_deferred_lmce(cpu)
+        bcast = self.mce_broadcast and not lmce
+        self.mce_inside_bar.mce_barrier_enter(bcast, yp, check)
+        if not lmce:
+            yp("atomic")
+            X.store(L.sirq_severity_cpu, cpu)
+            self.mce_severity_bar.mce_barrier_enter(bcast, yp, check)
+            if not self.tele.mctelem_has_deferred(cpu):
+                yp("atomic")
+                X.store(L.sirq_severity_cpu, cpu)
+            self.mce_severity_bar.mce_barrier_exit(bcast, yp, check)
+        if lmce or self.severity_cpu_get(L.sirq_severity_cpu) == cpu:
+            self.set_phase("softirq_worker")
+            X.store(self.pc(L.P_SIRQ_ROLE), 1)
+            stall = self.hooks.get("softirq_stall_s")
+            if stall:
+                time.sleep(stall)  # test hook: a window in which a new #MC preempts us
+            if lmce:
+                self.tele.mctelem_process_deferred(cpu, self.mce_delayed_action, True)
+            else:
+                for w in range(X.load(L.online)):
+                    yp("softirq")
+                    self.tele.mctelem_process_deferred(w, self.mce_delayed_action, False)
+            self.send_global_virq()
+        self.mce_inside_bar.mce_barrier_exit(bcast, yp, check)
+        self.stamp(L.P_T_SOFTIRQ)
+        X.store(self.pc(L.P_DONE_GEN), gen)
+        self.set_phase("softirq_done")
+        self.set_phase("idle")
+        self.notify_coordinator()
+
+    def send_global_virq(self) -> None:
+        from emu.xen import vmce
+        vmce.send_global_virq(self.R)
+
+    def mce_delayed_action(self, slot: int) -> bool:
+        rec = self.tele.read(slot)
+        log: list = []
+        result = self.mce_action(rec, urgent=False, worker_log=log)
+        if any(info and info.get("recovery") for _, _, info in log):
+            rec["r"] = [info["recovery"] for _, _, info in log if info and info.get("recovery")]
+        for b, _, _ in log:   # bank domid may have been set by the memory handler
+            pass
+        self.tele.write(slot, rec)
+        self._log_actions(slot, rec, log, result)
+        if result == sev.MCER_RESET:
+            # Xen: is_mc_panic = true; panic("MCE: Software recovery failed for the UCR")
+            self.mc_panic("MCE: Software recovery failed for the UCR")
+        return result != sev.MCER_NOERROR
+
+    def _log_actions(self, slot, rec, log, result) -> None:
+        import msgpack
+        from emu.hw.platform import ACTION_RING
+        X, L = self.X, self.L
+        rid = self.tele.record_id(slot)
+        for b, r, info in log:
+            k = X.fetch_add(L.action_n, 1)
+            if k >= ACTION_RING:
+                return
+            data = msgpack.packb([self.cpu, rec["cpu"], b[0], b[1], r, rid, info or {}])
+            base = L.action_log + 256 * k
+            self.tele.mv[base:base + 2] = len(data).to_bytes(2, "little")
+            self.tele.mv[base + 2:base + 2 + len(data)] = data
+
+    # -- boot (§4.2) ------------------------------------------------------------------------
+    def boot(self) -> None:
+        """intel_init_mce: post-reset logout, bank init; APs come up one at a time."""
+        X, L, cpu = self.X, self.L, self.cpu
+        self.set_phase("boot")
+        self.ev.wait(L.boot_ev, lambda: X.load(L.boot_token) == cpu, slice_s=0.2)
+        slot, bs = self.mcheck_mca_logout(sev.MCA_RESET, self.mca_allbanks, None)
+        if slot is not None:
+            if bs.errcnt:
+                self.tele.mctelem_commit(slot)   # non-urgent; Dom0 fetches it later
+            else:
+                self.tele.mctelem_dismiss(slot)
+        for i in range(self.nbanks):
+            if self.banks.read(cpu, i, msr.REG_CTL) == 0:
+                self.banks.write(cpu, i, msr.REG_CTL, msr.U64)
+                self.banks.write(cpu, i, msr.REG_STATUS, 0)
+        if self.banks.mcg(cpu, 2) & msr.MCG_CTL_P:
+            self.banks.set_mcg(cpu, msr.U64, 1)
+        X.store(self.pc(L.P_CURRENT_DOM), DOMID_IDLE)
+        X.fetch_add(L.online, 1)
+        X.store(L.boot_token, cpu + 1)
+        self.ev.bump(L.boot_ev)
+        self.set_phase("idle")
+        self.notify_coordinator()

@@ -1,0 +1,172 @@
+"""The machine page table and ``offline_page`` (xen/common/page_alloc.c).
+
+Modelled: one word per machine page (MFN) in Xen memory holding the owner domain,
+state bits and the guest frame number (the M2P entry). The default memory map:
+
+====================  ====================================================
+MFN range             owner
+====================  ====================================================
+0x000 – 0x0FF         Xen, fixed (text/data): offlining fails, -EPERM
+0x100 – 0x17F         Xen heap: offline pending (PENDING | XENPAGE)
+0x180 – 0x1FF         free: offlined at once (OFFLINED)
+0x200 + k·0x1000 …    domain k (Dom0 first, then guests), 0x1000 pages each,
+                      gfn = mfn − start
+rest                  free
+====================  ====================================================
+
+``offline_page(mfn, broken=1)`` follows Xen's order of checks and status bits
+(public/sysctl.h ``PG_OFFLINE_*``). Not modelled: non-RAM holes, shared
+(``dom_cow``) pages, PoD.
+"""
+from __future__ import annotations
+
+EINVAL, EPERM = 22, 1
+
+PG_OFFLINE_OFFLINED = 1 << 1
+PG_OFFLINE_PENDING = 1 << 2
+PG_OFFLINE_FAILED = 1 << 3
+PG_OFFLINE_AGAIN = 1 << 4
+PG_OFFLINE_XENPAGE = 1 << 8
+PG_OFFLINE_DOM0PAGE = 1 << 9
+PG_OFFLINE_ANONYMOUS = 1 << 10
+PG_OFFLINE_NOT_CONV_RAM = 1 << 11
+PG_OFFLINE_OWNED = 1 << 12
+PG_OFFLINE_BROKEN = 1 << 13
+PG_OFFLINE_OWNER_SHIFT = 16
+
+DOMID_XEN = 0x7FF2
+DOMID_INVALID = 0x7FF4
+DOMID_NONE = 0xFFFF     # page table: free page
+
+# state bits (bits 16..31 of a page word)
+PGC_FREE = 0            # no state bit: on the heap
+PGC_ALLOCATED = 1 << 0
+PGC_XEN_FIXED = 1 << 1
+PGC_XEN_HEAP = 1 << 2
+PGC_BROKEN = 1 << 3
+PGC_OFFLINING = 1 << 4
+PGC_OFFLINED = 1 << 5
+
+XEN_FIXED = range(0x000, 0x100)
+XEN_HEAP = range(0x100, 0x180)
+DOM_BASE = 0x200
+DOM_PAGES = 0x1000
+
+
+def _pack(owner: int, state: int, gfn: int) -> int:
+    return (owner & 0xFFFF) | (state & 0xFFFF) << 16 | (gfn & 0xFFFFFFFF) << 32
+
+
+def unpack(word: int) -> tuple[int, int, int]:
+    return word & 0xFFFF, (word >> 16) & 0xFFFF, word >> 32
+
+
+class Layout:
+    def __init__(self, alloc, npages: int):
+        self.npages = npages
+        self.lock = alloc.words(2)
+        self.table = alloc.words(npages)
+
+
+def domain_range(domid_index: int) -> range:
+    start = DOM_BASE + domid_index * DOM_PAGES
+    return range(start, start + DOM_PAGES)
+
+
+class PageTable:
+    """Access to the page words. Updates are compare-and-swap, so concurrent
+    ``offline_page`` calls on one page give one winner, as under Xen's heap lock."""
+
+    def __init__(self, R):
+        self.X = R.X
+        self.L = R.L.pages
+        self.npages = self.L.npages
+
+    def _off(self, mfn: int) -> int:
+        return self.L.table + 8 * mfn
+
+    def get(self, mfn: int) -> tuple[int, int, int]:
+        return unpack(self.X.load(self._off(mfn)))
+
+    def set(self, mfn: int, owner: int, state: int, gfn: int = 0) -> None:
+        self.X.store(self._off(mfn), _pack(owner, state, gfn))
+
+    def init_default(self, domids: list[int]) -> None:
+        """Lay out the default memory map for the given domains (Dom0 first)."""
+        for mfn in range(self.npages):
+            self.set(mfn, DOMID_NONE, PGC_FREE)
+        for mfn in XEN_FIXED:
+            self.set(mfn, DOMID_XEN, PGC_XEN_FIXED | PGC_ALLOCATED)
+        for mfn in XEN_HEAP:
+            self.set(mfn, DOMID_XEN, PGC_XEN_HEAP | PGC_ALLOCATED)
+        for k, d in enumerate(domids):
+            r = domain_range(k)
+            if r.stop > self.npages:
+                break
+            for mfn in r:
+                self.set(mfn, d, PGC_ALLOCATED, mfn - r.start)
+
+    def owner(self, mfn: int) -> int:
+        if not 0 <= mfn < self.npages:
+            return DOMID_INVALID
+        o, st, _ = self.get(mfn)
+        if st & PGC_ALLOCATED:
+            return o
+        return DOMID_INVALID
+
+    def gfn_to_mfn(self, domid: int, gfn: int) -> int | None:
+        """p2m lookup for the default map (domain ranges are contiguous)."""
+        for mfn in self._domain_mfns(domid):
+            if self.get(mfn)[2] == gfn and self.get(mfn)[0] == domid:
+                return mfn
+        return None
+
+    def _domain_mfns(self, domid: int):
+        # The default map puts a domain's frames in one range; find it by its
+        # first frame instead of scanning the whole table.
+        for k in range(0, (self.npages - DOM_BASE) // DOM_PAGES):
+            r = domain_range(k)
+            if self.get(r.start)[0] == domid:
+                return r
+        return range(0)
+
+    def offline_page(self, mfn: int, broken: bool = True) -> tuple[int, int, int]:
+        """Xen's ``offline_page``: returns (ret, status, owner-to-crash or -1)."""
+        if not 0 <= mfn < self.npages:
+            return -EINVAL, 0, -1
+        off = self._off(mfn)
+        while True:
+            word = self.X.load(off)
+            owner, st, gfn = unpack(word)
+            if st & PGC_XEN_FIXED:
+                return (-EPERM, PG_OFFLINE_XENPAGE | PG_OFFLINE_FAILED
+                        | DOMID_XEN << PG_OFFLINE_OWNER_SHIFT, -1)
+            brk = PG_OFFLINE_BROKEN if broken else 0
+            # A page already broken and still owned: the owner touched it again.
+            if st & PGC_BROKEN and st & PGC_ALLOCATED and owner != DOMID_XEN:
+                return 0, PG_OFFLINE_AGAIN, owner
+            new_st = st | (PGC_BROKEN if broken else 0)
+            if not st & PGC_ALLOCATED or st & PGC_OFFLINED:
+                new_st = (new_st | PGC_OFFLINED) & ~PGC_OFFLINING
+                status = PG_OFFLINE_OFFLINED | brk
+            elif st & PGC_XEN_HEAP:
+                new_st |= PGC_OFFLINING
+                status = (PG_OFFLINE_XENPAGE | PG_OFFLINE_PENDING
+                          | DOMID_XEN << PG_OFFLINE_OWNER_SHIFT | brk)
+            elif owner < DOMID_XEN:
+                new_st |= PGC_OFFLINING
+                status = (PG_OFFLINE_OWNED | PG_OFFLINE_PENDING
+                          | owner << PG_OFFLINE_OWNER_SHIFT | brk)
+            else:
+                status = (PG_OFFLINE_ANONYMOUS | PG_OFFLINE_FAILED
+                          | DOMID_INVALID << PG_OFFLINE_OWNER_SHIFT | brk)
+            if self.X.cmpxchg(off, word, _pack(owner, new_st, gfn)) == word:
+                return 0, status, -1
+
+
+def offline_status_names(status: int) -> list[str]:
+    names = [("OFFLINED", PG_OFFLINE_OFFLINED), ("PENDING", PG_OFFLINE_PENDING),
+             ("FAILED", PG_OFFLINE_FAILED), ("AGAIN", PG_OFFLINE_AGAIN),
+             ("XENPAGE", PG_OFFLINE_XENPAGE), ("ANONYMOUS", PG_OFFLINE_ANONYMOUS),
+             ("OWNED", PG_OFFLINE_OWNED), ("BROKEN", PG_OFFLINE_BROKEN)]
+    return [n for n, b in names if status & b]

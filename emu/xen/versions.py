@@ -1,0 +1,17 @@
+"""Handler versions (DESIGN.md §1): which Xen code each CPU process runs.
+
+``seed`` is the seed design as Xen carries it today, with every later race fix.
+Historical versions and deliberately broken variants subclass it and override only
+the step they change.
+"""
+from __future__ import annotations
+
+HANDLERS = {
+    "seed": "emu.xen.mce:XenCpu",
+}
+
+
+def handler_class(name: str):
+    import importlib
+    mod, _, cls = HANDLERS[name].partition(":")
+    return getattr(importlib.import_module(mod), cls)
