@@ -26,10 +26,13 @@ from emu.hw import msr
 from emu.hw.banks import Banks
 from emu.hw.cpu import child_signals, cpu_process, deliver_mc, set_pdeathsig
 from emu.hw.platform import ACTION_RING, LOGOUT_RING, MachineConfig, Regions
+from emu.oracle import check_trial
+from emu.scenario import validate_errors
 from emu.xen import severity as sev
 from emu.xen.mce import LOG_WORDS, PHASES, RESET_NONE, WHO_NAME
 from emu.xen.mctelem import Mctelem
 from emu.xen.page_alloc import PageTable
+from emu.xen.versions import handler_class
 from emu.xen.vmce import Vmce
 
 PROTO = 1
@@ -71,6 +74,7 @@ class Coordinator:
         self.pages.init_default(self.domids)
         self.vmce.create(0, 0, hvm=False, nvcpus=min(2, self.n), hwdom=True)
         X.store(L.trial_gen, self.trial_gen)
+        handler_class(self.cfg.handler)   # import before forking, not in every CPU
         me = os.getpid()
         for cpu in range(self.n):
             pid = os.fork()
@@ -178,7 +182,7 @@ class Coordinator:
                 X.store(L.pc(c, w), 0)
 
     def trial(self, errors: list[dict], local: bool = False, timeout_s: float | None = None) -> dict:
-        from emu.scenario import validate_errors
+
         errs = validate_errors(errors, self.n, self.topo.nbanks, self.domids)
         R, X, L = self.R, self.R.X, self.R.L
         self.trial_gen += 1
@@ -206,7 +210,7 @@ class Coordinator:
         if local:
             mcg = {c: v | msr.MCG_STATUS_LMCE for c, v in mcg.items()}
         t0 = time.monotonic_ns()
-        sd = deliver_mc(self.banks, targets, mcg, self.cpu_pids)
+        sd = deliver_mc(self.R, self.banks, targets, mcg, self.cpu_pids)
         outcome, detail = ("shutdown", {"cpu": sd}) if sd is not None else \
             self._wait(gen, targets, timeout_s or self.cfg.watchdog_s)
         res = self._collect(gen, errs, written, targets, t0, outcome, detail, local)
@@ -215,7 +219,7 @@ class Coordinator:
             res["resets"] = 1
             res["boot_log"] = boot["boot_log"]
             res["boot_ms"] = boot["boot_ms"]
-        from emu.oracle import check_trial
+
         res["violations"] = check_trial(res, self.topo)
         return res
 

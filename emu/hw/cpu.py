@@ -19,6 +19,8 @@ import os
 import signal
 
 from emu.hw import msr
+from emu.hw.yieldpoint import YieldPoints
+from emu.xen.versions import handler_class
 
 SIG_MC = signal.SIGUSR1
 PR_SET_PDEATHSIG = 1
@@ -46,9 +48,9 @@ def cpu_process(R, cpu: int, parent_pid: int, hooks: dict) -> None:
     try:
         set_pdeathsig(parent_pid)
         child_signals()
-        from emu.hw.yieldpoint import YieldPoints
-        from emu.xen.versions import handler_class
         X, L = R.X, R.L
+        R.ev.doorbell = L.pc(cpu, L.P_DOORBELL)
+        R.ev.sleep_reg = L.pc(cpu, L.P_SLEEP_OFF)
         trace = (X, L.trace_n, L.trace, 4096) if R.cfg.trace else None
         yps = YieldPoints(cpu, R.cfg.chaos, None, trace)
         x = handler_class(R.cfg.handler)(R, cpu, yps, hooks)
@@ -70,7 +72,7 @@ def cpu_process(R, cpu: int, parent_pid: int, hooks: dict) -> None:
         os._exit(70)
 
 
-def deliver_mc(banks, targets: list[int], mcg_status: dict[int, int], pids: dict[int, int]):
+def deliver_mc(R, banks, targets: list[int], mcg_status: dict[int, int], pids: dict[int, int]):
     """Raise #MC on ``targets``. Returns the CPU that shut down, or None.
 
     For each CPU: if MCIP is already set the processor shuts down (the caller
@@ -85,5 +87,8 @@ def deliver_mc(banks, targets: list[int], mcg_status: dict[int, int], pids: dict
                 return cpu
             if banks.cmpxchg_mcg(cpu, old, new) == old:
                 break
+        L = R.L
+        R.X.fetch_add(L.pc(cpu, L.P_DOORBELL), 1)
         os.kill(pids[cpu], SIG_MC)
+        R.ev.ring_doorbell(L.pc(cpu, L.P_DOORBELL), L.pc(cpu, L.P_SLEEP_OFF))
     return None

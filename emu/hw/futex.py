@@ -65,12 +65,21 @@ class Events:
     sleeper registers, re-checks its condition, then sleeps only if the counter has
     not moved; a waker changes the state, bumps the counter, then wakes if anyone
     is registered. Sequential consistency makes one of the two see the other.
+
+    **Signals.** A #MC is a signal, and Python runs a signal's handler only between
+    bytecodes: a signal that lands just before the futex system call would wait for
+    the timeout. So a CPU process sets ``doorbell`` (a word that delivery bumps
+    before signalling) and ``sleep_reg`` (where it publishes the channel it is about
+    to sleep on): it publishes, re-reads the doorbell, and sleeps only if no #MC
+    came; delivery bumps the doorbell, signals, then bumps the published channel.
     """
 
     def __init__(self, A, spin_ns: int = SPIN_NS):
         self.A = A
         self.base = A.address
         self.spin_ns = spin_ns
+        self.doorbell = None
+        self.sleep_reg = None
 
     def bump(self, off: int, n: int = INT_MAX) -> None:
         self.A.fetch_add(off, 1)
@@ -83,14 +92,17 @@ class Events:
 
         ``check`` runs between sleeps (e.g. ``mce_panic_check``); it may not return.
         """
-        load = self.A.load
+        A = self.A
+        load = A.load
         if cond():
             return True
         t0 = _now()
         spin_end = t0 + self.spin_ns
         deadline = None if timeout_s is None else t0 + int(timeout_s * 1e9)
         addr = self.base + off
+        db, reg = self.doorbell, self.sleep_reg
         while True:
+            ring = load(db) if db is not None else 0
             seen = load(off)
             if cond():
                 return True
@@ -105,10 +117,22 @@ class Events:
             s = slice_s
             if deadline is not None:
                 s = min(s, (deadline - now) / 1e9)
-            self.A.fetch_add(off + 8, 1)
+            A.fetch_add(off + 8, 1)
+            if reg is not None:
+                A.store(reg, off)
             try:
-                if cond():
-                    return True
+                if cond() or (db is not None and load(db) != ring):
+                    continue   # an #MC is pending: let its handler run first
                 futex_wait(addr, seen, s)
             finally:
-                self.A.fetch_sub(off + 8, 1)
+                if reg is not None:
+                    A.store(reg, 0)
+                A.fetch_sub(off + 8, 1)
+
+    def ring_doorbell(self, db_off: int, reg_off: int) -> None:
+        """Delivery side: call after signalling the CPU."""
+        A = self.A
+        off = A.load(reg_off)
+        if off:
+            A.fetch_add(off, 1)
+            futex_wake(self.base + off, INT_MAX)

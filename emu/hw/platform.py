@@ -191,7 +191,7 @@ class Layout:
         self.action_n = w()
         self.action_log = w(ACTION_RING * 32)   # 256-byte msgpack slots
         # per CPU
-        self.PCPU_WORDS = 24 + LOGOUT_RING * 6
+        self.PCPU_WORDS = 28 + LOGOUT_RING * 6
         self.pcpu = w(n * self.PCPU_WORDS)
         # trace ring
         self.trace_n = w()
@@ -208,8 +208,8 @@ class Layout:
     (P_PHASE, P_REACHED, P_T_ENTER, P_T_LOGOUT, P_T_EXIT, P_T_SOFTIRQ, P_MC_GEN, P_DONE_GEN,
      P_SOFTIRQ, P_NEST, P_CLEAR_BANKS, P_CURRENT_DOM, P_CURRENT_VCPU, P_PENDING,
      P_LMCE_PENDING, P_HALTED, P_LOGOUT_N, P_PID, P_INTERRUPTED, P_T_SOFTIRQ_START,
-     P_KICK, _P_KICK_SLEEPERS, P_T_BARRIER_A, P_SIRQ_ROLE) = range(24)
-    P_LOGOUT = 24
+     P_KICK, _P_KICK_SLEEPERS, P_T_BARRIER_A, P_SIRQ_ROLE, P_DOORBELL, P_SLEEP_OFF) = range(26)
+    P_LOGOUT = 28
 
     def pc(self, cpu: int, word: int) -> int:
         return self.pcpu + 8 * (cpu * self.PCPU_WORDS + word)

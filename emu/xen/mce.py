@@ -21,8 +21,13 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
+import msgpack
+
 from emu.hw import msr
+from emu.hw.atomic import signed
 from emu.hw.banks import Banks
+from emu.hw.platform import ACTION_RING, LOGOUT_RING
+from emu.xen import mcaction, vmce
 from emu.xen import severity as sev
 from emu.xen.barrier import McaBarrier
 from emu.xen.mctelem import (MC_FLAG_CORRECTABLE, MC_FLAG_MCE, MC_FLAG_POLLED,
@@ -83,7 +88,6 @@ class XenCpu:
         self.mce_severity_bar = McaBarrier(R, R.L.mce_severity_bar)
         self.check = self.mce_panic_check
         self.hooks = hooks or {}
-        from emu.xen import mcaction, vmce
         self.vmce = vmce.Vmce(R)
         self.mcaction = mcaction.McAction(self)
 
@@ -107,7 +111,6 @@ class XenCpu:
     def _log_logout(self, who, bank, status, addr, misc, cleared, rec_id) -> None:
         X, L = self.X, self.L
         k = X.fetch_add(self.pc(L.P_LOGOUT_N), 1)
-        from emu.hw.platform import LOGOUT_RING
         if k >= LOGOUT_RING:
             return
         base = self.pc(L.P_LOGOUT) + 8 * LOG_WORDS * k
@@ -242,7 +245,6 @@ class XenCpu:
     def _mark_cleared(self, bank: int) -> None:
         # Flag this CPU's latest logout entry of the bank as the clearing one.
         X, L = self.X, self.L
-        from emu.hw.platform import LOGOUT_RING
         n = min(X.load(self.pc(L.P_LOGOUT_N)), LOGOUT_RING)
         for k in range(n - 1, -1, -1):
             base = self.pc(L.P_LOGOUT) + 8 * LOG_WORDS * k
@@ -263,7 +265,6 @@ class XenCpu:
         return out
 
     def severity_cpu_get(self, off: int) -> int:
-        from emu.hw.atomic import signed
         return signed(self.X.load(off))
 
     # -- the handler (§2.3) ---------------------------------------------------------------
@@ -421,13 +422,12 @@ class XenCpu:
             self.send_global_virq()
         self.mce_inside_bar.mce_barrier_exit(bcast, yp, check)
         self.stamp(L.P_T_SOFTIRQ)
-        X.store(self.pc(L.P_DONE_GEN), gen)
         self.set_phase("softirq_done")
         self.set_phase("idle")
+        X.store(self.pc(L.P_DONE_GEN), gen)   # last: the coordinator collects after this
         self.notify_coordinator()
 
     def send_global_virq(self) -> None:
-        from emu.xen import vmce
         vmce.send_global_virq(self.R)
 
     def mce_delayed_action(self, slot: int) -> bool:
@@ -446,8 +446,6 @@ class XenCpu:
         return result != sev.MCER_NOERROR
 
     def _log_actions(self, slot, rec, log, result) -> None:
-        import msgpack
-        from emu.hw.platform import ACTION_RING
         X, L = self.X, self.L
         rid = self.tele.record_id(slot)
         for b, r, info in log:

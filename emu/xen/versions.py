@@ -6,12 +6,15 @@ the step they change.
 """
 from __future__ import annotations
 
+import importlib
+
 HANDLERS = {
     "seed": "emu.xen.mce:XenCpu",
 }
 
 
 def handler_class(name: str):
-    import importlib
+    """Resolve a handler name. The coordinator calls this before forking CPUs,
+    so the modules are imported once, not in every CPU process."""
     mod, _, cls = HANDLERS[name].partition(":")
     return getattr(importlib.import_module(mod), cls)
