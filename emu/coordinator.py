@@ -55,7 +55,7 @@ class Coordinator:
         self.trial_gen = 0
         self.cpu_pids: dict[int, int] = {}
         self.pidfds: dict[int, int] = {}
-        self.hooks: dict = {}
+        self.hooks: dict = dict(cfg.extra.get("hooks", {}))
         self.last_boot_log: list = []
         self.domids = [0]
 
@@ -181,13 +181,10 @@ class Coordinator:
                       L.P_T_SOFTIRQ, L.P_SIRQ_ROLE, L.P_T_BARRIER_A):
                 X.store(L.pc(c, w), 0)
 
-    def trial(self, errors: list[dict], local: bool = False, timeout_s: float | None = None) -> dict:
-
+    def _inject(self, errors: list[dict], local: bool):
+        """Write errors into their banks (mce-inject's HOLD), then compute who gets
+        the #MC and with which MCG_STATUS."""
         errs = validate_errors(errors, self.n, self.topo.nbanks, self.domids)
-        R, X, L = self.R, self.R.X, self.R.L
-        self.trial_gen += 1
-        gen = self.trial_gen
-        self._reset_trial_state(gen)
         written = []
         for e in errs:
             addr = e.addr
@@ -197,8 +194,7 @@ class Coordinator:
                     raise UsageError("error.addr", f"{e.addr:#x} is not a guest-physical address "
                                      f"of domain {e.domain}")
                 addr = mfn << 12 | (e.addr & 0xFFF)
-            w = self.banks.hw_report(e.cpu, e.bank, e.status, addr, e.misc)
-            written.append((e, addr, w))
+            written.append((e, addr, self.banks.hw_report(e.cpu, e.bank, e.status, addr, e.misc)))
         targets = [errs[0].cpu] if local or not self.cfg.mce_broadcast else list(range(self.n))
         dflt = msr.MCG_STATUS_MCIP | msr.MCG_STATUS_RIPV
         mcg = {c: dflt for c in targets}
@@ -209,21 +205,53 @@ class Coordinator:
             seen.add(e.cpu)
         if local:
             mcg = {c: v | msr.MCG_STATUS_LMCE for c, v in mcg.items()}
+        return errs, written, targets, mcg
+
+    def trial(self, errors: list[dict], local: bool = False, timeout_s: float | None = None,
+              then: dict | None = None) -> dict:
+        """One trial. ``then`` = {"errors", "local", "after_phase"}: a second #MC
+        raised once a first-wave target has reached ``after_phase``."""
+        X, L = self.R.X, self.R.L
+        # Validate everything before anything runs.
+        validate_errors(errors, self.n, self.topo.nbanks, self.domids)
+        if then:
+            validate_errors(then["errors"], self.n, self.topo.nbanks, self.domids)
+            if then.get("after_phase") not in PHASES:
+                raise UsageError("then.after_phase", f"use one of {', '.join(PHASES)}")
+        self.trial_gen += 1
+        gen = first_gen = self.trial_gen
+        self._reset_trial_state(gen)
+        errs, written, targets, mcg = self._inject(errors, local)
         t0 = time.monotonic_ns()
         sd = deliver_mc(self.R, self.banks, targets, mcg, self.cpu_pids)
+        wait_targets = {c: gen for c in targets}
+        if sd is None and then:
+            bit = 1 << PHASES.index(then["after_phase"])
+            deadline = time.monotonic() + (timeout_s or self.cfg.watchdog_s)
+            while not any(X.load(L.pc(c, L.P_REACHED)) & bit for c in targets):
+                if time.monotonic() > deadline or X.load(L.reset_req) != RESET_NONE:
+                    break
+                time.sleep(0.0005)
+            self.trial_gen += 1
+            gen = self.trial_gen
+            X.store(L.trial_gen, gen)
+            errs2, written2, targets2, mcg2 = self._inject(then["errors"], bool(then.get("local")))
+            errs, written = errs + errs2, written + written2
+            sd = deliver_mc(self.R, self.banks, targets2, mcg2, self.cpu_pids)
+            wait_targets.update({c: gen for c in targets2})
+            targets = sorted(set(targets) | set(targets2))
         outcome, detail = ("shutdown", {"cpu": sd}) if sd is not None else \
-            self._wait(gen, targets, timeout_s or self.cfg.watchdog_s)
-        res = self._collect(gen, errs, written, targets, t0, outcome, detail, local)
+            self._wait(wait_targets, timeout_s or self.cfg.watchdog_s)
+        res = self._collect(first_gen, errs, written, targets, t0, outcome, detail, local)
         if outcome in ("reset", "shutdown", "hang", "cpu_died"):
             boot = self.warm_reset()
             res["resets"] = 1
             res["boot_log"] = boot["boot_log"]
             res["boot_ms"] = boot["boot_ms"]
-
         res["violations"] = check_trial(res, self.topo)
         return res
 
-    def _wait(self, gen: int, targets: list[int], watchdog_s: float):
+    def _wait(self, wait_targets: dict[int, int], watchdog_s: float):
         X, L = self.R.X, self.R.L
         last_progress = X.load(L.progress)
         last_t = time.monotonic()
@@ -235,7 +263,7 @@ class Coordinator:
             k = self.vmce.slot(0)
             if k is not None and self.vmce.dget(k, 1) == 2:  # the hardware domain crashed
                 return "reset", {"panic": "hardware domain crashed"}
-            if all(X.load(L.pc(c, L.P_DONE_GEN)) == gen for c in targets):
+            if all(X.load(L.pc(c, L.P_DONE_GEN)) >= g for c, g in wait_targets.items()):
                 return "done", {}
             dead = self._dead_cpus(0.02)
             if dead:
@@ -339,7 +367,8 @@ class Coordinator:
         if cmd == "boot":
             return self.power_on()
         if cmd == "trial":
-            return self.trial(args["errors"], bool(args.get("local")), args.get("timeout_s"))
+            return self.trial(args["errors"], bool(args.get("local")), args.get("timeout_s"),
+                              args.get("then"))
         if cmd == "reset":
             return self.warm_reset()
         if cmd == "snapshot":

@@ -92,12 +92,19 @@ class Machine:
             raise UsageError(payload.get("field") or field, msg)
         raise cls(payload["message"])
 
-    def inject(self, errors, local: bool = False, timeout_s: float | None = None) -> dict:
-        """Write ``errors`` into their banks, raise one #MC, return the trial result."""
+    def inject(self, errors, local: bool = False, timeout_s: float | None = None,
+               then: dict | None = None) -> dict:
+        """Write ``errors`` into their banks, raise one #MC, return the trial result.
+
+        ``then={"errors": [...], "after_phase": "barrier_b", "local": False}`` raises
+        a second #MC once a first-wave CPU has reached that handler phase.
+        """
         if isinstance(errors, (str, dict)):
             errors = [errors]
+        if then and isinstance(then.get("errors"), (str, dict)):
+            then = dict(then, errors=[then["errors"]])
         return self._call("trial", {"errors": list(errors), "local": local,
-                                    "timeout_s": timeout_s})
+                                    "timeout_s": timeout_s, "then": then})
 
     def check(self, result: dict) -> dict:
         """Raise :class:`Finding` if the trial violated an invariant."""

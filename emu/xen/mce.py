@@ -18,6 +18,7 @@ AMD, console output (the trial result carries what Xen would have printed).
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import NamedTuple
 
@@ -88,6 +89,11 @@ class XenCpu:
         self.mce_severity_bar = McaBarrier(R, R.L.mce_severity_bar)
         self.check = self.mce_panic_check
         self.hooks = hooks or {}
+        self.stall_phase = self.hooks.get("stall_phase")
+        self.stall_s = float(self.hooks.get("stall_s", 0.0))
+        self.stall_cpus = set(self.hooks.get("stall_cpus") or range(R.topo.ncpus))
+        self.kill_phase = self.hooks.get("kill_phase")
+        self.kill_cpus = set(self.hooks.get("kill_cpus") or range(R.topo.ncpus))
         self.vmce = vmce.Vmce(R)
         self.mcaction = mcaction.McAction(self)
 
@@ -101,6 +107,13 @@ class XenCpu:
         X.store(self.pc(self.L.P_PHASE), p)
         X.fetch_or(self.pc(self.L.P_REACHED), 1 << p)
         X.fetch_add(self.L.progress, 1)
+        if self.kill_phase == name and self.cpu in self.kill_cpus:
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)   # test hook: die mid-handler
+        if self.stall_phase == name and self.cpu in self.stall_cpus:
+            # Test hook: hold this CPU here (interruptibly: a #MC still preempts it).
+            self.R.notify()
+            time.sleep(self.stall_s)
 
     def stamp(self, word: int) -> None:
         self.X.store(self.pc(word), time.monotonic_ns())
@@ -410,9 +423,6 @@ class XenCpu:
         if lmce or self.severity_cpu_get(L.sirq_severity_cpu) == cpu:
             self.set_phase("softirq_worker")
             X.store(self.pc(L.P_SIRQ_ROLE), 1)
-            stall = self.hooks.get("softirq_stall_s")
-            if stall:
-                time.sleep(stall)  # test hook: a window in which a new #MC preempts us
             if lmce:
                 self.tele.mctelem_process_deferred(cpu, self.mce_delayed_action, True)
             else:
