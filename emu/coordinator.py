@@ -76,10 +76,17 @@ class Coordinator:
         X.store(L.trial_gen, self.trial_gen)
         handler_class(self.cfg.handler)   # import before forking, not in every CPU
         me = os.getpid()
+        self.pgid = None
         for cpu in range(self.n):
             pid = os.fork()
             if pid == 0:
-                cpu_process(R, cpu, me, self.hooks)
+                cpu_process(R, cpu, me, self.hooks, self.pgid or 0)
+            # Both sides set the group, so it holds whichever runs first.
+            try:
+                os.setpgid(pid, self.pgid or pid)
+            except (PermissionError, ProcessLookupError):
+                pass
+            self.pgid = self.pgid or pid
             self.cpu_pids[cpu] = pid
             self.pidfds[cpu] = os.pidfd_open(pid)
         deadline = time.monotonic() + BOOT_TIMEOUT_S
@@ -223,7 +230,7 @@ class Coordinator:
         self._reset_trial_state(gen)
         errs, written, targets, mcg = self._inject(errors, local)
         t0 = time.monotonic_ns()
-        sd = deliver_mc(self.R, self.banks, targets, mcg, self.cpu_pids)
+        sd = deliver_mc(self.R, self.banks, targets, mcg, self.cpu_pids, self.pgid)
         wait_targets = {c: gen for c in targets}
         if sd is None and then:
             bit = 1 << PHASES.index(then["after_phase"])
@@ -237,7 +244,7 @@ class Coordinator:
             X.store(L.trial_gen, gen)
             errs2, written2, targets2, mcg2 = self._inject(then["errors"], bool(then.get("local")))
             errs, written = errs + errs2, written + written2
-            sd = deliver_mc(self.R, self.banks, targets2, mcg2, self.cpu_pids)
+            sd = deliver_mc(self.R, self.banks, targets2, mcg2, self.cpu_pids, self.pgid)
             wait_targets.update({c: gen for c in targets2})
             targets = sorted(set(targets) | set(targets2))
         outcome, detail = ("shutdown", {"cpu": sd}) if sd is not None else \

@@ -43,10 +43,11 @@ def child_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C goes to the front end only
 
 
-def cpu_process(R, cpu: int, parent_pid: int, hooks: dict) -> None:
+def cpu_process(R, cpu: int, parent_pid: int, hooks: dict, pgid: int = 0) -> None:
     """Body of a CPU process (never returns)."""
     try:
         set_pdeathsig(parent_pid)
+        os.setpgid(0, pgid)   # the CPUs' process group (also set by the parent)
         child_signals()
         X, L = R.X, R.L
         R.ev.doorbell = L.pc(cpu, L.P_DOORBELL)
@@ -72,13 +73,16 @@ def cpu_process(R, cpu: int, parent_pid: int, hooks: dict) -> None:
         os._exit(70)
 
 
-def deliver_mc(R, banks, targets: list[int], mcg_status: dict[int, int], pids: dict[int, int]):
+def deliver_mc(R, banks, targets: list[int], mcg_status: dict[int, int], pids: dict[int, int],
+               pgid: int | None = None):
     """Raise #MC on ``targets``. Returns the CPU that shut down, or None.
 
     For each CPU: if MCIP is already set the processor shuts down (the caller
-    resets the machine); else MCG_STATUS takes the event's value with MCIP and the
-    signal is sent.
+    resets the machine); else MCG_STATUS takes the event's value with MCIP. Then
+    the signal: a broadcast to every CPU is one ``killpg`` to the CPUs' process
+    group, so they are woken together as by a hardware broadcast.
     """
+    L, X = R.L, R.X
     for cpu in targets:
         new = mcg_status[cpu] | msr.MCG_STATUS_MCIP
         while True:
@@ -87,8 +91,12 @@ def deliver_mc(R, banks, targets: list[int], mcg_status: dict[int, int], pids: d
                 return cpu
             if banks.cmpxchg_mcg(cpu, old, new) == old:
                 break
-        L = R.L
-        R.X.fetch_add(L.pc(cpu, L.P_DOORBELL), 1)
-        os.kill(pids[cpu], SIG_MC)
+        X.fetch_add(L.pc(cpu, L.P_DOORBELL), 1)
+    if pgid is not None and len(targets) == len(pids):
+        os.killpg(pgid, SIG_MC)
+    else:
+        for cpu in targets:
+            os.kill(pids[cpu], SIG_MC)
+    for cpu in targets:
         R.ev.ring_doorbell(L.pc(cpu, L.P_DOORBELL), L.pc(cpu, L.P_SLEEP_OFF))
     return None

@@ -94,18 +94,23 @@ class XenCpu:
         self.stall_cpus = set(self.hooks.get("stall_cpus") or range(R.topo.ncpus))
         self.kill_phase = self.hooks.get("kill_phase")
         self.kill_cpus = set(self.hooks.get("kill_cpus") or range(R.topo.ncpus))
+        # Precomputed offsets: the #MC path runs in Python, so every lookup counts.
+        self._pc0 = R.L.pc(cpu, 0)
+        self._boff = [[self.banks.off(cpu, i, r) for r in range(msr.NREGS)]
+                      for i in range(self.nbanks)]
+        self._HW = R.HW
         self.vmce = vmce.Vmce(R)
         self.mcaction = mcaction.McAction(self)
 
     # -- per-CPU bookkeeping (what the trial result reads) --------------------------
     def pc(self, word: int) -> int:
-        return self.L.pc(self.cpu, word)
+        return self._pc0 + 8 * word
 
     def set_phase(self, name: str) -> None:
         p = PH[name]
-        X = self.X
-        X.store(self.pc(self.L.P_PHASE), p)
-        X.fetch_or(self.pc(self.L.P_REACHED), 1 << p)
+        X, pc0 = self.X, self._pc0
+        X.store(pc0 + 8 * self.L.P_PHASE, p)
+        X.fetch_or(pc0 + 8 * self.L.P_REACHED, 1 << p)
         X.fetch_add(self.L.progress, 1)
         if self.kill_phase == name and self.cpu in self.kill_cpus:
             import signal
@@ -139,6 +144,15 @@ class XenCpu:
     def mca_wrmsr(self, addr: int, value: int) -> None:
         self.yp("wrmsr")
         self.banks.wrmsr(self.cpu, addr, value)
+
+    def rd_bank(self, i: int, reg: int) -> int:
+        """``mca_rdmsr(MSR_IA32_MCx_<reg>(i))`` without decoding the address."""
+        self.yp("rdmsr")
+        return self._HW.load(self._boff[i][reg])
+
+    def wr_bank(self, i: int, reg: int, value: int) -> None:
+        self.yp("wrmsr")
+        self._HW.store(self._boff[i][reg], value)
 
     # -- panic -------------------------------------------------------------------------
     def mce_panic_check(self) -> None:
@@ -192,7 +206,7 @@ class XenCpu:
         for i in range(self.nbanks):
             if not bankmask >> i & 1:
                 continue
-            status = self.mca_rdmsr(msr.MSR_IA32_MCx_STATUS(i))
+            status = self.rd_bank(i, msr.REG_STATUS)
             if not status & msr.MCi_STATUS_VAL:
                 continue
             need_clear = sev.intel_need_clearbank_scan(who, status, self.ser)
@@ -203,8 +217,8 @@ class XenCpu:
             pcc |= bool(status & msr.MCi_STATUS_PCC)
             if recover and uc:
                 recover = sev.intel_recoverable_scan(status, self.ser)
-            addr = self.mca_rdmsr(msr.MSR_IA32_MCx_ADDR(i)) if status & msr.MCi_STATUS_ADDRV else 0
-            misc = self.mca_rdmsr(msr.MSR_IA32_MCx_MISC(i)) if status & msr.MCi_STATUS_MISCV else 0
+            addr = self.rd_bank(i, msr.REG_ADDR) if status & msr.MCi_STATUS_ADDRV else 0
+            misc = self.rd_bank(i, msr.REG_MISC) if status & msr.MCi_STATUS_MISCV else 0
             domid = DOMID_INVALID
             if who in (sev.MCA_POLLER, sev.MCA_CMCI_HANDLER) and msr.addr_is_physical(status, misc):
                 domid = self.pages.owner(addr >> 12)
@@ -243,12 +257,12 @@ class XenCpu:
         return slot, summary
 
     def mcabank_clear(self, i: int) -> None:
-        status = self.mca_rdmsr(msr.MSR_IA32_MCx_STATUS(i))
+        status = self.rd_bank(i, msr.REG_STATUS)
         if status & msr.MCi_STATUS_ADDRV:
-            self.mca_wrmsr(msr.MSR_IA32_MCx_ADDR(i), 0)
+            self.wr_bank(i, msr.REG_ADDR, 0)
         if status & msr.MCi_STATUS_MISCV:
-            self.mca_wrmsr(msr.MSR_IA32_MCx_MISC(i), 0)
-        self.mca_wrmsr(msr.MSR_IA32_MCx_STATUS(i), 0)
+            self.wr_bank(i, msr.REG_MISC, 0)
+        self.wr_bank(i, msr.REG_STATUS, 0)
 
     def mcheck_mca_clearbanks(self, clear_bank: list) -> None:
         for i in clear_bank:

@@ -1,0 +1,100 @@
+"""Benchmarks (never timing assertions in tests): handler latency by CPU count.
+
+For each CPU count: boot a machine, inject ``n`` broadcast SRAO errors into a
+package-scoped bank, and record injection → every CPU has left the #MC handler
+(``latency_us.handler_exit``), plus the later phases. In the same run, the floor:
+the one-way wake-up of a process sleeping in FUTEX_WAIT by another process.
+Reports medians and p99, and ratios to the floor; boot time; USS per CPU process.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import time
+
+import numpy as np
+import psutil
+
+from emu.hw.atomic import atomics
+from emu.hw.futex import futex_wait, futex_wake
+
+TOPOLOGY = {4: "1x2x2", 8: "1x4x2", 16: "1x8x2", 32: "2x8x2", 64: "2x16x2", 128: "4x16x2",
+            256: "4x32x2"}
+
+
+def futex_floor(rounds: int = 1000) -> dict:
+    """One-way wake-up latency of a sleeping process by futex (µs)."""
+    m = mmap.mmap(-1, 4096, flags=mmap.MAP_SHARED)
+    A = atomics(m)
+    base = A.address
+    pid = os.fork()
+    if pid == 0:   # the sleeper: wait for each round, stamp the wake time
+        try:
+            for k in range(1, rounds + 1):
+                while A.load(0) < k:
+                    futex_wait(base, A.load(0) & 0xFFFFFFFF, 1.0)
+                A.store(16 + 8 * (k % 256), time.monotonic_ns())
+                A.store(8, k)   # ack
+        finally:
+            os._exit(0)
+    lat = []
+    try:
+        for k in range(1, rounds + 1):
+            time.sleep(0.0002)   # let the sleeper reach FUTEX_WAIT
+            t = time.monotonic_ns()
+            A.store(0, k)
+            futex_wake(base, 1)
+            while A.load(8) < k:
+                os.sched_yield()
+            lat.append((A.load(16 + 8 * (k % 256)) - t) / 1e3)
+    finally:
+        os.waitpid(pid, 0)
+    a = np.array(lat)
+    return {"p50_us": float(np.median(a)), "p99_us": float(np.percentile(a, 99))}
+
+
+def handler_latency(cpus: int, injections: int) -> dict:
+    from emu.machine import Machine
+    topo = TOPOLOGY.get(cpus) or f"1x{cpus}x1"
+    t0 = time.monotonic()
+    with Machine(topology=topo) as m:
+        boot_ms = m.boot_info["boot_ms"]
+        start_ms = (time.monotonic() - t0) * 1e3
+        uss = [psutil.Process(p).memory_full_info().uss for p in m.cpu_pids.values()]
+        phases = {k: [] for k in ("all_entered", "logout_done", "handler_exit", "softirq_done")}
+        outcomes: dict = {}
+        for i in range(injections):
+            r = m.inject(f"cpu={i % cpus} bank=9 status=0xBD000000004000CF "
+                         f"addr=0x181000 misc=0x86 mcg=0x5")
+            outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
+            for k in phases:
+                if r["latency_us"][k] is not None:
+                    phases[k].append(r["latency_us"][k])
+    h = np.array(phases["handler_exit"])
+    out = {"cpus": cpus, "topology": topo, "injections": injections,
+           "p50_us": float(np.median(h)), "p99_us": float(np.percentile(h, 99)),
+           "boot_ms": round(boot_ms, 1), "start_ms": round(start_ms, 1),
+           "uss_mb_per_cpu": round(float(np.median(uss)) / 2**20, 2), "outcomes": outcomes}
+    for k, v in phases.items():
+        if v:
+            out[f"{k}_p50_us"] = float(np.median(v))
+            out[f"{k}_p99_us"] = float(np.percentile(v, 99))
+    return out
+
+
+def main(a) -> int:
+    cpus = [int(x) for x in str(a.cpus).split(",") if x]
+    floor = futex_floor()
+    for n in cpus:
+        r = handler_latency(n, a.injections)
+        r["floor_us"] = round(floor["p50_us"], 1)
+        r["floor_p99_us"] = round(floor["p99_us"], 1)
+        r["ratio_to_floor"] = round(r["p50_us"] / floor["p50_us"], 1)
+        if a.json:
+            print(json.dumps(r, sort_keys=True), flush=True)
+        else:
+            print(f"{n:4d} CPUs: handler exit p50 {r['p50_us']:8.1f} µs  p99 {r['p99_us']:8.1f} µs"
+                  f"  ({r['ratio_to_floor']}x floor {r['floor_us']} µs)  boot {r['boot_ms']} ms"
+                  f"  USS {r['uss_mb_per_cpu']} MB/CPU  outcomes {r['outcomes']}", flush=True)
+    return 0
