@@ -224,7 +224,8 @@ def test_records_logged_once_urgent_first(kids, tmp_path):
     urg = [x.add("urgent") for _ in range(3)]
     path = tmp_path / "dom0.jsonl"
     pid, conn = kids.spawn(d0.dom0_main, str(path))
-    assert x.serve(conn, lambda: len(x.logged) == 5)
+    # 3 urgent + NODATA, then 2 non-urgent + NODATA
+    assert x.serve(conn, lambda: len(x.fetches()) == 7)
     note(conn, "quit")
     x.serve_to_eof(conn)
     assert kids.wait(pid) == 0
@@ -232,8 +233,9 @@ def test_records_logged_once_urgent_first(kids, tmp_path):
     assert log_ids(path) == urg + nonurg
     assert x.acked == urg + nonurg
     # every write/ack pair: fetch, ack, fetch ... then NODATA per class
-    cmds = [(m[1], m[2].get("cls")) for m in x.requests if m[1] in ("fetch", "ack")]
-    assert cmds[-1] == ("fetch", "nonurgent") and cmds[6] == ("fetch", "urgent")
+    cmds = [m[1] + ":" + m[2]["cls"][0] for m in x.requests if m[1] in ("fetch", "ack")]
+    assert cmds == ["fetch:u", "ack:u"] * 3 + ["fetch:u"] + ["fetch:n", "ack:n"] * 2 + ["fetch:n"]
+    assert [m[1] for m in x.requests].count("logged") == 5
     line = json.loads(path.read_text().splitlines()[0])
     assert line["schema"] == "emu.mcelog/1" and line["boot"] == 1 and line["cls"] == "urgent"
     assert line["banks"][0]["status"] == msr.hexs(SRAO_STATUS)
@@ -328,17 +330,21 @@ def test_virq_coalescing_and_vmce_between_records(kids, tmp_path):
             note(c, "vmce", {"vcpus": [0]})
     x.on_request = during_fetch
     note(conn, "virq")
-    assert x.serve(conn, lambda: len(x.handled) == 1)
+    # 2 (start) + fetch rid + urgent NODATA + nonurgent NODATA + ONE coalesced drain (2)
+    assert x.serve(conn, lambda: len(x.handled) == 1 and len(x.fetches()) == 7)
     x.on_request = None
     # the #MC handler ran right after the record, before any further fetch
     after_logged = x.requests[[m[1] for m in x.requests].index("logged") + 1]
     assert after_logged[1] == "rdmsr"
+    # idle now: a marker #MC is handled with no further drain before it or after it
+    x.vmce_fill(0)
+    note(conn, "vmce", {"vcpus": [0]})
+    assert x.serve(conn, lambda: len(x.handled) == 2)
     note(conn, "quit")
     x.serve_to_eof(conn)
     assert kids.wait(pid) == 0
     assert x.logged == [rid]
-    # 2 (start) + fetch rid + urgent NODATA + nonurgent NODATA + ONE coalesced drain (2)
-    assert len(x.fetches()) == 2 + 3 + 2
+    assert len(x.fetches()) == 7
     assert x.handled[0]["cleared"] and x.v[0]["mcg_status"] == 0
 
 

@@ -78,10 +78,14 @@ class _LibAtomic:
         M = (1 << 64) - 1
         exp = ctypes.c_uint64()
         pexp = ctypes.byref(exp)
-        ld, st, xc = lib.__atomic_load_8, lib.__atomic_store_8, lib.__atomic_exchange_8
-        ce, fa, fs = lib.__atomic_compare_exchange_8, lib.__atomic_fetch_add_8, lib.__atomic_fetch_sub_8
-        fo, fn_, l4 = lib.__atomic_fetch_or_8, lib.__atomic_fetch_and_8, lib.__atomic_load_4
-        s4, fa4 = lib.__atomic_store_4, lib.__atomic_fetch_add_4
+        # getattr: inside a class body, ``lib.__atomic_x`` would be name-mangled.
+        f = {n: getattr(lib, f"__atomic_{n}") for n in (
+            "load_8", "store_8", "exchange_8", "compare_exchange_8", "fetch_add_8",
+            "fetch_sub_8", "fetch_or_8", "fetch_and_8", "load_4", "store_4", "fetch_add_4")}
+        ld, st, xc = f["load_8"], f["store_8"], f["exchange_8"]
+        ce, fa, fs = f["compare_exchange_8"], f["fetch_add_8"], f["fetch_sub_8"]
+        fo, fn_, l4 = f["fetch_or_8"], f["fetch_and_8"], f["load_4"]
+        s4, fa4 = f["store_4"], f["fetch_add_4"]
 
         def cmpxchg(off, old, new):
             exp.value = old

@@ -1,0 +1,68 @@
+"""The front door: emu run, its JSON, and bad input (exit 2, the field named)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def emu(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "emu", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_run_demo_json_has_the_documented_fields():
+    p = emu("run", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["schema"] == "emu.trial/1" and r["outcome"] == "recovered"
+    for k in ("outcome", "resets", "errors", "boot_log", "cpus", "latency_us", "violations"):
+        assert k in r
+    e = r["errors"][0]
+    for k in ("cpu", "bank", "status", "class", "owners", "cleared", "action"):
+        assert k in e
+    assert e["status"] == "0x BD000000004000CF".replace(" ", "")
+    assert set(r["latency_us"]) >= {"all_entered", "logout_done", "handler_exit", "softirq_done"}
+    assert all(set(c) >= {"cpu", "phases", "mcip_after"} for c in r["cpus"])
+
+
+def test_run_fatal_text_output():
+    p = emu("run", "--error", "cpu=0 bank=5 status=0xB200000000000000 mcg=0x5")
+    assert p.returncode == 0, p.stderr
+    assert "outcome: reset" in p.stdout and "boot-time logout: cpu0 bank5" in p.stdout
+
+
+def test_run_several_errors_and_lmce_decimal_numbers():
+    p = emu("run", "--json", "--local", "--error",
+            f"cpu=1 bank=2 status={0xBD000000004000CF} addr={0x183000} misc=134 mcg=5")
+    r = json.loads(p.stdout)
+    assert p.returncode == 0 and r["targets"] == [1] and r["outcome"] == "recovered"
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--error", "cpu=4 bank=1 status=0x8000000000000000"], "error[0].cpu"),
+    (["--error", "cpu=0 bank=10 status=0x8000000000000000"], "error[0].bank"),
+    (["--error", "cpu=0 bank=1 status=0x1000000000000000"], "error[0].status"),
+    (["--error", "cpu=0 bank=1 status=0xZZ"], "error[0].status"),
+    (["--error", "cpu=0 bank=1 status=0x8000000000000000 colour=red"], "error[0].colour"),
+    (["--error", "cpu=0 status=0x8000000000000000"], "error[0].bank"),
+    (["--error", "cpu=0 bank=1 status=0x10000000000000000"], "error[0].status"),
+    (["--error", "cpu=0 bank=1 status=0x8000000000000000 mcg=0x10"], "error[0].mcg"),
+    (["--topology", "2x2"], "topology"),
+    (["--banks", "0"], "banks"),
+    (["--bank-scopes", "0-3:socket"], "bank-scopes"),
+    (["--handler", "nope"], "handler"),
+    (["--watchdog", "-1"], "watchdog"),
+])
+def test_bad_input_exits_2_naming_the_field(args, field):
+    p = emu("run", *args)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert field in p.stderr and "error" in p.stderr
+    assert p.stdout == ""   # nothing ran
+
+
+def test_unknown_subcommand_is_a_usage_error():
+    p = emu("frobnicate")
+    assert p.returncode == 2 and "arguments" in p.stderr
