@@ -41,9 +41,16 @@ def test_shared_clearable_bank_has_exactly_one_owner_and_owners_vary(emu_machine
     for i in range(1000):
         r = m.inject(f"cpu={i % 4} bank=8 status=0xBD000000004000CF addr=0x181000 misc=0x86 mcg=0x5")
         e = r["errors"][0]
-        assert e["clearable"] and len(e["owners"]) == 1, (i, e)
-        assert r["outcome"] == "recovered" and r["violations"] == [], (i, r["violations"])
+        assert e["clearable"] and e["cleared"] and len(e["owners"]) == 1, (i, e)
+        assert r["violations"] == [], (i, r["violations"])
         owners.append(e["owners"][0])
+        # Nobody fetches telemetry on this machine, so after 30 committed records
+        # the pool is empty: Xen then defers nothing and recovers nothing (§5.6).
+        if i < 30:
+            assert r["outcome"] == "recovered", (i, r)
+        else:
+            assert r["outcome"] == "continued" and e["action"] is None
+    assert r["telemetry"]["free"] == 0 and r["telemetry"]["drops"] == 970
     assert len(set(owners)) > 1, f"the same CPU won all 1000 races: {set(owners)}"
 
 
