@@ -27,9 +27,10 @@ def _machine_args(p):
 
 def _config(a):
     from emu.hw.platform import MachineConfig
+    extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) else {}
     return MachineConfig(topology=a.topology, nbanks=a.banks, bank_scopes=a.bank_scopes,
                          handler=a.handler, seed=a.seed, chaos=a.chaos, watchdog_s=a.watchdog,
-                         ser=not a.no_ser).validate()
+                         ser=not a.no_ser, extra=extra).validate()
 
 
 def _print_trial(res: dict, out) -> None:
@@ -46,6 +47,7 @@ def _print_trial(res: dict, out) -> None:
         print(f"  panic: {res['panic']}", file=out)
     for b in res["boot_log"]:
         print(f"  boot-time logout: cpu{b['cpu']} bank{b['bank']} {b['status']}", file=out)
+    print(f"  Dom0 log: {res.get('dom0_log_path')}", file=out)
     lat = res["latency_us"]
     print("  latency µs: " + ", ".join(f"{k} {v}" for k, v in lat.items() if v is not None), file=out)
     for v in res["violations"]:
@@ -80,6 +82,11 @@ def main(argv=None) -> int:
     r.add_argument("--error", action="append", help='"cpu=N bank=N status=0x.. [addr= misc= mcg=]"')
     r.add_argument("--local", action="store_true", help="deliver as LMCE to the first error's CPU")
     r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("--log-dir", help="run directory for Dom0's log (default: a new one under "
+                   "$TMPDIR/emu-runs)")
+    lg = sub.add_parser("log", help="render Dom0's JSON Lines log as mcelog-style text")
+    lg.add_argument("file", help="a dom0.jsonl written by a run (see dom0_log_path)")
+    lg.add_argument("--json", action="store_true", help="pass the JSON records through")
     b = sub.add_parser("bench", help="handler latency benchmark (see bench/latency.py)")
     b.add_argument("--cpus", default="4,16,64")
     b.add_argument("--injections", type=int, default=1000)
@@ -88,6 +95,13 @@ def main(argv=None) -> int:
         a = p.parse_args(argv)
         if a.cmd == "run":
             return cmd_run(a)
+        if a.cmd == "log":
+            import os
+            from emu.dom0 import render_log
+            if not os.path.exists(a.file):
+                raise UsageError("file", f"{a.file}: no such log; give the dom0_log_path of a run")
+            print(render_log(a.file, json_out=a.json), end="")
+            return 0
         if a.cmd == "bench":
             from emu.bench import main as bench_main
             return bench_main(a)

@@ -58,6 +58,22 @@ class Coordinator:
         self.hooks: dict = dict(cfg.extra.get("hooks", {}))
         self.last_boot_log: list = []
         self.domids = [0]
+        # Dom0: the logger process and its channel (the hypercall and VIRQ path).
+        import tempfile
+        self.log_dir = cfg.extra.get("log_dir") or os.path.join(
+            tempfile.gettempdir(), "emu-runs", time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.dom0_log_path = os.path.join(self.log_dir, "dom0.jsonl")
+        self.dom0_hooks = dict(cfg.extra.get("dom0_hooks", {}))
+        self.dom0_fsync = bool(cfg.extra.get("fsync", True))
+        self.dom0 = None                    # (pid, conn, pidfd)
+        self.dom0_restarts = 0
+        self.dom0_deaths: list[float] = []
+        self.virq_seen = 0
+        self.logged: dict[int, list] = {}   # record id -> [count, t_logged_ns]
+        self.refused = 0                    # forged or unprivileged hypercalls
+        self.handled: list = []             # reports of guest #MC handlers
+        self.last_ready: list = []
 
     # -- lifecycle --------------------------------------------------------------------
     def power_on(self) -> dict:
@@ -96,8 +112,138 @@ class Coordinator:
                 raise EmulatorInternalError(f"boot failed: CPUs {dead or 'timed out'} "
                                             f"({X.load(L.online)}/{self.n} online)")
         self.last_boot_log = self._boot_log()
+        self.virq_seen = 0
+        self._start_dom0()
         return {"boot": self.boots, "cpus": self.n, "pids": dict(self.cpu_pids),
                 "boot_ms": (time.monotonic() - t0) * 1e3, "boot_log": self.last_boot_log}
+
+    # -- Dom0 ----------------------------------------------------------------------------
+    def _start_dom0(self) -> None:
+        """Fork Dom0's logger. It maps neither hardware nor Xen memory: it has only
+        its channel, which is the only one that accepts privileged hypercalls."""
+        import multiprocess
+        from emu.dom0 import dom0_main
+        ours, theirs = multiprocess.Pipe(duplex=True)
+        me = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                ours.close()
+                set_pdeathsig(me)
+                child_signals()
+                self.R.drop_for_guest()
+                dom0_main(theirs, self.dom0_log_path, self.dom0_fsync, self.dom0_hooks)
+            except BaseException:  # noqa: BLE001
+                traceback.print_exc()
+                code = 70
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.dom0 = (pid, ours, os.pidfd_open(pid))
+
+    def _stop_dom0(self) -> None:
+        if self.dom0 is None:
+            return
+        pid, conn, pidfd = self.dom0
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        conn.close()
+        os.close(pidfd)
+        self.dom0 = None
+
+    def _dom0_fds(self) -> list:
+        return [self.dom0[1].fileno(), self.dom0[2]] if self.dom0 else []
+
+    def _service(self, ready) -> None:
+        """Serve Dom0's hypercalls; forward VIRQ_MCA; restart a dead Dom0."""
+        if self.dom0 is None:
+            return
+        pid, conn, pidfd = self.dom0
+        if pidfd in ready:
+            # Dom0 died (e.g. SIGKILL mid-log): reap it and start it again; it
+            # fetches from the head again, and its durable log dedups.
+            conn.close()
+            os.close(pidfd)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            self.dom0 = None
+            self.dom0_restarts += 1
+            self.dom0_hooks.pop("die_at", None)   # a fault hook fires once
+            now = time.monotonic()
+            self.dom0_deaths = [t for t in self.dom0_deaths if now - t < 1.0] + [now]
+            if len(self.dom0_deaths) > 5:
+                print("coordinator: Dom0 keeps dying; not restarting it", flush=True)
+                return
+            self._start_dom0()
+            return
+        while conn.poll(0):
+            try:
+                raw = conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            self._hypercall(conn, raw)
+        vc = self.R.X.load(self.R.L.vm.virq_count)
+        if vc != self.virq_seen:
+            self.virq_seen = vc
+            conn.send_bytes(msgpack.packb([PROTO, "virq", {}]))
+
+    def _hypercall(self, conn, raw: bytes) -> None:
+        from emu.xen.mctelem import CLASS_NAMES
+        try:
+            ver, cmd, args = msgpack.unpackb(raw, strict_map_key=False)
+            if ver != PROTO or not isinstance(args, dict):
+                raise ValueError("bad message")
+        except Exception:  # noqa: BLE001 - a malformed message is refused and counted
+            self.refused += 1
+            return
+        if cmd in ("fetch", "ack"):
+            cls = CLASS_NAMES.index(args.get("cls")) if args.get("cls") in CLASS_NAMES else None
+            if cls is None:
+                self.refused += 1
+                conn.send_bytes(msgpack.packb([False, {"type": "EINVAL", "message": "cls"}]))
+                return
+            if cmd == "fetch":
+                i = self.tele.consume_oldest_begin(cls)
+                if i is None:
+                    conn.send_bytes(msgpack.packb([True, None]))
+                    return
+                rec = self.tele.read(i)
+                out = {"id": self.tele.record_id(i), "cls": CLASS_NAMES[cls],
+                       "source": {1: "mce", 2: "poll", 3: "poll", 4: "boot"}.get(rec.get("who"), "mce"),
+                       "record": rec}
+                self.tele.consume_oldest_end(i)
+                conn.send_bytes(msgpack.packb([True, out]))
+            else:
+                ok = self.tele.mctelem_ack(cls, int(args.get("id", 0)))
+                if not ok:
+                    self.refused += 1
+                conn.send_bytes(msgpack.packb([True, ok]))
+        elif cmd == "logged":
+            now = time.monotonic_ns()
+            for rid in args.get("ids", []):
+                ent = self.logged.setdefault(int(rid), [0, now])
+                ent[0] += 1
+        elif cmd in ("rdmsr", "wrmsr"):
+            from emu.xen.vmce import GeneralProtection
+            try:
+                if cmd == "rdmsr":
+                    v = self.vmce.vmce_rdmsr(0, int(args["vcpu"]), int(args["msr"]))
+                else:
+                    self.vmce.vmce_wrmsr(0, int(args["vcpu"]), int(args["msr"]), int(args["value"]))
+                    v = None
+                conn.send_bytes(msgpack.packb([True, v]))
+            except GeneralProtection as gp:
+                conn.send_bytes(msgpack.packb([False, {"type": "GP", "message": str(gp)}]))
+        elif cmd == "handled":
+            self.handled.append(args)
+        else:
+            self.refused += 1
 
     def _kill_cpus(self) -> None:
         for pid in self.cpu_pids.values():
@@ -117,21 +263,28 @@ class Coordinator:
 
     def warm_reset(self) -> dict:
         """Reset: every CPU restarts, Xen memory is lost, the banks are kept."""
+        self._stop_dom0()
         self._kill_cpus()
         self.banks.warm_reset()
         return self.boot()
 
     def shutdown(self) -> None:
+        self._stop_dom0()
         self._kill_cpus()
 
     # -- helpers --------------------------------------------------------------------------
-    def _dead_cpus(self, timeout: float) -> list[int]:
+    def _dead_cpus(self, timeout: float, extra=()) -> list[int]:
+        """Sleep until something happens (an event, a death, Dom0 or ``extra``
+        readable); serve Dom0; return the CPUs that died."""
         fds = list(self.pidfds.values())
-        r, _, _ = select.select(fds + [self.R.efd], [], [], timeout)
+        r, _, _ = select.select(fds + [self.R.efd] + self._dom0_fds() + list(extra), [], [],
+                                timeout)
         try:
             os.eventfd_read(self.R.efd)
         except BlockingIOError:
             pass
+        self._service(r)
+        self.last_ready = r
         return [c for c, fd in self.pidfds.items() if fd in r]
 
     def _logouts(self, cpu: int) -> list[dict]:
@@ -250,13 +403,50 @@ class Coordinator:
         outcome, detail = ("shutdown", {"cpu": sd}) if sd is not None else \
             self._wait(wait_targets, timeout_s or self.cfg.watchdog_s)
         res = self._collect(first_gen, errs, written, targets, t0, outcome, detail, local)
+        wd = timeout_s or self.cfg.watchdog_s
         if outcome in ("reset", "shutdown", "hang", "cpu_died"):
             boot = self.warm_reset()
             res["resets"] = 1
             res["boot_log"] = boot["boot_log"]
             res["boot_ms"] = boot["boot_ms"]
+            self._await_logged({b["record_id"] for b in res["boot_log"]}, wd)
+            for b in res["boot_log"]:
+                b["dom0_log"] = self._dom0_entry(b["record_id"], "boot")
+        rids = {r for e in res["errors"] for r in e["_rids"]}
+        self._await_logged(rids, wd)
+        t_logged = [self.logged[r][1] for r in rids if r in self.logged]
+        res["latency_us"]["dom0_logged"] = (round((max(t_logged) - t0) / 1e3, 1)
+                                            if t_logged and len(t_logged) == len(rids) else None)
+        for e in res["errors"]:
+            e["dom0_log"] = [self._dom0_entry(r, "mce") for r in e.pop("_rids")]
+            boot = [b["dom0_log"] for b in res["boot_log"]
+                    if self.topo.inst[b["cpu"]][b["bank"]] == self.topo.inst[e["cpu"]][e["bank"]]]
+            e["dom0_log"] += boot
+            if not e["dom0_log"] and e["written"]:
+                e["lost"] = self._lost_reason(res, e)
+        res["dom0_log_path"] = self.dom0_log_path
+        res["dom0"] = {"restarts": self.dom0_restarts, "refused": self.refused}
         res["violations"] = check_trial(res, self.topo)
         return res
+
+    def _await_logged(self, rids: set, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while any(r not in self.logged for r in rids) and time.monotonic() < deadline:
+            self._dead_cpus(0.02)
+
+    def _dom0_entry(self, rid: int, source: str) -> dict:
+        n = self.logged.get(rid, [0])[0]
+        return {"id": rid, "count": n, "source": source}
+
+    @staticmethod
+    def _lost_reason(res: dict, e: dict) -> str:
+        if res["telemetry"]["drops"] and e["action"] is None and e["class"] in ("srao", "srar"):
+            return "telemetry pool exhausted: no record, no deferred recovery (xen-mca.md §5.6)"
+        if res["outcome"] == "reset" and e["cleared"]:
+            return "bank cleared in #MC, then the host reset before Dom0 fetched the record"
+        if not e["owners"]:
+            return "no CPU logged it"
+        return "record not committed (NOERROR) or not logged by Dom0"
 
     def _wait(self, wait_targets: dict[int, int], watchdog_s: float):
         X, L = self.R.X, self.R.L
@@ -319,6 +509,12 @@ class Coordinator:
                     item["vmce"] = info["vmce"]
                 if "note" in info:
                     item["note"] = info["note"]
+            # Records Xen committed for this error (Dom0 should log each once):
+            # deferred ones whose action was not NOERROR, and corrected ones,
+            # which the handler commits at once.
+            item["_rids"] = sorted({a["record_id"] for a in acts if a["result"] != sev.MCER_NOERROR}
+                                   | {x["record_id"] for x in logged if x["record_id"]
+                                      and not x["status"] & msr.MCi_STATUS_UC})
             errors_out.append(item)
 
         def lat(word):
@@ -348,6 +544,9 @@ class Coordinator:
     def serve(self) -> None:
         conn = self.conn
         while True:
+            # Between requests, keep serving Dom0 (boot records, VIRQs).
+            while not conn.poll(0):
+                self._dead_cpus(1.0, extra=[conn.fileno()])
             try:
                 raw = conn.recv_bytes()
             except (EOFError, OSError):

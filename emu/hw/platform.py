@@ -254,10 +254,15 @@ class Regions:
         self.xen_map[:] = bytes(len(self.xen_map))
 
     def drop_for_guest(self):
-        """A guest process keeps no view of hardware or Xen memory (DESIGN.md §2)."""
-        for a in (self.HW, self.X):
-            a.close()
+        """A Dom0 or guest process keeps no view of hardware or Xen memory
+        (DESIGN.md §2): both regions are unmapped at the OS level (``munmap``), so
+        ``/proc/PID/maps`` no longer shows them. The Python objects are dropped
+        without touching them again; the process leaves with ``os._exit``."""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        for A, size in ((self.HW, self.L.hw_size), (self.X, self.L.xen_size)):
+            if libc.munmap(ctypes.c_void_p(A.address), size) != 0:
+                raise OSError(ctypes.get_errno(), "munmap of a shared region failed")
         self.HW = self.X = self.ev = self.hw_ev = None
-        self.hw_map.close()
-        self.xen_map.close()
         os.close(self.efd)
