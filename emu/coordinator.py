@@ -155,6 +155,26 @@ class Coordinator:
         os.close(pidfd)
         self.dom0 = None
 
+    def _reconcile_logged(self) -> None:
+        """A Dom0 that died after its write (or ack) never said ``logged``; its
+        durable log is the truth, so recount from it (complete lines only)."""
+        import json
+        counts: dict[int, int] = {}
+        try:
+            with open(self.dom0_log_path, "rb") as f:
+                for raw in f:
+                    if raw.endswith(b"\n"):
+                        try:
+                            rid = int(json.loads(raw)["id"])
+                        except (ValueError, KeyError, TypeError):
+                            continue
+                        counts[rid] = counts.get(rid, 0) + 1
+        except FileNotFoundError:
+            return
+        now = time.monotonic_ns()
+        for rid, n in counts.items():
+            self.logged.setdefault(rid, [0, now])[0] = n
+
     def _dom0_fds(self) -> list:
         return [self.dom0[1].fileno(), self.dom0[2]] if self.dom0 else []
 
@@ -180,6 +200,7 @@ class Coordinator:
             if len(self.dom0_deaths) > 5:
                 print("coordinator: Dom0 keeps dying; not restarting it", flush=True)
                 return
+            self._reconcile_logged()
             self._start_dom0()
             return
         while conn.poll(0):

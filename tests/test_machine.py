@@ -222,3 +222,20 @@ def test_recoverable_and_fatal_each_logged_once_by_dom0(emu_machine, tmp_path):
     ids = [x["id"] for x in lines]
     assert len(ids) == len(set(ids)) == 2
     assert {x["source"] for x in lines} == {"mce", "boot"}
+
+
+@pytest.mark.parametrize("die_at", ["before_write", "mid_write", "after_write", "after_ack"])
+def test_dom0_killed_mid_log_still_logs_exactly_once(emu_machine, tmp_path, die_at):
+    import json
+    m = emu_machine(extra={"log_dir": str(tmp_path),
+                           "dom0_hooks": {"die_at": die_at, "die_count": 1}})
+    rs = [m.inject(f"cpu={i} bank=8 status=0xBD000000004000CF addr={0x190000 + i * 0x1000:#x} "
+                   "misc=0x86 mcg=0x5") for i in range(3)]
+    assert all(r["outcome"] == "recovered" for r in rs)
+    assert rs[-1]["dom0"]["restarts"] == 1
+    for r in rs:
+        assert [d["count"] for d in r["errors"][0]["dom0_log"]] == [1], r["errors"][0]
+    m.close()
+    with open(rs[0]["dom0_log_path"]) as f:
+        ids = [json.loads(x)["id"] for x in f]
+    assert len(ids) == len(set(ids)) == 3
