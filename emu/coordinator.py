@@ -510,7 +510,7 @@ class Coordinator:
             cls = sev.intel_check_mce_type(e.status, self.cfg.ser)
             item = {"cpu": e.cpu, "bank": e.bank, "status": msr.hexs(e.status),
                     "addr": msr.hexs(maddr), "misc": msr.hexs(e.misc),
-                    "class": "corrected" if cls == "corrected" else cls,
+                    "class": cls,
                     "written": w["written"], "kept": w["kept"],
                     "bank_status": msr.hexs(w.get("status", 0)),
                     "owners": sorted({x["cpu"] for x in logged}),

@@ -19,6 +19,7 @@ import os
 import signal
 
 from emu.hw import msr
+from emu.hw.platform import TRACE_RING
 from emu.hw.yieldpoint import YieldPoints
 from emu.xen.versions import handler_class
 
@@ -52,7 +53,7 @@ def cpu_process(R, cpu: int, parent_pid: int, hooks: dict, pgid: int = 0) -> Non
         X, L = R.X, R.L
         R.ev.doorbell = L.pc(cpu, L.P_DOORBELL)
         R.ev.sleep_reg = L.pc(cpu, L.P_SLEEP_OFF)
-        trace = (X, L.trace_n, L.trace, 4096) if R.cfg.trace else None
+        trace = (X, L.trace_n, L.trace, TRACE_RING) if R.cfg.trace else None
         yps = YieldPoints(cpu, R.cfg.chaos, None, trace)
         x = handler_class(R.cfg.handler)(R, cpu, yps, hooks)
         X.store(L.pc(cpu, L.P_PID), os.getpid())

@@ -460,8 +460,6 @@ class XenCpu:
         result = self.mce_action(rec, urgent=False, worker_log=log)
         if any(info and info.get("recovery") for _, _, info in log):
             rec["r"] = [info["recovery"] for _, _, info in log if info and info.get("recovery")]
-        for b, _, _ in log:   # bank domid may have been set by the memory handler
-            pass
         self.tele.write(slot, rec)
         self._log_actions(slot, rec, log, result)
         if result == sev.MCER_RESET:

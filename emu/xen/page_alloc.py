@@ -115,20 +115,17 @@ class PageTable:
         return DOMID_INVALID
 
     def gfn_to_mfn(self, domid: int, gfn: int) -> int | None:
-        """p2m lookup for the default map (domain ranges are contiguous)."""
-        for mfn in self._domain_mfns(domid):
-            if self.get(mfn)[2] == gfn and self.get(mfn)[0] == domid:
-                return mfn
-        return None
-
-    def _domain_mfns(self, domid: int):
-        # The default map puts a domain's frames in one range; find it by its
-        # first frame instead of scanning the whole table.
-        for k in range(0, (self.npages - DOM_BASE) // DOM_PAGES):
+        """p2m lookup in the default map: a domain's frames are one contiguous
+        range, found by its first frame; the M2P entry confirms the result."""
+        for k in range(max(0, (self.npages - DOM_BASE) // DOM_PAGES)):
             r = domain_range(k)
-            if self.get(r.start)[0] == domid:
-                return r
-        return range(0)
+            if self.get(r.start)[0] != domid:
+                continue
+            mfn = r.start + gfn
+            if mfn in r and self.get(mfn)[0] == domid and self.get(mfn)[2] == gfn:
+                return mfn
+            return None
+        return None
 
     def offline_page(self, mfn: int, broken: bool = True) -> tuple[int, int, int]:
         """Xen's ``offline_page``: returns (ret, status, owner-to-crash or -1)."""
