@@ -63,12 +63,15 @@ def emu_leak_check():
 
 
 @pytest.fixture
-def emu_machine(emu_leak_check):
+def emu_machine(emu_leak_check, tmp_path_factory):
     from emu.machine import Machine
     machines = []
 
     def boot(**kw) -> Machine:
-        m = Machine(**kw).start()
+        # Dom0's log goes under pytest's temporary directories unless a test says.
+        extra = dict(kw.pop("extra", {}))
+        extra.setdefault("log_dir", str(tmp_path_factory.mktemp("emu-run")))
+        m = Machine(extra=extra, **kw).start()
         machines.append(m)
         return m
     yield boot
