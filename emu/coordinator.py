@@ -24,7 +24,7 @@ import msgpack
 from emu.errors import EmuError, EmulatorInternalError, UsageError
 from emu.hw import msr
 from emu.hw.banks import Banks
-from emu.hw.cpu import child_signals, cpu_process, deliver_mc, set_pdeathsig
+from emu.hw.cpu import child_signals, cpu_process, deliver_mc, fork_child, set_pdeathsig
 from emu.hw.platform import ACTION_RING, LOGOUT_RING, MachineConfig, Regions
 from emu.oracle import check_trial
 from emu.scenario import validate_errors
@@ -91,12 +91,9 @@ class Coordinator:
         self.vmce.create(0, 0, hvm=False, nvcpus=min(2, self.n), hwdom=True)
         X.store(L.trial_gen, self.trial_gen)
         handler_class(self.cfg.handler)   # import before forking, not in every CPU
-        me = os.getpid()
         self.pgid = None
         for cpu in range(self.n):
-            pid = os.fork()
-            if pid == 0:
-                cpu_process(R, cpu, me, self.hooks, self.pgid or 0)
+            pid = fork_child(lambda: cpu_process(R, cpu, self.hooks, self.pgid or 0))
             # Both sides set the group, so it holds whichever runs first.
             try:
                 os.setpgid(pid, self.pgid or pid)
@@ -107,7 +104,7 @@ class Coordinator:
             self.pidfds[cpu] = os.pidfd_open(pid)
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         while X.load(L.online) < self.n:
-            dead = self._dead_cpus(0.05)
+            dead = self._poll(0.05)
             if dead or time.monotonic() > deadline:
                 raise EmulatorInternalError(f"boot failed: CPUs {dead or 'timed out'} "
                                             f"({X.load(L.online)}/{self.n} online)")
@@ -124,21 +121,12 @@ class Coordinator:
         import multiprocess
         from emu.dom0 import dom0_main
         ours, theirs = multiprocess.Pipe(duplex=True)
-        me = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                ours.close()
-                set_pdeathsig(me)
-                child_signals()
-                self.R.drop_for_guest()
-                dom0_main(theirs, self.dom0_log_path, self.dom0_fsync, self.dom0_hooks)
-            except BaseException:  # noqa: BLE001
-                traceback.print_exc()
-                code = 70
-            finally:
-                os._exit(code)
+
+        def body():
+            ours.close()
+            self.R.drop_for_guest()
+            dom0_main(theirs, self.dom0_log_path, self.dom0_fsync, self.dom0_hooks)
+        pid = fork_child(body)
         theirs.close()
         self.dom0 = (pid, ours, os.pidfd_open(pid))
 
@@ -294,7 +282,7 @@ class Coordinator:
         self._kill_cpus()
 
     # -- helpers --------------------------------------------------------------------------
-    def _dead_cpus(self, timeout: float, extra=()) -> list[int]:
+    def _poll(self, timeout: float, extra=()) -> list[int]:
         """Sleep until something happens (an event, a death, Dom0 or ``extra``
         readable); serve Dom0; return the CPUs that died."""
         fds = list(self.pidfds.values())
@@ -362,10 +350,9 @@ class Coordinator:
                       L.P_T_SOFTIRQ, L.P_SIRQ_ROLE, L.P_T_BARRIER_A):
                 X.store(L.pc(c, w), 0)
 
-    def _inject(self, errors: list[dict], local: bool):
-        """Write errors into their banks (mce-inject's HOLD), then compute who gets
-        the #MC and with which MCG_STATUS."""
-        errs = validate_errors(errors, self.n, self.topo.nbanks, self.domids)
+    def _inject(self, errs: list, local: bool):
+        """Write validated errors into their banks (mce-inject's HOLD), then compute
+        who gets the #MC and with which MCG_STATUS."""
         written = []
         for e in errs:
             addr = e.addr
@@ -394,15 +381,16 @@ class Coordinator:
         raised once a first-wave target has reached ``after_phase``."""
         X, L = self.R.X, self.R.L
         # Validate everything before anything runs.
-        validate_errors(errors, self.n, self.topo.nbanks, self.domids)
+        first = validate_errors(errors, self.n, self.topo.nbanks, self.domids)
+        second = None
         if then:
-            validate_errors(then["errors"], self.n, self.topo.nbanks, self.domids)
+            second = validate_errors(then["errors"], self.n, self.topo.nbanks, self.domids)
             if then.get("after_phase") not in PHASES:
                 raise UsageError("then.after_phase", f"use one of {', '.join(PHASES)}")
         self.trial_gen += 1
         gen = first_gen = self.trial_gen
         self._reset_trial_state(gen)
-        errs, written, targets, mcg = self._inject(errors, local)
+        errs, written, targets, mcg = self._inject(first, local)
         t0 = time.monotonic_ns()
         sd = deliver_mc(self.R, self.banks, targets, mcg, self.cpu_pids, self.pgid)
         wait_targets = {c: gen for c in targets}
@@ -416,7 +404,7 @@ class Coordinator:
             self.trial_gen += 1
             gen = self.trial_gen
             X.store(L.trial_gen, gen)
-            errs2, written2, targets2, mcg2 = self._inject(then["errors"], bool(then.get("local")))
+            errs2, written2, targets2, mcg2 = self._inject(second, bool(then.get("local")))
             errs, written = errs + errs2, written + written2
             sd = deliver_mc(self.R, self.banks, targets2, mcg2, self.cpu_pids, self.pgid)
             wait_targets.update({c: gen for c in targets2})
@@ -453,7 +441,7 @@ class Coordinator:
     def _await_logged(self, rids: set, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while any(r not in self.logged for r in rids) and time.monotonic() < deadline:
-            self._dead_cpus(0.02)
+            self._poll(0.02)
 
     def _dom0_entry(self, rid: int, source: str) -> dict:
         n = self.logged.get(rid, [0])[0]
@@ -483,7 +471,7 @@ class Coordinator:
                 return "reset", {"panic": "hardware domain crashed"}
             if all(X.load(L.pc(c, L.P_DONE_GEN)) >= g for c, g in wait_targets.items()):
                 return "done", {}
-            dead = self._dead_cpus(0.02)
+            dead = self._poll(0.02)
             if dead:
                 return "cpu_died", {"cpus": dead}
             p = X.load(L.progress)
@@ -567,7 +555,7 @@ class Coordinator:
         while True:
             # Between requests, keep serving Dom0 (boot records, VIRQs).
             while not conn.poll(0):
-                self._dead_cpus(1.0, extra=[conn.fileno()])
+                self._poll(1.0, extra=[conn.fileno()])
             try:
                 raw = conn.recv_bytes()
             except (EOFError, OSError):

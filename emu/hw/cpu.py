@@ -44,34 +44,46 @@ def child_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C goes to the front end only
 
 
-def cpu_process(R, cpu: int, parent_pid: int, hooks: dict, pgid: int = 0) -> None:
-    """Body of a CPU process (never returns)."""
+def fork_child(body) -> int:
+    """Fork an emulator process running ``body()``: it dies with its parent, starts
+    with default signal dispositions and never returns into the parent's stack."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
     try:
-        set_pdeathsig(parent_pid)
-        os.setpgid(0, pgid)   # the CPUs' process group (also set by the parent)
+        set_pdeathsig(parent)
         child_signals()
-        X, L = R.X, R.L
-        R.ev.doorbell = L.pc(cpu, L.P_DOORBELL)
-        R.ev.sleep_reg = L.pc(cpu, L.P_SLEEP_OFF)
-        trace = (X, L.trace_n, L.trace, TRACE_RING) if R.cfg.trace else None
-        yps = YieldPoints(cpu, R.cfg.chaos, None, trace)
-        x = handler_class(R.cfg.handler)(R, cpu, yps, hooks)
-        X.store(L.pc(cpu, L.P_PID), os.getpid())
-        signal.signal(SIG_MC, x.do_machine_check)
-        x.boot()
-        soft = L.pc(cpu, L.P_SOFTIRQ)
-        kick = L.pc(cpu, L.P_KICK)
-        while True:
-            # xchg, not load+store: a #MC between the two would lose its raise.
-            if X.xchg(soft, 0):
-                x.mce_softirq()
-                continue
-            R.ev.wait(kick, lambda: X.load(soft) != 0, slice_s=1.0)
-    except BaseException:  # noqa: BLE001 - a CPU must never return into the parent's stack
+        body()
+    except BaseException:  # noqa: BLE001
         import traceback
         traceback.print_exc()
+        code = 70
     finally:
-        os._exit(70)
+        os._exit(code)
+
+
+def cpu_process(R, cpu: int, hooks: dict, pgid: int = 0) -> None:
+    """Body of a CPU process (run through :func:`fork_child`; never returns)."""
+    os.setpgid(0, pgid)   # the CPUs' process group (also set by the parent)
+    X, L = R.X, R.L
+    R.ev.doorbell = L.pc(cpu, L.P_DOORBELL)
+    R.ev.sleep_reg = L.pc(cpu, L.P_SLEEP_OFF)
+    trace = (X, L.trace_n, L.trace, TRACE_RING) if R.cfg.trace else None
+    yps = YieldPoints(cpu, R.cfg.chaos, None, trace)
+    x = handler_class(R.cfg.handler)(R, cpu, yps, hooks)
+    X.store(L.pc(cpu, L.P_PID), os.getpid())
+    signal.signal(SIG_MC, x.do_machine_check)
+    x.boot()
+    soft = L.pc(cpu, L.P_SOFTIRQ)
+    kick = L.pc(cpu, L.P_KICK)
+    while True:
+        # xchg, not load+store: a #MC between the two would lose its raise.
+        if X.xchg(soft, 0):
+            x.mce_softirq()
+            continue
+        R.ev.wait(kick, lambda: X.load(soft) != 0, slice_s=1.0)
 
 
 def deliver_mc(R, banks, targets: list[int], mcg_status: dict[int, int], pids: dict[int, int],

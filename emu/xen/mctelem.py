@@ -15,6 +15,8 @@ UNCOMPLETE flag when a record does not fit), not msgpack's byte count.
 """
 from __future__ import annotations
 
+import os
+
 import msgpack
 
 MC_URGENT, MC_NONURGENT = 0, 1
@@ -177,7 +179,6 @@ class Mctelem:
     def _lock(self) -> None:
         off = self.T.processing_lock
         while self.X.cmpxchg(off, 0, 1) != 0:
-            import os
             os.sched_yield()
 
     def _unlock(self) -> None:
