@@ -2,8 +2,8 @@
 
 For each CPU count: boot a machine, inject ``n`` broadcast SRAO errors into a
 package-scoped bank, and record injection → every CPU has left the #MC handler
-(``latency_us.handler_exit``), plus the later phases. In the same run, the floor:
-the one-way wake-up of a process sleeping in FUTEX_WAIT by another process.
+(``latency_us.handler_exit``), plus the later phases. Just before each CPU count,
+the floor: the one-way wake-up of a process sleeping in FUTEX_WAIT by another process.
 Reports medians and p99, and ratios to the floor; boot time; USS per CPU process.
 """
 from __future__ import annotations
@@ -85,8 +85,10 @@ def handler_latency(cpus: int, injections: int) -> dict:
 
 def main(a) -> int:
     cpus = [int(x) for x in str(a.cpus).split(",") if x]
-    floor = futex_floor()
     for n in cpus:
+        # The floor is measured next to each CPU count, not once per run: this VM's
+        # speed drifts by tens of percent within a minute.
+        floor = futex_floor()
         r = handler_latency(n, a.injections)
         r["floor_us"] = round(floor["p50_us"], 1)
         r["floor_p99_us"] = round(floor["p99_us"], 1)

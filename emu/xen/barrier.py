@@ -34,30 +34,35 @@ class McaBarrier:
     def mce_barrier_enter(self, wait: bool, yp, check) -> None:
         if not wait:
             return
-        X, o = self.X, self.off
+        X, o, ev, online = self.X, self.off, self.ev, self.online
+        load = X.load
         yp("barrier")
         X.fetch_add(o + INGEN, 1)
-        self.ev.bump(o + EV_OUT)
-        gen = X.load(o + OUTGEN)
+        ev.bump(o + EV_OUT)
+        gen = load(o + OUTGEN)
         yp("barrier")
-        if X.fetch_add(o + VAL, 1) + 1 == self.num_online_cpus():
-            self.ev.bump(o + EV_IN)
-        self.ev.wait(o + EV_IN, lambda: X.load(o + VAL) == self.num_online_cpus()
-                     or X.load(o + OUTGEN) != gen, check=check)
+        n = load(online)
+        if X.fetch_add(o + VAL, 1) + 1 == n:
+            ev.bump(o + EV_IN)
+            return   # the last one in: the wait condition holds already
+        ev.wait(o + EV_IN, lambda: load(o + VAL) == load(online)
+                or load(o + OUTGEN) != gen, check=check)
 
     def mce_barrier_exit(self, wait: bool, yp, check) -> None:
         if not wait:
             return
-        X, o = self.X, self.off
+        X, o, ev = self.X, self.off, self.ev
+        load = X.load
         yp("barrier")
         X.fetch_add(o + OUTGEN, 1)
-        self.ev.bump(o + EV_IN)
-        gen = X.load(o + INGEN)
+        ev.bump(o + EV_IN)
+        gen = load(o + INGEN)
         yp("barrier")
         if X.fetch_sub(o + VAL, 1) - 1 == 0:
-            self.ev.bump(o + EV_OUT)
-        self.ev.wait(o + EV_OUT, lambda: X.load(o + VAL) == 0
-                     or X.load(o + INGEN) != gen, check=check)
+            ev.bump(o + EV_OUT)
+            return   # the last one out: the wait condition holds already
+        ev.wait(o + EV_OUT, lambda: load(o + VAL) == 0 or load(o + INGEN) != gen,
+                check=check)
 
     def wake_all(self) -> None:
         self.ev.bump(self.off + EV_IN)

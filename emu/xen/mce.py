@@ -27,7 +27,7 @@ import msgpack
 from emu.hw import msr
 from emu.hw.atomic import signed
 from emu.hw.banks import Banks
-from emu.hw.platform import ACTION_RING, LOGOUT_RING
+from emu.hw.platform import ACTION_RING, LOGOUT_RING, MCG_K_CAP, MCG_K_STATUS
 from emu.xen import mcaction, vmce
 from emu.xen import severity as sev
 from emu.xen.barrier import McaBarrier
@@ -62,6 +62,10 @@ class McaSummary(NamedTuple):
     uc: bool
     pcc: bool
     recoverable: bool
+
+
+_new_tuple = tuple.__new__
+VAL = msr.MCi_STATUS_VAL
 
 
 class XenCpu:
@@ -99,6 +103,16 @@ class XenCpu:
         self._boff = [[self.banks.off(cpu, i, r) for r in range(msr.NREGS)]
                       for i in range(self.nbanks)]
         self._HW = R.HW
+        self._status_offs = [(i, self._boff[i][msr.REG_STATUS]) for i in range(self.nbanks)]
+        self._mcg_status_off = R.L.mcg_reg(cpu, MCG_K_STATUS)
+        self._coords = R.topo.coords(cpu)
+        self._logged: dict[int, tuple[int, int]] = {}  # bank -> (ring entry, meta) of this #MC
+        self._ph_off = self.pc(R.L.P_PHASE)
+        self._reached_off = self.pc(R.L.P_REACHED)
+        self._progress_off = R.L.progress
+        self._hooked = bool(self.kill_phase or self.stall_phase)
+        self._gen = 0              # trial generation of the #MC being handled
+        self._urgent = (None, None)  # (slot, record) kept from logout for the urgent action
         self.vmce = vmce.Vmce(R)
         self.mcaction = mcaction.McAction(self)
 
@@ -108,10 +122,12 @@ class XenCpu:
 
     def set_phase(self, name: str) -> None:
         p = PH[name]
-        X, pc0 = self.X, self._pc0
-        X.store(pc0 + 8 * self.L.P_PHASE, p)
-        X.fetch_or(pc0 + 8 * self.L.P_REACHED, 1 << p)
-        X.fetch_add(self.L.progress, 1)
+        X = self.X
+        X.store(self._ph_off, p)
+        X.fetch_or(self._reached_off, 1 << p)
+        X.fetch_add(self._progress_off, 1)
+        if not self._hooked:
+            return
         if self.kill_phase == name and self.cpu in self.kill_cpus:
             import signal
             os.kill(os.getpid(), signal.SIGKILL)   # test hook: die mid-handler
@@ -132,11 +148,22 @@ class XenCpu:
         if k >= LOGOUT_RING:
             return
         base = self.pc(L.P_LOGOUT) + 8 * LOG_WORDS * k
-        for j, v in enumerate((WHO_CODE[who] | bank << 8 | int(cleared) << 16, status, addr,
-                               misc, X.load(L.trial_gen), rec_id)):
-            X.store(base + 8 * j, v)
+        store = X.store
+        meta = WHO_CODE[who] | bank << 8 | int(cleared) << 16
+        self._logged[bank] = (base, meta)
+        store(base, meta)
+        store(base + 8, status)
+        store(base + 16, addr)
+        store(base + 24, misc)
+        store(base + 32, X.load(L.trial_gen))
+        store(base + 40, rec_id)
 
     # -- MSR access (every one is a yield point) ---------------------------------------
+    def rd_mcg_status(self) -> int:
+        """``mca_rdmsr(MSR_IA32_MCG_STATUS)`` without decoding the address."""
+        self.yp("rdmsr")
+        return self._HW.load(self._mcg_status_off)
+
     def mca_rdmsr(self, addr: int) -> int:
         self.yp("rdmsr")
         return self.banks.rdmsr(self.cpu, addr)
@@ -193,7 +220,8 @@ class XenCpu:
                 self.X.load(self.pc(self.L.P_CURRENT_VCPU)))
 
     def mcheck_mca_logout(self, who, bankmask: int, clear_bank: list | None):
-        gstatus = self.mca_rdmsr(msr.MSR_IA32_MCG_STATUS)
+        gstatus = self.rd_mcg_status()
+        self._logged = {}
         if who == sev.MCA_MCE_SCAN:
             flag, cls = MC_FLAG_MCE, MC_URGENT
         else:
@@ -203,11 +231,13 @@ class XenCpu:
         errcnt, uc, pcc = 0, False, False
         banks_rec: list[list[int]] = []
         flags = 0
-        for i in range(self.nbanks):
+        yp, load = self.yp, self._HW.load
+        for i, status_off in self._status_offs:
             if not bankmask >> i & 1:
                 continue
-            status = self.rd_bank(i, msr.REG_STATUS)
-            if not status & msr.MCi_STATUS_VAL:
+            yp("rdmsr")
+            status = load(status_off)
+            if not status & VAL:
                 continue
             need_clear = sev.intel_need_clearbank_scan(who, status, self.ser)
             if errcnt == 0:
@@ -242,18 +272,24 @@ class XenCpu:
                 flag |= MC_FLAG_RECOVERABLE
             else:
                 flag |= MC_FLAG_CORRECTABLE
-            s, c, t = self.topo.coords(self.cpu)
+            s, c, t = self._coords
             dom, vcpu = self.current_domain()
-            self.tele.write(slot, {
+            rec = {
                 "who": WHO_CODE[who], "flags": flags, "cpu": self.cpu,
                 "g": {"mc_flags": flag, "mc_gstatus": gstatus, "mc_domid": dom,
                       "mc_vcpuid": vcpu, "mc_socketid": s, "mc_coreid": c,
                       "mc_core_threadid": t, "mc_apicid": self.cpu,
-                      "mcgcap": self.banks.mcg(self.cpu, 2)},
-                "b": banks_rec, "r": []})
-        summary = McaSummary(errcnt, bool(gstatus & msr.MCG_STATUS_RIPV),
-                             bool(gstatus & msr.MCG_STATUS_EIPV),
-                             bool(gstatus & msr.MCG_STATUS_LMCE), uc, pcc, recover)
+                      "mcgcap": self.banks.mcg(self.cpu, MCG_K_CAP)},
+                "b": banks_rec, "r": []}
+            self.tele.write(slot, rec)
+            # The urgent action reads the entry this CPU just wrote and nobody else
+            # touches before the softirq: keep the decoded copy instead of re-reading.
+            self._urgent = (slot, rec)
+        # tuple.__new__: a NamedTuple's own constructor costs more than the rest here
+        summary = _new_tuple(McaSummary, (errcnt, bool(gstatus & msr.MCG_STATUS_RIPV),
+                                          bool(gstatus & msr.MCG_STATUS_EIPV),
+                                          bool(gstatus & msr.MCG_STATUS_LMCE), uc, pcc,
+                                          recover))
         return slot, summary
 
     def mcabank_clear(self, i: int) -> None:
@@ -270,15 +306,10 @@ class XenCpu:
             self._mark_cleared(i)
 
     def _mark_cleared(self, bank: int) -> None:
-        # Flag this CPU's latest logout entry of the bank as the clearing one.
-        X, L = self.X, self.L
-        n = min(X.load(self.pc(L.P_LOGOUT_N)), LOGOUT_RING)
-        for k in range(n - 1, -1, -1):
-            base = self.pc(L.P_LOGOUT) + 8 * LOG_WORDS * k
-            meta = X.load(base)
-            if (meta >> 8) & 0xFF == bank:
-                X.store(base, meta | 1 << 16)
-                return
+        # Flag this CPU's logout entry of the bank (this #MC's) as the clearing one.
+        e = self._logged.get(bank)
+        if e is not None:
+            self.X.store(e[0], e[1] | 1 << 16)
 
     # -- fatal set helpers -------------------------------------------------------------
     def fatal_set(self, cpu: int) -> None:
@@ -288,7 +319,10 @@ class XenCpu:
         out = []
         for w in range(self.L.mcefatal_words):
             v = self.X.load(self.L.mce_fatal_cpus + 8 * w)
-            out += [w * 64 + b for b in range(64) if v >> b & 1]
+            while v:   # lowest set bit first
+                b = (v & -v).bit_length() - 1
+                out.append(w * 64 + b)
+                v &= v - 1
         return out
 
     def severity_cpu_get(self, off: int) -> int:
@@ -375,9 +409,10 @@ class XenCpu:
         X.store(L.severity_cpu, -1 & msr.U64)
 
     def clear_mcip(self) -> None:
-        gstatus = self.mca_rdmsr(msr.MSR_IA32_MCG_STATUS)
+        gstatus = self.rd_mcg_status()
         if gstatus & msr.MCG_STATUS_MCIP:
-            self.mca_wrmsr(msr.MSR_IA32_MCG_STATUS, 0)
+            self.yp("wrmsr")
+            self._HW.store(self._mcg_status_off, 0)
 
     def raise_softirq(self) -> None:
         self.X.store(self.pc(self.L.P_SOFTIRQ), 1)
@@ -390,7 +425,9 @@ class XenCpu:
         return dom != DOMID_IDLE
 
     def mce_urgent_action(self, slot: int) -> int:
-        rec = self.tele.read(slot)
+        kept, rec = self._urgent
+        if kept != slot:
+            rec = self.tele.read(slot)
         gstatus = rec["g"]["mc_gstatus"]
         if not gstatus & msr.MCG_STATUS_RIPV and (
                 not gstatus & msr.MCG_STATUS_EIPV or not self.guest_mode()):

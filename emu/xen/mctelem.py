@@ -63,6 +63,10 @@ def bit_range(cls: int) -> range:
     return range(0, NENT) if cls == MC_URGENT else range(MC_URGENT_NENT, NENT)
 
 
+CLASS_MASK = tuple(sum(1 << b for b in bit_range(c)) for c in (MC_URGENT, MC_NONURGENT))
+U64 = (1 << 64) - 1
+
+
 class Mctelem:
     """The telemetry pool, as seen by one process (a CPU or the coordinator)."""
 
@@ -89,21 +93,28 @@ class Mctelem:
 
     # -- life cycle ---------------------------------------------------------------
     def mctelem_reserve(self, cls: int, cpu: int) -> int | None:
-        X, fm = self.X, self.T.freemap
-        mask = sum(1 << b for b in bit_range(cls))
+        X, T = self.X, self.T
+        fm, mask = T.freemap, CLASS_MASK[cls]
         while True:
             free = X.load(fm) & mask
             if not free:
-                X.fetch_add(self.T.drop_count, 1)
+                X.fetch_add(T.drop_count, 1)
                 return None
             i = (free & -free).bit_length() - 1
-            if X.fetch_and(fm, ~(1 << i) & ((1 << 64) - 1)) & (1 << i):
+            if X.fetch_and(fm, ~(1 << i) & U64) & (1 << i):
                 break  # won the test-and-clear
-        seq = X.fetch_add(self.T.seq, 1) + 1
-        for k, v in ((H_STATE, UNCOMMITTED), (H_CLASS, cls), (H_REF, 1), (H_NEXT, 0),
-                     (H_PREV, 0), (H_ID, (X.load(self.T.boot) << 32) | seq), (H_LEN, 0),
-                     (H_CPU, cpu)):
-            self._hset(i, k, v)
+        seq = X.fetch_add(T.seq, 1) + 1
+        h = T.hdr + 8 * HWORDS * i
+        store = X.store
+        # STATE last: an inspector never sees UNCOMMITTED with a stale header.
+        store(h + 8 * H_CLASS, cls)
+        store(h + 8 * H_REF, 1)
+        store(h + 8 * H_NEXT, 0)
+        store(h + 8 * H_PREV, 0)
+        store(h + 8 * H_ID, (X.load(T.boot) << 32) | seq)
+        store(h + 8 * H_LEN, 0)
+        store(h + 8 * H_CPU, cpu)
+        store(h + 8 * H_STATE, UNCOMMITTED)
         return i
 
     def mctelem_dismiss(self, i: int) -> None:
