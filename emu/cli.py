@@ -23,6 +23,10 @@ def _machine_args(p):
     p.add_argument("--chaos", type=float, default=0.0, help="perturbation probability per yield point")
     p.add_argument("--watchdog", type=float, default=2.0, help="hang bound in seconds (default 2)")
     p.add_argument("--no-ser", action="store_true", help="clear MCG_CAP.SER_P")
+    p.add_argument("--guests", type=int, default=1, help="HVM guests besides Dom0 (default 1)")
+    p.add_argument("--guest-vcpus", type=int, default=2, help="vCPUs per guest (default 2)")
+    p.add_argument("--vmce-policy", default="owner",
+                   help="owner: vMCE to the impacted domain (default); dom0: to Dom0 only")
 
 
 def _config(a):
@@ -30,7 +34,8 @@ def _config(a):
     extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) else {}
     return MachineConfig(topology=a.topology, nbanks=a.banks, bank_scopes=a.bank_scopes,
                          handler=a.handler, seed=a.seed, chaos=a.chaos, watchdog_s=a.watchdog,
-                         ser=not a.no_ser, extra=extra).validate()
+                         ser=not a.no_ser, guests=a.guests, guest_vcpus=a.guest_vcpus,
+                         vmce_policy=a.vmce_policy, extra=extra).validate()
 
 
 def _print_trial(res: dict, out) -> None:
@@ -43,10 +48,23 @@ def _print_trial(res: dict, out) -> None:
             po = e["page_offline"]
             line += f", page {po['mfn']:#x} {'|'.join(po['status']) or po['ret']}"
         print(line, file=out)
+        if e.get("note"):
+            print(f"    Xen: {e['note']}", file=out)
+        v = e.get("vmce")
+        if v:
+            gr = v.get("guest_read") or {}
+            print(f"    vMCE to DOM{v['domain']} vCPUs {v['vcpus']}: "
+                  f"{'handled' if v.get('guest_handled') else 'NOT handled'} by its kernel"
+                  + (f"; it read STATUS {gr['status']} ADDR {gr['addr']} MISC {gr['misc']}"
+                     if gr else ""), file=out)
     if res.get("panic"):
         print(f"  panic: {res['panic']}", file=out)
     for b in res["boot_log"]:
         print(f"  boot-time logout: cpu{b['cpu']} bank{b['bank']} {b['status']}", file=out)
+    for d in res.get("domains", []):
+        if d["state"] != "running" or d.get("process") != "running":
+            print(f"  DOM{d['domid']}: {d['state']} ({d.get('crash_reason') or ''}), process "
+                  f"{d.get('process')}", file=out)
     print(f"  Dom0 log: {res.get('dom0_log_path')}", file=out)
     lat = res["latency_us"]
     print("  latency µs: " + ", ".join(f"{k} {v}" for k, v in lat.items() if v is not None), file=out)
@@ -61,7 +79,7 @@ def cmd_run(a) -> int:
     from emu.hw.platform import Topology
     topo = Topology(cfg)
     errors = a.error or DEMO
-    validate_errors(errors, topo.ncpus, topo.nbanks)   # nothing runs on bad input
+    validate_errors(errors, topo.ncpus, topo.nbanks, cfg.domids)   # nothing runs on bad input
     with Machine(cfg) as m:
         res = m.inject(errors, local=a.local)
     if a.json:

@@ -40,6 +40,24 @@ SCHEMA = "emu.trial/1"
 BOOT_TIMEOUT_S = 30.0
 
 
+def keep_only_fds(*keep: int) -> None:
+    """In a forked domain process: close every inherited descriptor but stdio and
+    ``keep`` (its own channel), so it cannot speak on Dom0's or another guest's
+    channel, nor the front end's. Nothing in the child closes the stale objects
+    later (it leaves with ``os._exit``)."""
+    import io
+    import sys
+    lo = 3
+    for fd in sorted(keep):
+        os.closerange(lo, fd)
+        lo = fd + 1
+    os.closerange(lo, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") < 1 << 20 else 1 << 16)
+    # sys.stdout/err may have been objects over other descriptors (pytest's capture
+    # does that): speak to fds 1 and 2 themselves from now on.
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+
+
 class Coordinator:
     def __init__(self, conn, cfg: MachineConfig):
         self.conn = conn
@@ -57,7 +75,16 @@ class Coordinator:
         self.pidfds: dict[int, int] = {}
         self.hooks: dict = dict(cfg.extra.get("hooks", {}))
         self.last_boot_log: list = []
-        self.domids = [0]
+        self.domids = cfg.domids
+        # Guests: one process per guest domain, with its own channel (and Dom0's
+        # process also runs a native #MC handler for vMCEs sent to Dom0).
+        self.guests: dict[int, tuple] = {}            # domid -> (pid, conn, pidfd)
+        self.guest_hooks: dict = dict(cfg.extra.get("guest_hooks", {}))
+        self.guest_exits: dict[int, str] = {}         # domid -> why its process ended
+        self.vmce_seen = 0
+        self.delivered: list[dict] = []               # vMCEs passed to domain processes
+        self.probes: dict[int, dict] = {}             # domid -> last probe result
+        self.ready_doms: set[int] = set()
         # Dom0: the logger process and its channel (the hypercall and VIRQ path).
         import tempfile
         self.log_dir = cfg.extra.get("log_dir") or os.path.join(
@@ -68,10 +95,12 @@ class Coordinator:
         self.dom0_fsync = bool(cfg.extra.get("fsync", True))
         self.dom0 = None                    # (pid, conn, pidfd)
         self.dom0_restarts = 0
+        self.dom0_exits: list[str] = []     # how each Dom0 that had to be restarted ended
         self.dom0_deaths: list[float] = []
         self.virq_seen = 0
         self.logged: dict[int, list] = {}   # record id -> [count, t_logged_ns]
         self.refused = 0                    # forged or unprivileged hypercalls
+        self.refused_by: dict[int, list] = {}   # domid -> refused privileged commands
         self.handled: list = []             # reports of guest #MC handlers
         self.last_ready: list = []
 
@@ -89,6 +118,8 @@ class Coordinator:
         self.tele.init(self.boots)
         self.pages.init_default(self.domids)
         self.vmce.create(0, 0, hvm=False, nvcpus=min(2, self.n), hwdom=True)
+        for k, d in enumerate(self.domids[1:], start=1):
+            self.vmce.create(k, d, hvm=True, nvcpus=self.cfg.guest_vcpus, hwdom=False)
         X.store(L.trial_gen, self.trial_gen)
         handler_class(self.cfg.handler)   # import before forking, not in every CPU
         self.pgid = None
@@ -110,7 +141,17 @@ class Coordinator:
                                             f"({X.load(L.online)}/{self.n} online)")
         self.last_boot_log = self._boot_log()
         self.virq_seen = 0
+        self.vmce_seen = X.load(L.vm.vmce_count)
+        self.ready_doms.clear()
         self._start_dom0()
+        for d in self.domids[1:]:
+            self._start_guest(d)
+        # Boot is over when every domain process runs with only its channel.
+        while not self.ready_doms >= set(self.domids):
+            self._poll(0.05)
+            if time.monotonic() > deadline:
+                raise EmulatorInternalError(f"boot failed: domains "
+                                            f"{sorted(set(self.domids) - self.ready_doms)} not up")
         return {"boot": self.boots, "cpus": self.n, "pids": dict(self.cpu_pids),
                 "boot_ms": (time.monotonic() - t0) * 1e3, "boot_log": self.last_boot_log}
 
@@ -123,12 +164,57 @@ class Coordinator:
         ours, theirs = multiprocess.Pipe(duplex=True)
 
         def body():
-            ours.close()
             self.R.drop_for_guest()
+            keep_only_fds(theirs.fileno())
+            theirs.send_bytes(msgpack.packb([PROTO, "ready", {}]))
             dom0_main(theirs, self.dom0_log_path, self.dom0_fsync, self.dom0_hooks)
         pid = fork_child(body)
         theirs.close()
         self.dom0 = (pid, ours, os.pidfd_open(pid))
+
+    def _start_guest(self, d: int) -> None:
+        """Fork guest domain ``d``'s kernel: like Dom0, only its channel, which the
+        coordinator serves as domain ``d`` (the domid comes from the channel, never
+        from the message)."""
+        import multiprocess
+        from emu.guest import guest_main
+        ours, theirs = multiprocess.Pipe(duplex=True)
+        path = self.guest_log_path(d)
+        hooks = dict(self.guest_hooks.get(d, {}))
+
+        def body():
+            self.R.drop_for_guest()
+            keep_only_fds(theirs.fileno())
+            theirs.send_bytes(msgpack.packb([PROTO, "ready", {}]))
+            guest_main(d, theirs, path, hooks)
+        pid = fork_child(body)
+        theirs.close()
+        self.guests[d] = (pid, ours, os.pidfd_open(pid))
+        self.guest_exits.pop(d, None)
+
+    def guest_log_path(self, d: int) -> str:
+        return os.path.join(self.log_dir, f"dom{d}.guest.jsonl")
+
+    def _stop_guest(self, d: int, why: str) -> None:
+        g = self.guests.pop(d, None)
+        if g is None:
+            return
+        pid, conn, pidfd = g
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        conn.close()
+        os.close(pidfd)
+        self.guest_exits[d] = why
+
+    def _stop_guests(self) -> None:
+        for d in list(self.guests):
+            self._stop_guest(d, "machine reset")
 
     def _stop_dom0(self) -> None:
         if self.dom0 is None:
@@ -164,7 +250,49 @@ class Coordinator:
             self.logged.setdefault(rid, [0, now])[0] = n
 
     def _dom0_fds(self) -> list:
-        return [self.dom0[1].fileno(), self.dom0[2]] if self.dom0 else []
+        fds = [self.dom0[1].fileno(), self.dom0[2]] if self.dom0 else []
+        for _, conn, pidfd in self.guests.values():
+            fds += [conn.fileno(), pidfd]
+        return fds
+
+    def _service_guests(self, ready) -> None:
+        """Serve guests' requests (as their own domain only); end the process of a
+        crashed domain; a guest process that died on its own crashes its domain."""
+        for d, (pid, conn, pidfd) in list(self.guests.items()):
+            if pidfd in ready:
+                self.vmce.domain_crash(d, 4)
+                self._stop_guest(d, "process died")
+                continue
+            if not self.vmce.is_running(d):
+                self._stop_guest(d, "domain crashed")
+                continue
+            while conn.poll(0):
+                try:
+                    raw = conn.recv_bytes()
+                except (EOFError, OSError):
+                    break
+                self._hypercall(conn, raw, d)
+
+    def _deliver_vmce(self) -> None:
+        """Deliver pending vMCEs: HVM intack / PV bounce clears ``mce_pending``, and
+        the domain's kernel takes the #MC (a message to its process)."""
+        vc = self.R.X.load(self.R.L.vm.vmce_count)
+        if vc == self.vmce_seen:
+            return
+        self.vmce_seen = vc
+        for d in self.domids:
+            vcpus = [v for v in self.vmce.pending_vcpus(d) if self.vmce.ack_pending(d, v)]
+            if not vcpus:
+                continue
+            conn = self.dom0[1] if d == 0 and self.dom0 else \
+                self.guests[d][1] if d in self.guests else None
+            if conn is None or not self.vmce.is_running(d):
+                continue
+            try:
+                conn.send_bytes(msgpack.packb([PROTO, "vmce", {"vcpus": vcpus}]))
+            except OSError:
+                continue
+            self.delivered.append({"domid": d, "vcpus": vcpus, "t": time.monotonic_ns()})
 
     def _service(self, ready) -> None:
         """Serve Dom0's hypercalls; forward VIRQ_MCA; restart a dead Dom0."""
@@ -176,12 +304,16 @@ class Coordinator:
             # fetches from the head again, and its durable log dedups.
             conn.close()
             os.close(pidfd)
+            how = "unknown"
             try:
-                os.waitpid(pid, 0)
+                _, st = os.waitpid(pid, 0)
+                how = (f"signal {os.WTERMSIG(st)}" if os.WIFSIGNALED(st)
+                       else f"exit {os.WEXITSTATUS(st)}")
             except ChildProcessError:
                 pass
             self.dom0 = None
             self.dom0_restarts += 1
+            self.dom0_exits.append(how)
             self.dom0_hooks.pop("die_at", None)   # a fault hook fires once
             now = time.monotonic()
             self.dom0_deaths = [t for t in self.dom0_deaths if now - t < 1.0] + [now]
@@ -202,7 +334,8 @@ class Coordinator:
             self.virq_seen = vc
             conn.send_bytes(msgpack.packb([PROTO, "virq", {}]))
 
-    def _hypercall(self, conn, raw: bytes) -> None:
+    def _hypercall(self, conn, raw: bytes, domid: int = 0) -> None:
+        """One request from domain ``domid``'s channel."""
         from emu.xen.mctelem import CLASS_NAMES
         try:
             ver, cmd, args = msgpack.unpackb(raw, strict_map_key=False)
@@ -210,6 +343,19 @@ class Coordinator:
                 raise ValueError("bad message")
         except Exception:  # noqa: BLE001 - a malformed message is refused and counted
             self.refused += 1
+            return
+        if cmd == "ready":   # the process has dropped its view of the shared regions
+            self.ready_doms.add(domid)
+            return
+        if cmd in ("handled", "probe_result"):
+            pass
+        elif domid != 0 and cmd in ("fetch", "ack", "logged"):
+            # HYPERVISOR_mca is privileged (XSM): only the hardware domain may use it.
+            self.refused += 1
+            self.refused_by.setdefault(domid, []).append(cmd)
+            if cmd != "logged":
+                conn.send_bytes(msgpack.packb([False, {"type": "EPERM",
+                                                       "message": f"{cmd}: not privileged"}]))
             return
         if cmd in ("fetch", "ack"):
             cls = CLASS_NAMES.index(args.get("cls")) if args.get("cls") in CLASS_NAMES else None
@@ -242,15 +388,21 @@ class Coordinator:
             from emu.xen.vmce import GeneralProtection
             try:
                 if cmd == "rdmsr":
-                    v = self.vmce.vmce_rdmsr(0, int(args["vcpu"]), int(args["msr"]))
+                    v = self.vmce.vmce_rdmsr(domid, int(args["vcpu"]), int(args["msr"]))
                 else:
-                    self.vmce.vmce_wrmsr(0, int(args["vcpu"]), int(args["msr"]), int(args["value"]))
+                    self.vmce.vmce_wrmsr(domid, int(args["vcpu"]), int(args["msr"]),
+                                         int(args["value"]))
                     v = None
                 conn.send_bytes(msgpack.packb([True, v]))
             except GeneralProtection as gp:
                 conn.send_bytes(msgpack.packb([False, {"type": "GP", "message": str(gp)}]))
+            except (KeyError, TypeError, ValueError):
+                self.refused += 1
+                conn.send_bytes(msgpack.packb([False, {"type": "EINVAL", "message": cmd}]))
         elif cmd == "handled":
-            self.handled.append(args)
+            self.handled.append(dict(args, domid=domid, t=time.monotonic_ns()))
+        elif cmd == "probe_result":
+            self.probes[domid] = args
         else:
             self.refused += 1
 
@@ -272,12 +424,14 @@ class Coordinator:
 
     def warm_reset(self) -> dict:
         """Reset: every CPU restarts, Xen memory is lost, the banks are kept."""
+        self._stop_guests()
         self._stop_dom0()
         self._kill_cpus()
         self.banks.warm_reset()
         return self.boot()
 
     def shutdown(self) -> None:
+        self._stop_guests()
         self._stop_dom0()
         self._kill_cpus()
 
@@ -293,6 +447,8 @@ class Coordinator:
         except BlockingIOError:
             pass
         self._service(r)
+        self._service_guests(r)
+        self._deliver_vmce()
         self.last_ready = r
         return [c for c, fd in self.pidfds.items() if fd in r]
 
@@ -353,8 +509,8 @@ class Coordinator:
     def _inject(self, errs: list, local: bool):
         """Write validated errors into their banks (mce-inject's HOLD), then compute
         who gets the #MC and with which MCG_STATUS."""
-        written = []
-        for e in errs:
+        maddrs = []
+        for e in errs:   # translate every address before any bank is written
             addr = e.addr
             if e.domain is not None:
                 mfn = self.pages.gfn_to_mfn(e.domain, e.addr >> 12)
@@ -362,7 +518,9 @@ class Coordinator:
                     raise UsageError("error.addr", f"{e.addr:#x} is not a guest-physical address "
                                      f"of domain {e.domain}")
                 addr = mfn << 12 | (e.addr & 0xFFF)
-            written.append((e, addr, self.banks.hw_report(e.cpu, e.bank, e.status, addr, e.misc)))
+            maddrs.append(addr)
+        written = [(e, addr, self.banks.hw_report(e.cpu, e.bank, e.status, addr, e.misc))
+                   for e, addr in zip(errs, maddrs)]
         targets = [errs[0].cpu] if local or not self.cfg.mce_broadcast else list(range(self.n))
         dflt = msr.MCG_STATUS_MCIP | msr.MCG_STATUS_RIPV
         mcg = {c: dflt for c in targets}
@@ -390,6 +548,8 @@ class Coordinator:
         self.trial_gen += 1
         gen = first_gen = self.trial_gen
         self._reset_trial_state(gen)
+        self.handled.clear()
+        self.delivered.clear()
         errs, written, targets, mcg = self._inject(first, local)
         t0 = time.monotonic_ns()
         sd = deliver_mc(self.R, self.banks, targets, mcg, self.cpu_pids, self.pgid)
@@ -413,6 +573,9 @@ class Coordinator:
             self._wait(wait_targets, timeout_s or self.cfg.watchdog_s)
         res = self._collect(first_gen, errs, written, targets, t0, outcome, detail, local)
         wd = timeout_s or self.cfg.watchdog_s
+        # Guests handle their vMCE after Xen's part is over; a host reset ends them.
+        self._guest_results(res, t0, wd if outcome == "done" or res["outcome"] in (
+            "recovered", "continued") else 0)
         if outcome in ("reset", "shutdown", "hang", "cpu_died"):
             boot = self.warm_reset()
             res["resets"] = 1
@@ -434,9 +597,79 @@ class Coordinator:
             if not e["dom0_log"] and e["written"]:
                 e["lost"] = self._lost_reason(res, e)
         res["dom0_log_path"] = self.dom0_log_path
-        res["dom0"] = {"restarts": self.dom0_restarts, "refused": self.refused}
+        res["dom0"] = {"restarts": self.dom0_restarts, "exits": list(self.dom0_exits),
+                       "refused": self.refused}
         res["violations"] = check_trial(res, self.topo)
         return res
+
+    def _domain_alive(self, d: int) -> bool:
+        up = self.dom0 is not None if d == 0 else d in self.guests
+        return up and self.vmce.is_running(d)
+
+    def _guest_results(self, res: dict, t0: int, timeout_s: float) -> None:
+        """Wait (up to ``timeout_s``) for the kernels that got a vMCE in this trial to
+        report their handler, then fill each error's ``vmce`` and the latency."""
+        want = [e["vmce"] for e in res["errors"] if e.get("vmce")]
+
+        def reports(v):
+            return [h for h in self.handled
+                    if h["domid"] == v["domain"] and h["t"] >= t0 and h.get("vcpu") in v["vcpus"]]
+
+        def waiting():
+            return any({h["vcpu"] for h in reports(v)} < set(v["vcpus"])
+                       and self._domain_alive(v["domain"]) for v in want)
+        deadline = time.monotonic() + timeout_s
+        while want and waiting() and time.monotonic() < deadline:
+            self._poll(0.02)
+        t_done = []
+        for v in want:
+            rs = sorted(reports(v), key=lambda h: h["t"])
+            v["delivered"] = sorted({c for dl in self.delivered if dl["domid"] == v["domain"]
+                                     and dl["t"] >= t0 for c in dl["vcpus"]})
+            v["guest_handled"] = bool(v["vcpus"]) and {h["vcpu"] for h in rs} >= set(v["vcpus"])
+            # What the handler read on the vCPU that got the bank (vCPU0 on broadcast).
+            first = next((h for h in rs if h["read"].get("bank") is not None), rs[0] if rs else None)
+            v["guest_read"] = None if first is None else {
+                "vcpu": first["vcpu"], "bank": first["read"].get("bank"),
+                **{k: msr.hexs(first["read"].get(k) or 0)
+                   for k in ("mcg_status", "status", "addr", "misc")}}
+            v["guest_actions"] = [{"vcpu": h["vcpu"], "poisoned_pfn": h.get("poisoned_pfn"),
+                                   "killed": h.get("killed"), "cleared_mcip": h.get("cleared"),
+                                   "gp": h.get("gp") or []} for h in rs]
+            if v["guest_handled"]:
+                t_done.append(rs[-1]["t"])
+        res["latency_us"]["guest_handled"] = (round((max(t_done) - t0) / 1e3, 1)
+                                              if want and len(t_done) == len(want) else None)
+        res["domains"] = self._domains()
+
+    def _probe(self, args: dict) -> dict:
+        """Have guest ``domid``'s kernel make one access (see :func:`emu.guest._probe`)."""
+        d = args.get("domid")
+        if d not in self.guests:
+            raise UsageError("domid", f"{d!r}: no running guest with that id; guests: "
+                             f"{', '.join(map(str, sorted(self.guests))) or 'none'}")
+        req = {k: v for k, v in args.items() if k != "domid"}
+        self.probes.pop(d, None)
+        self.guests[d][1].send_bytes(msgpack.packb([PROTO, "probe", req]))
+        deadline = time.monotonic() + 10.0
+        while d not in self.probes and d in self.guests and time.monotonic() < deadline:
+            self._poll(0.02)
+        if d not in self.probes:
+            raise EmulatorInternalError(f"guest {d} did not answer the probe")
+        out = self.probes.pop(d)
+        out["refused"] = self.refused
+        return out
+
+    def _domains(self) -> list[dict]:
+        out = self.vmce.domains()
+        for d in out:
+            up = self.dom0 is not None if d["domid"] == 0 else d["domid"] in self.guests
+            d["process"] = "running" if up else "ended"
+            if d["domid"] in self.guest_exits:
+                d["process_end"] = self.guest_exits[d["domid"]]
+            if d["domid"]:
+                d["log"] = self.guest_log_path(d["domid"])
+        return out
 
     def _await_logged(self, rids: set, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -545,7 +778,7 @@ class Coordinator:
                               "handler_exit": lat(L.P_T_EXIT),
                               "softirq_done": lat(L.P_T_SOFTIRQ)},
                "telemetry": {"free": self.tele.free_count(), "drops": self.tele.drops()},
-               "domains": self.vmce.domains()}
+               "domains": self._domains()}
         res.update({k: v for k, v in detail.items()})
         return res
 
@@ -587,10 +820,17 @@ class Coordinator:
         if cmd == "reset":
             return self.warm_reset()
         if cmd == "snapshot":
-            return {"cpus": self._snapshot(), "pids": self.cpu_pids}
+            return {"cpus": self._snapshot(), "pids": self.cpu_pids,
+                    "dom_pids": ({0: self.dom0[0]} if self.dom0 else {})
+                    | {d: g[0] for d, g in self.guests.items()}}
+        if cmd == "domains":
+            self._poll(0)
+            return self._domains()
         if cmd == "hooks":
             self.hooks.update(args)
             return None
+        if cmd == "probe":
+            return self._probe(args)
         if cmd == "banks":
             return [[self.banks.read(c, b, r) for r in range(5)] for c in range(self.n)
                     for b in range(self.topo.nbanks)]

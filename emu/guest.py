@@ -17,9 +17,12 @@ Channel protocol (msgpack arrays over ``send_bytes``/``recv_bytes``):
 
 * requests: ``[1, "rdmsr", {"vcpu", "msr"}]`` → ``[True, value]`` or
   ``[False, {"type": "GP", "message"}]``; ``[1, "wrmsr", {"vcpu", "msr", "value"}]`` →
-  ``[True, None]`` or GP; ``[1, "handled", report]`` (no reply).
+  ``[True, None]`` or GP; ``[1, "handled", report]`` (no reply);
+  ``[1, "probe_result", {...}]`` (no reply) answers a ``probe`` notification.
 * notifications, at any time (also while a reply is awaited, when :class:`Channel`
-  sets them aside): ``[1, "vmce", {"vcpus": [...]}]``, ``[1, "quit", {}]``; Dom0 also
+  sets them aside): ``[1, "vmce", {"vcpus": [...]}]``, ``[1, "quit", {}]``,
+  ``[1, "probe", {"op": "rdmsr"|"wrmsr"|"call", ...}]`` (one access made on behalf of
+  a test or an operator, answered with ``probe_result``); Dom0 also
   gets ``virq``/``pause``/``resume`` (see :mod:`emu.dom0`).
 
 Not modelled: a guest kernel's rendezvous of its vCPUs (each listed vCPU runs the
@@ -41,7 +44,7 @@ from emu.hw import msr
 PROTO = 1
 GUEST_LOG_SCHEMA = "emu.guestlog/1"
 REPLY_TIMEOUT_S = 30.0
-NOTIFICATIONS = frozenset({"virq", "vmce", "quit", "pause", "resume"})
+NOTIFICATIONS = frozenset({"virq", "vmce", "quit", "pause", "resume", "probe"})
 
 
 class ChannelClosed(Exception):
@@ -203,6 +206,17 @@ class GuestKernel:
                 raise GuestGP("wrmsr", vcpu, msr_no, value, _gp_message(err))
             raise ChannelError(f"wrmsr {msr_no:#x} refused: {_gp_message(err)}")
 
+    def probe(self, args: dict) -> dict:
+        """Run one access on behalf of a test or an operator (``emu`` probes):
+        ``{"op": "rdmsr"|"wrmsr"|"call", ...}``; the result goes back as
+        ``probe_result`` and into the guest log."""
+        out = _probe(self, args if isinstance(args, dict) else {})
+        out["probe"] = args
+        self._append_log({"schema": GUEST_LOG_SCHEMA, "domid": self.domid, "t": time.time(),
+                          "probe": out})
+        self.ch.send("probe_result", out)
+        return out
+
     def attempt_write(self, vcpu: int, msr_no: int, value: int) -> None:
         """A bare WRMSR from guest code; raises :class:`GuestGP` if the trap refuses it."""
         self.wrmsr(vcpu, msr_no, value)
@@ -312,6 +326,27 @@ class GuestKernel:
         return report
 
 
+def _probe(kernel: "GuestKernel", args: dict) -> dict:
+    op = args.get("op")
+    try:
+        if op == "rdmsr":
+            return {"ok": True, "value": kernel.rdmsr(int(args["vcpu"]), int(args["msr"]))}
+        if op == "wrmsr":
+            kernel.attempt_write(int(args["vcpu"]), int(args["msr"]), int(args["value"]))
+            return {"ok": True}
+        if op == "call":   # a raw request, as buggy or hostile guest code could send
+            if args["cmd"] in ("logged", "handled"):   # one-way messages: no reply comes
+                kernel.ch.send(str(args["cmd"]), args.get("args") or {})
+                return {"ok": True, "sent": True}
+            ok, value = kernel.ch.request(str(args["cmd"]), args.get("args") or {})
+            return {"ok": bool(ok), "value": value}
+    except GuestGP as gp:
+        return {"ok": False, "gp": gp.as_dict()}
+    except (KeyError, TypeError, ValueError) as exc:
+        return {"ok": False, "error": f"bad probe: {exc}"}
+    return {"ok": False, "error": f"unknown probe op {op!r}"}
+
+
 def guest_main(domid: int, conn, log_path, hooks: dict | None = None) -> int:
     """Body of a guest process: serve vMCEs until ``quit`` (or the channel closes).
 
@@ -335,6 +370,8 @@ def guest_main(domid: int, conn, log_path, hooks: dict | None = None) -> int:
             if name == "vmce" and not hooks.get("ignore_vmce"):
                 for v in _vcpu_list(args):
                     kernel.machine_check(v)
+            elif name == "probe":
+                kernel.probe(args)
             # virq / pause / resume mean nothing to a guest
     except ChannelClosed:
         return kernel.ch.rejected

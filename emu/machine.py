@@ -122,6 +122,17 @@ class Machine:
         """Test hooks for CPUs booted from now on (e.g. ``softirq_stall_s``)."""
         self._call("hooks", hooks)
 
+    def guest_probe(self, domid: int, op: str, **kw) -> dict:
+        """Have guest ``domid``'s kernel make one access through its channel:
+        ``op="rdmsr", vcpu=, msr=`` / ``op="wrmsr", vcpu=, msr=, value=`` (a #GP comes
+        back as ``{"ok": False, "gp": {...}}``) / ``op="call", cmd=, args=`` (a raw
+        hypercall, e.g. a privileged one a guest may not make)."""
+        return self._call("probe", dict(kw, domid=domid, op=op))
+
+    def domains(self) -> list[dict]:
+        """Domains with their state and whether their process runs."""
+        return self._call("domains", {})
+
     @property
     def cpu_pids(self) -> dict[int, int]:
         return {int(k): v for k, v in self.snapshot()["pids"].items()}

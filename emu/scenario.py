@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from emu.errors import UsageError
 from emu.hw import msr
+from emu.xen.page_alloc import DOM_PAGES
 
 KEYS = ("cpu", "bank", "status", "addr", "misc", "mcg", "domain")
 REQUIRED = ("cpu", "bank", "status")
@@ -93,6 +94,9 @@ def validate_errors(specs, ncpus: int, nbanks: int, domids=None) -> list[ErrorSp
         if "domain" in d and domids is not None and d["domain"] not in domids:
             raise UsageError(f"{where}.domain", f"domain {d['domain']} does not exist; "
                              f"domains are {', '.join(map(str, domids))}")
+        if "domain" in d and d.get("addr", 0) >> 12 >= DOM_PAGES:
+            raise UsageError(f"{where}.addr", f"{d['addr']:#x} is beyond the domain's memory; "
+                             f"a guest-physical address is below {DOM_PAGES << 12:#x}")
         errs.append(ErrorSpec(**d))
     if not errs:
         raise UsageError("error", "no error given")

@@ -232,7 +232,7 @@ def test_dom0_killed_mid_log_still_logs_exactly_once(emu_machine, tmp_path, die_
     rs = [m.inject(f"cpu={i} bank=8 status=0xBD000000004000CF addr={0x190000 + i * 0x1000:#x} "
                    "misc=0x86 mcg=0x5") for i in range(3)]
     assert all(r["outcome"] == "recovered" for r in rs)
-    assert rs[-1]["dom0"]["restarts"] == 1
+    assert rs[-1]["dom0"]["restarts"] == 1, rs[-1]["dom0"]
     for r in rs:
         assert [d["count"] for d in r["errors"][0]["dom0_log"]] == [1], r["errors"][0]
     m.close()

@@ -57,9 +57,12 @@ def fork_child(body) -> int:
         child_signals()
         body()
     except BaseException:  # noqa: BLE001
+        code = 70   # first: printing may fail too (e.g. a closed stderr)
         import traceback
-        traceback.print_exc()
-        code = 70
+        try:
+            traceback.print_exc()
+        except BaseException:  # noqa: BLE001
+            pass
     finally:
         os._exit(code)
 

@@ -55,6 +55,9 @@ def parse_scopes(s: str, nbanks: int) -> tuple[str, ...]:
     return tuple(scopes)
 
 
+VMCE_POLICIES = ("owner", "dom0")
+
+
 @dataclass
 class MachineConfig:
     """Everything that defines a machine. Validated by :meth:`validate`."""
@@ -72,6 +75,9 @@ class MachineConfig:
     atomic_backend: str | None = None
     memory_pages: int = 16384     # 64 MiB of 4 KiB machine pages
     mce_broadcast: bool = True
+    guests: int = 1               # HVM guests besides Dom0 (domids 1..guests)
+    guest_vcpus: int = 2
+    vmce_policy: str = "owner"    # owner: vMCE to the impacted domain; dom0: to Dom0 only
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "MachineConfig":
@@ -89,7 +95,22 @@ class MachineConfig:
             raise UsageError("chaos", f"{self.chaos!r}: give a probability in [0, 1]")
         if not 1024 <= self.memory_pages <= 1 << 22:
             raise UsageError("memory-pages", f"{self.memory_pages!r}: give 1024..4194304 pages")
+        from emu.xen.page_alloc import DOM_BASE, DOM_PAGES
+        from emu.xen.vmce import MAX_DOMS, MAX_VCPUS
+        room = min(MAX_DOMS, (self.memory_pages - DOM_BASE) // DOM_PAGES) - 1
+        if not isinstance(self.guests, int) or not 0 <= self.guests <= room:
+            raise UsageError("guests", f"{self.guests!r}: give 0..{room} guests (each owns "
+                             f"{DOM_PAGES} pages; raise --memory-pages for more)")
+        if not isinstance(self.guest_vcpus, int) or not 1 <= self.guest_vcpus <= MAX_VCPUS:
+            raise UsageError("guest-vcpus", f"{self.guest_vcpus!r}: give 1..{MAX_VCPUS}")
+        if self.vmce_policy not in VMCE_POLICIES:
+            raise UsageError("vmce-policy", f"{self.vmce_policy!r}: choose owner or dom0")
         return self
+
+    @property
+    def domids(self) -> list[int]:
+        """Dom0 first, then the guests."""
+        return list(range(self.guests + 1))
 
     @property
     def mcg_cap(self) -> int:

@@ -7,6 +7,8 @@ Xen heap or anonymous → the preset stays), and for an owned page
 ``unmmap_broken_page``, the vCPU choice (broadcast unless a vLMCE applies), the
 guest-physical rewrite of MCi_ADDR, ``fill_vmsr_data``, ``inject_vmce``, and on
 failure ``domain_crash`` with the preset kept (SRAO → CONTINUE, SRAR → RESET).
+Policy ``owner`` (Xen since 2009-06) injects into the impacted domain; ``dom0`` (the
+seed's interim, 2009-03) into the hardware domain with the machine address.
 
 Not modelled: DOMID_COW pages, PV vMCE trap-callback registration (Dom0's handler
 is always registered here).
@@ -17,6 +19,7 @@ from emu.hw import msr
 from emu.xen import severity as sev
 from emu.xen.page_alloc import (DOMID_XEN, PG_OFFLINE_AGAIN, PG_OFFLINE_OFFLINED,
                                 PG_OFFLINE_OWNED, PG_OFFLINE_OWNER_SHIFT, PG_OFFLINE_PENDING,
+                                PG_OFFLINE_XENPAGE,
                                 offline_status_names)
 from emu.xen.vmce import VMCE_INJECT_BROADCAST
 
@@ -28,6 +31,7 @@ class McAction:
         self.xc = xc
         self.pages = xc.pages
         self.vmce = xc.vmce
+        self.policy = xc.cfg.vmce_policy
 
     def mc_memerr_dhandler(self, rec: dict, b: list, preset: int) -> tuple[int, dict]:
         """Returns (result, info); ``b`` (the bank record) may be rewritten in place."""
@@ -41,6 +45,10 @@ class McAction:
         ret, st, crash = self.pages.offline_page(mfn, True)
         info.update(mfn=mfn, offline_ret=ret, offline_status=st,
                     offline=offline_status_names(st))
+        if st & PG_OFFLINE_XENPAGE:
+            info["impacted_domain"] = DOMID_XEN   # for the result; Xen leaves mc_domid
+        elif st & PG_OFFLINE_OWNED or st & PG_OFFLINE_AGAIN and crash >= 0:
+            info["impacted_domain"] = crash if crash >= 0 else (st >> PG_OFFLINE_OWNER_SHIFT) & 0xFFFF
         if crash >= 0:
             self.vmce.domain_crash(crash, 3)
             info["crashed"] = crash
@@ -68,22 +76,26 @@ class McAction:
             info["note"] = f"Unmap broken memory {mfn:#x} for DOM{d} failed"
             return self._failed(d, preset, info)
         g = rec["g"]
+        # Policy "dom0" is the seed's interim behaviour (the 2009 code): the vMCE goes
+        # to the hardware domain, which sees machine addresses, whoever owns the page.
+        t = d if self.policy == "owner" else 0
         vcpu = VMCE_INJECT_BROADCAST
-        if g["mc_vcpuid"] < 0xFFFF and g["mc_domid"] == d and g["mc_gstatus"] & msr.MCG_STATUS_LMCE:
-            k = vm.slot(d)
+        if g["mc_vcpuid"] < 0xFFFF and g["mc_domid"] == t and g["mc_gstatus"] & msr.MCG_STATUS_LMCE:
+            k = vm.slot(t)
             if k is not None and vm.vget(k, g["mc_vcpuid"], 4) & 1:   # guest LMCE_EN
                 vcpu = g["mc_vcpuid"]
-        gfn = self.pages.get(mfn)[2]
-        b[2] = gfn << 12 | (b[2] & 0xFFF)
-        bank = {"status": b[1], "addr": b[2], "misc": b[3], "domid": d}
-        if vm.fill_vmsr_data(bank, d, g["mc_gstatus"], vcpu) != 0:
-            info["note"] = f"Fill vMCE# data for DOM{d} failed"
-            return self._failed(d, preset, info)
-        ret, kicked = vm.inject_vmce(d, vcpu)
+        if t == d:
+            gfn = self.pages.get(mfn)[2]
+            b[2] = gfn << 12 | (b[2] & 0xFFF)
+        bank = {"status": b[1], "addr": b[2], "misc": b[3], "domid": t}
+        if vm.fill_vmsr_data(bank, t, g["mc_gstatus"], vcpu) != 0:
+            info["note"] = f"Fill vMCE# data for DOM{t} failed"
+            return self._failed(t, preset, info)
+        ret, kicked = vm.inject_vmce(t, vcpu)
         if ret != 0:
-            info["note"] = f"inject vMCE to DOM{d} failed"
-            return self._failed(d, preset, info)
-        info["vmce"] = {"domain": d, "vcpus": kicked, "gaddr": b[2],
+            info["note"] = f"inject vMCE to DOM{t} failed"
+            return self._failed(t, preset, info)
+        info["vmce"] = {"domain": t, "vcpus": kicked, "gaddr": b[2],
                         "broadcast": vcpu == VMCE_INJECT_BROADCAST}
         return sev.MCER_RECOVERED, info
 
