@@ -624,6 +624,8 @@ class Coordinator:
         t_done = []
         for v in want:
             rs = sorted(reports(v), key=lambda h: h["t"])
+            if isinstance(v.get("gaddr"), int):
+                v["gaddr"] = msr.hexs(v["gaddr"])
             v["delivered"] = sorted({c for dl in self.delivered if dl["domid"] == v["domain"]
                                      and dl["t"] >= t0 for c in dl["vcpus"]})
             v["guest_handled"] = bool(v["vcpus"]) and {h["vcpu"] for h in rs} >= set(v["vcpus"])
@@ -633,7 +635,10 @@ class Coordinator:
                 "vcpu": first["vcpu"], "bank": first["read"].get("bank"),
                 **{k: msr.hexs(first["read"].get(k) or 0)
                    for k in ("mcg_status", "status", "addr", "misc")}}
-            v["guest_actions"] = [{"vcpu": h["vcpu"], "poisoned_pfn": h.get("poisoned_pfn"),
+            v["guest_actions"] = [{"vcpu": h["vcpu"],
+                                   "mcg_status": msr.hexs(h["read"].get("mcg_status") or 0),
+                                   "banks": len(h.get("banks") or []),
+                                   "poisoned_pfn": h.get("poisoned_pfn"),
                                    "killed": h.get("killed"), "cleared_mcip": h.get("cleared"),
                                    "gp": h.get("gp") or []} for h in rs]
             if v["guest_handled"]:

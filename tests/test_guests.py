@@ -62,6 +62,8 @@ def test_xen_srao_case_on_a_domain_page_reaches_its_own_handler(emu_machine, kin
     # the other vCPU got MCIP|RIPV and an empty bank, and cleared MCIP too
     assert all(a["cleared_mcip"] for a in v["guest_actions"])
     assert [a["poisoned_pfn"] for a in v["guest_actions"]] == [gpa >> 12, None]
+    assert [(a["vcpu"], a["mcg_status"], a["banks"]) for a in v["guest_actions"]] == [
+        (0, msr.hexs(0x5), 1), (1, msr.hexs(0x5), 0)]   # vCPU1: MCIP|RIPV, empty bank
     assert r["latency_us"]["guest_handled"] > 0
     assert [d["count"] for d in e["dom0_log"]] == [1]    # and Dom0's mcelog has it once
     klog = r["dom0_log_path"] + ".kernel" if target == 0 else _domain(r, target)["log"]
