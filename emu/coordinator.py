@@ -777,7 +777,7 @@ class Coordinator:
                          "softirq_worker": bool(X.load(L.pc(c, L.P_SIRQ_ROLE)))})
         res = {"schema": SCHEMA, "trial": gen, "outcome": outcome, "resets": 0,
                "handler": self.cfg.handler, "seed": self.cfg.seed, "topology": self.cfg.topology,
-               "local": local, "targets": targets, "errors": errors_out, "boot_log": [],
+               "local": local, "targets": targets, "vmce_policy": self.cfg.vmce_policy, "errors": errors_out, "boot_log": [],
                "cpus": cpus,
                "latency_us": {"all_entered": lat(L.P_T_ENTER), "logout_done": lat(L.P_T_LOGOUT),
                               "handler_exit": lat(L.P_T_EXIT),

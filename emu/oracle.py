@@ -33,6 +33,19 @@ def check_trial(res: dict, topo) -> list[str]:
                         if topo.inst[b["cpu"]][b["bank"]] == topo.inst[e["cpu"]][e["bank"]])
                 if n != 1:
                     v.append(f"{tag}: logged {n} times by boot-time logout (expected once)")
+        vm = e.get("vmce")
+        if vm and completed:
+            # §6: the owner (policy owner) or the hardware domain (policy dom0) gets it
+            want = 0 if res.get("vmce_policy") == "dom0" else e.get("impacted_domain")
+            if vm["domain"] != want:
+                v.append(f"{tag}: vMCE went to DOM{vm['domain']}, expected DOM{want}")
+            gr = vm.get("guest_read")
+            if gr and gr.get("bank") is not None:
+                if int(gr["status"], 16) & 0xFFFF0000:
+                    v.append(f"{tag}: the guest read STATUS {gr['status']} with MSCOD set")
+                if int(gr["addr"], 16) != int(vm["gaddr"], 16):
+                    v.append(f"{tag}: the guest read ADDR {gr['addr']}, Xen filled "
+                             f"{vm['gaddr']}")
     if completed:
         for c in res["cpus"]:
             if c["mcip_after"]:

@@ -261,3 +261,22 @@ def test_errors_name_a_domain_address(emu_machine):
         m.inject(_err(SRAO_MEM_ERR[0], 0x2000000, 1))
     assert ei.value.field == "error[0].addr"
     assert m.inject(SRAO_MEM)["outcome"] == "recovered"   # the machine is unharmed
+
+
+def test_oracle_flags_a_vmce_to_the_wrong_domain_or_with_mscod():
+    from emu.hw.platform import MachineConfig, Topology
+    from emu.oracle import check_trial
+    topo = Topology(MachineConfig().validate())
+    e = {"cpu": 0, "bank": 8, "written": True, "class": "srao", "clearable": True,
+         "owners": [1], "cleared": True, "sharers": [0, 1, 2, 3], "impacted_domain": 1,
+         "vmce": {"domain": 1, "gaddr": "0x180020",
+                  "guest_read": {"bank": 1, "status": "0xBD000000000000CF", "addr": "0x180020"}}}
+    res = {"outcome": "recovered", "errors": [e], "targets": [0, 1, 2, 3], "boot_log": [],
+           "cpus": [], "vmce_policy": "owner"}
+    assert check_trial(res, topo) == []
+    e["vmce"]["guest_read"]["status"] = "0xBD000000004000CF"
+    e["vmce"]["domain"] = 0
+    found = check_trial(res, topo)
+    assert any("MSCOD" in f for f in found) and any("expected DOM1" in f for f in found)
+    res["vmce_policy"] = "dom0"
+    assert not any("expected DOM" in f for f in check_trial(res, topo))
