@@ -64,6 +64,7 @@ class Coordinator:
             tempfile.gettempdir(), "emu-runs", time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
         os.makedirs(self.log_dir, exist_ok=True)
         self.dom0_log_path = os.path.join(self.log_dir, "dom0.jsonl")
+        self.boots = self._last_boot_in_log()
         self.dom0_hooks = dict(cfg.extra.get("dom0_hooks", {}))
         # Paused by the operator (the hook or dom0_pause): kept across Dom0 restarts
         # and warm resets until resumed, like a stopped mcelog daemon.
@@ -173,6 +174,24 @@ class Coordinator:
             self._acked_unlogged.discard(rid)
             self._rid_origin.pop(rid, None)
 
+    def _last_boot_in_log(self) -> int:
+        """Record ids are boot<<32 | seq, and Dom0 takes an id already in its log for
+        one it wrote before a crash (acked, not written again). A machine appending
+        to an existing log (a reused log_dir) so continues that log's boot numbering,
+        or its records would be acked as logged and never written."""
+        import json
+        last = 0
+        try:
+            with open(self.dom0_log_path, "rb") as f:
+                for raw in f:
+                    try:
+                        last = max(last, int(json.loads(raw)["id"]) >> 32)
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        except FileNotFoundError:
+            pass
+        return last
+
     def _dom0_fds(self) -> list:
         return [self.dom0[1].fileno(), self.dom0[2]] if self.dom0 else []
 
@@ -278,6 +297,7 @@ class Coordinator:
         op = args.get("op") if isinstance(args, dict) else None
         if op not in self.DOM0_OPS:
             raise UsageError("dom0.op", f"{op!r}: use one of {', '.join(self.DOM0_OPS)}")
+        self._poll(0)   # a Dom0 death or message already pending counts in the answer
         if op == "pause":
             self._dom0_pause()
         elif op == "resume":
@@ -322,7 +342,7 @@ class Coordinator:
         held = self.tele.in_use()
         by_state = {k: sorted(h["id"] for h in held if h["state"] == k)
                     for k in ("uncommitted", "committed", "processing")}
-        return {"paused": self.dom0_paused, "running": self.dom0 is not None,
+        return {"paused": self.dom0_paused, "pid": self.dom0[0] if self.dom0 else None,
                 "restarts": self.dom0_restarts, "refused": self.refused,
                 "logged": sum(1 for v in self.logged.values() if v[0] > 0),
                 "logged_more_than_once": sorted(r for r, v in self.logged.items() if v[0] > 1),
