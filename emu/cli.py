@@ -43,10 +43,15 @@ def _print_trial(res: dict, out) -> None:
             po = e["page_offline"]
             line += f", page {po['mfn']:#x} {'|'.join(po['status']) or po['ret']}"
         print(line, file=out)
+        if e.get("lost"):
+            print(f"    no Dom0 record: {e['lost']}", file=out)
     if res.get("panic"):
         print(f"  panic: {res['panic']}", file=out)
     for b in res["boot_log"]:
         print(f"  boot-time logout: cpu{b['cpu']} bank{b['bank']} {b['status']}", file=out)
+    for x in res.get("lost_at_reset", []):
+        print(f"  lost at reset: record {x['record_id']:#x} (trial {x['trial']}, cpu{x['cpu']} "
+              f"bank{x['bank']} {x['status']}): {x['reason']}", file=out)
     print(f"  Dom0 log: {res.get('dom0_log_path')}", file=out)
     lat = res["latency_us"]
     print("  latency µs: " + ", ".join(f"{k} {v}" for k, v in lat.items() if v is not None), file=out)

@@ -618,7 +618,8 @@ class Coordinator:
         if any(h["id"] not in self.logged for h in held) or self._acked_unlogged:
             self._reconcile_logged()   # a killed Dom0 may have written more than it said
         out = []
-        why = {"uncommitted": "still deferred to the softirq (not committed)",
+        why = {"uncommitted": "reserved in #MC, not committed (its deferred action had not "
+                              "completed)",
                "committed": ("committed, not yet fetched by Dom0"
                              + (" (Dom0 paused)" if self.dom0_paused else "")),
                "processing": "fetched by Dom0 but not yet in its log"}
