@@ -229,7 +229,19 @@ class Coordinator:
         vc = self.R.X.load(self.R.L.vm.virq_count)
         if vc != self.virq_seen:
             self.virq_seen = vc
-            conn.send_bytes(msgpack.packb([PROTO, "virq", {}]))
+            self._notify_dom0("virq")
+
+    def _notify_dom0(self, name: str) -> bool:
+        """Send a notification; False if Dom0 is not there to get it. One that died
+        just now is reaped and restarted at the next poll (its pidfd says so), and a
+        restarted Dom0 drains and knows whether it is paused anyway."""
+        if self.dom0 is None:
+            return False
+        try:
+            self.dom0[1].send_bytes(msgpack.packb([PROTO, name, {}]))
+            return True
+        except OSError:
+            return False
 
     def _hypercall(self, conn, raw: bytes) -> None:
         from emu.xen.mctelem import CLASS_NAMES
@@ -302,9 +314,7 @@ class Coordinator:
             self._dom0_pause()
         elif op == "resume":
             self.dom0_paused = False
-            if self.dom0 is not None:
-                # Dom0 drains on resume: VIRQs it ignored while paused are not lost.
-                self.dom0[1].send_bytes(msgpack.packb([PROTO, "resume", {}]))
+            self._notify_dom0("resume")   # Dom0 drains on resume: no VIRQ is lost
         elif op == "drain":
             t = args.get("timeout_s", 10.0)
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 3600:
@@ -320,11 +330,10 @@ class Coordinator:
         """Pause Dom0's logger and wait until it confirms: from then on it fetches
         nothing, so what stays in Xen's pool is deterministic."""
         self.dom0_paused = True
-        if self.dom0 is None:
-            return
         self._pause_acked = False
+        if not self._notify_dom0("pause"):
+            return
         pid = self.dom0[0]
-        self.dom0[1].send_bytes(msgpack.packb([PROTO, "pause", {}]))
         deadline = time.monotonic() + self.PAUSE_ACK_S
         # A Dom0 that dies meanwhile is restarted paused: that is a pause too.
         while not self._pause_acked and self.dom0 is not None and self.dom0[0] == pid:
@@ -603,7 +612,7 @@ class Coordinator:
         lost at a later reset can be named (pruned to what the pool still holds)."""
         for c, ents in logouts.items():
             for x in ents:
-                if x["record_id"]:
+                if x["record_id"] and x["record_id"] not in self.logged:
                     o = self._rid_origin.setdefault(
                         x["record_id"], {"trial": trial, "cpu": c, "source": "mce", "banks": []})
                     o["banks"].append((x["bank"], x["status"]))
@@ -708,9 +717,10 @@ class Coordinator:
                 if "note" in info:
                     item["note"] = info["note"]
             # Records Xen committed for this error (Dom0 should log each once):
-            # deferred ones whose action was not NOERROR, and corrected ones,
-            # which the handler commits at once.
-            item["_rids"] = sorted({a["record_id"] for a in acts if a["result"] != sev.MCER_NOERROR}
+            # deferred ones whose action was neither NOERROR (dismissed) nor RESET
+            # (mc_panic before the commit), and corrected ones, committed at once.
+            item["_rids"] = sorted({a["record_id"] for a in acts
+                                    if a["result"] not in (sev.MCER_NOERROR, sev.MCER_RESET)}
                                    | {x["record_id"] for x in logged if x["record_id"]
                                       and not x["status"] & msr.MCi_STATUS_UC})
             item["_recs"] = sorted({x["record_id"] for x in logged})

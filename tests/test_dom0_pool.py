@@ -166,3 +166,25 @@ def test_machines_sharing_a_log_dir_do_not_reuse_record_ids(emu_machine, tmp_pat
     assert [x["id"] for x in lines] == ids
     assert [x["banks"][0]["addr"] for x in lines] == [f"0x{0x1C0 << 12:016X}",
                                                       f"0x{0x1C1 << 12:016X}"]
+
+
+def test_records_of_a_trial_that_resets_in_its_softirq_are_lost_with_a_reason(emu_machine):
+    # An SRAO and an SRAR with an unknown code in one #MC: the softirq worker replays
+    # the CPUs' lists in turn; the SRAR's deferred action panics before any commit
+    # of its own record, and the SRAO's record is committed or not depending on order.
+    m = emu_machine()
+    m.dom0_pause()      # else Dom0's start-up drain might fetch between commit and panic
+    r = m.inject([srao(0, 0x1D0),
+                  "cpu=2 bank=1 status=0xBD8000000000009F addr=0x185000 misc=0x86 mcg=0x7"])
+    assert r["outcome"] == "reset" and r["panic"] == "MCE: Software recovery failed for the UCR"
+    by_bank = {x["bank"]: x for x in r["lost_at_reset"]}
+    assert sorted(by_bank) == [1, 8] and {x["trial"] for x in by_bank.values()} == {r["trial"]}
+    assert by_bank[1]["state"] == "uncommitted"      # RESET: mc_panic, never committed
+    for e in r["errors"]:
+        x = by_bank[e["bank"]]
+        assert e["lost"] == x["reason"] and "reset" in x["reason"], e
+        assert all(d["count"] == 0 and "lost" in d for d in e["dom0_log"]), e
+        # the SRAO's record is in dom0_log only if its deferred action committed it
+        assert x["state"] == ("committed" if e["action"] == "recovered" else "uncommitted")
+        assert len(e["dom0_log"]) == (x["state"] == "committed")
+    assert r["latency_us"]["dom0_logged"] is None
