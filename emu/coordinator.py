@@ -642,13 +642,13 @@ class Coordinator:
                 o = {"trial": None, "cpu": h["cpu"],
                      "source": "boot" if rec.get("who") == 4 else "mce",
                      "banks": [(b[0], b[1]) for b in rec.get("b") or []]}
-            reason = (f"{why[h['state']]} when the host reset ({cause}); the telemetry pool "
-                      "is Xen memory and does not survive a reset, as Xen would lose it")
+            reason = (f"{why[h['state']]} when the host reset ({cause}): the telemetry pool "
+                      "is in Xen memory, which the reset wiped (as on real Xen)")
             for bank, status in o["banks"] or [(None, None)]:
                 out.append({"trial": o["trial"], "cpu": o["cpu"], "bank": bank,
                             "status": msr.hexs(status) if status is not None else None,
                             "record_id": rid, "source": o["source"], "state": h["state"],
-                            "class": h["cls"], "reason": reason})
+                            "telemetry_class": h["cls"], "reason": reason})
         self.lost_total += len({x["record_id"] for x in out})
         self._rid_origin.clear()
         self._acked_unlogged.clear()
@@ -724,6 +724,8 @@ class Coordinator:
                                    | {x["record_id"] for x in logged if x["record_id"]
                                       and not x["status"] & msr.MCi_STATUS_UC})
             item["_recs"] = sorted({x["record_id"] for x in logged})
+            if 0 in item["_recs"]:   # mctelem_reserve failed on these CPUs (drops)
+                item["no_record_cpus"] = sorted({x["cpu"] for x in logged if not x["record_id"]})
             errors_out.append(item)
 
         def lat(word):

@@ -45,6 +45,7 @@ def test_pool_runs_dry_while_dom0_is_paused_then_drains_each_record_once(emu_mac
             assert e["page_offline"]["mfn"] == 0x181 + k
             [d] = e["dom0_log"]
             assert d["count"] == 0 and "paused" in d["pending"] and "lost" not in e, (k, d)
+            assert "no_record_cpus" not in e
             assert r["telemetry"] == {"free": NENT - 1 - k, "drops": 0}
             assert r["latency_us"]["dom0_logged"] is None
             ids.append(d["id"])
@@ -52,6 +53,7 @@ def test_pool_runs_dry_while_dom0_is_paused_then_drains_each_record_once(emu_mac
             # mctelem_reserve failed: no record, so nothing deferred, no page offline.
             assert r["telemetry"] == {"free": 0, "drops": k - NENT + 1}, (k, r["telemetry"])
             assert e["owners"] and e["cleared"]          # the bank was still cleared
+            assert e["no_record_cpus"] == e["owners"]
             assert e["action"] is None and "page_offline" not in e, (k, e)
             assert r["outcome"] == "continued"
             assert e["dom0_log"] == [] and "pool exhausted" in e["lost"], (k, e)
