@@ -4,7 +4,10 @@
     python bench/latency.py [--cpus 4,16,64] [--injections 1000] [--json]
 
 Same as ``emu bench``. Prints medians and p99 by CPU count and, measured in the
-same run, the floor: the one-way futex wake-up of a sleeping process.
+same run, the floor: the one-way futex wake-up of a sleeping process. Beside them,
+injection -> the record is in Dom0's log (``dom0_logged_p50_us``/``_p99_us``, fsync'd),
+and the same from a second run with Dom0's fsync off (``dom0_logged_nofsync_*``, with
+that run's ``handler_exit_nofsync_*``).
 """
 import argparse
 import sys

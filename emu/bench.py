@@ -2,15 +2,20 @@
 
 For each CPU count: boot a machine, inject ``n`` broadcast SRAO errors into a
 package-scoped bank, and record injection → every CPU has left the #MC handler
-(``latency_us.handler_exit``), plus the later phases. Just before each CPU count,
-the floor: the one-way wake-up of a process sleeping in FUTEX_WAIT by another process.
-Reports medians and p99, and ratios to the floor; boot time; USS per CPU process.
+(``latency_us.handler_exit``), plus the later phases, and injection → the record is
+in Dom0's log (``latency_us.dom0_logged``: fetched, written, fsync'd, acked). Then
+the same again with Dom0's fsync off (``dom0_logged_nofsync_*``, with the handler
+exit of that run beside it). Just before each CPU count, the floor: the one-way
+wake-up of a process sleeping in FUTEX_WAIT by another process. Reports medians and
+p99, and ratios to the floor; boot time; USS per CPU process; the filesystem of
+Dom0's log (fsync's cost is the disk's).
 """
 from __future__ import annotations
 
 import json
 import mmap
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -54,15 +59,36 @@ def futex_floor(rounds: int = 1000) -> dict:
     return {"p50_us": float(np.median(a)), "p99_us": float(np.percentile(a, 99))}
 
 
-def handler_latency(cpus: int, injections: int) -> dict:
+PHASES = ("all_entered", "logout_done", "handler_exit", "softirq_done", "dom0_logged")
+
+
+def log_fs(path: str) -> str:
+    """Filesystem type and mount point holding ``path`` (from /proc/mounts)."""
+    path = os.path.realpath(path)
+    best = ("?", "")
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            for line in f:
+                _, mnt, fstype = line.split()[:3]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best[1]):
+                    best = (fstype, mnt)
+    except OSError:
+        pass
+    return f"{best[0]} {best[1]}"
+
+
+def handler_latency(cpus: int, injections: int, fsync: bool = True) -> dict:
     from emu.machine import Machine
     topo = TOPOLOGY.get(cpus) or f"1x{cpus}x1"
     t0 = time.monotonic()
-    with Machine(topology=topo) as m:
+    # Dom0's log in a fresh directory of the default temp dir (where runs put it),
+    # removed afterwards: the bench leaves nothing behind.
+    with tempfile.TemporaryDirectory(prefix="emu-bench-") as d, \
+            Machine(topology=topo, extra={"log_dir": d, "fsync": fsync}) as m:
         boot_ms = m.boot_info["boot_ms"]
         start_ms = (time.monotonic() - t0) * 1e3
         uss = [psutil.Process(p).memory_full_info().uss for p in m.cpu_pids.values()]
-        phases = {k: [] for k in ("all_entered", "logout_done", "handler_exit", "softirq_done")}
+        phases: dict = {k: [] for k in PHASES}
         outcomes: dict = {}
         for i in range(injections):
             r = m.inject(f"cpu={i % cpus} bank=9 status=0xBD000000004000CF "
@@ -71,16 +97,24 @@ def handler_latency(cpus: int, injections: int) -> dict:
             for k in phases:
                 if r["latency_us"][k] is not None:
                     phases[k].append(r["latency_us"][k])
+        fs = log_fs(d)
     h = np.array(phases["handler_exit"])
     out = {"cpus": cpus, "topology": topo, "injections": injections,
            "p50_us": float(np.median(h)), "p99_us": float(np.percentile(h, 99)),
            "boot_ms": round(boot_ms, 1), "start_ms": round(start_ms, 1),
-           "uss_mb_per_cpu": round(float(np.median(uss)) / 2**20, 2), "outcomes": outcomes}
+           "uss_mb_per_cpu": round(float(np.median(uss)) / 2**20, 2), "outcomes": outcomes,
+           "dom0_fsync": fsync, "dom0_log_fs": fs,
+           # a trial whose record Dom0 had not logged within the watchdog has no figure
+           "dom0_logged_missing": injections - len(phases["dom0_logged"])}
     for k, v in phases.items():
         if v:
             out[f"{k}_p50_us"] = float(np.median(v))
             out[f"{k}_p99_us"] = float(np.percentile(v, 99))
     return out
+
+
+def _f(r: dict, k: str) -> str:
+    return f"{r[k]:8.1f}" if k in r else "     n/a"
 
 
 def main(a) -> int:
@@ -90,6 +124,14 @@ def main(a) -> int:
         # speed drifts by tens of percent within a minute.
         floor = futex_floor()
         r = handler_latency(n, a.injections)
+        # The same without Dom0's fsync: what durability costs, beside the handler
+        # exit of that run (the two runs' handler figures show the drift between them).
+        nf = handler_latency(n, a.injections, fsync=False)
+        for k in ("dom0_logged", "handler_exit"):
+            for q in ("p50", "p99"):
+                if f"{k}_{q}_us" in nf:
+                    r[f"{k}_nofsync_{q}_us"] = nf[f"{k}_{q}_us"]
+        r["dom0_logged_nofsync_missing"] = nf["dom0_logged_missing"]
         r["floor_us"] = round(floor["p50_us"], 1)
         r["floor_p99_us"] = round(floor["p99_us"], 1)
         r["ratio_to_floor"] = round(r["p50_us"] / floor["p50_us"], 1)
@@ -99,4 +141,9 @@ def main(a) -> int:
             print(f"{n:4d} CPUs: handler exit p50 {r['p50_us']:8.1f} µs  p99 {r['p99_us']:8.1f} µs"
                   f"  ({r['ratio_to_floor']}x floor {r['floor_us']} µs)  boot {r['boot_ms']} ms"
                   f"  USS {r['uss_mb_per_cpu']} MB/CPU  outcomes {r['outcomes']}", flush=True)
+            print(f"           Dom0 logged p50 {_f(r, 'dom0_logged_p50_us')} µs  p99 "
+                  f"{_f(r, 'dom0_logged_p99_us')} µs (fsync, {r['dom0_log_fs']});  without "
+                  f"fsync p50 {_f(r, 'dom0_logged_nofsync_p50_us')} µs  p99 "
+                  f"{_f(r, 'dom0_logged_nofsync_p99_us')} µs (handler exit p50 "
+                  f"{_f(r, 'handler_exit_nofsync_p50_us')} µs in that run)", flush=True)
     return 0

@@ -57,6 +57,8 @@ def _print_trial(res: dict, out) -> None:
                   f"{'handled' if v.get('guest_handled') else 'NOT handled'} by its kernel"
                   + (f"; it read STATUS {gr['status']} ADDR {gr['addr']} MISC {gr['misc']}"
                      if gr else ""), file=out)
+        if e.get("lost"):
+            print(f"    no Dom0 record: {e['lost']}", file=out)
     if res.get("panic"):
         print(f"  panic: {res['panic']}", file=out)
     for b in res["boot_log"]:
@@ -65,6 +67,9 @@ def _print_trial(res: dict, out) -> None:
         if d["state"] != "running" or d.get("process") != "running":
             print(f"  DOM{d['domid']}: {d['state']} ({d.get('crash_reason') or ''}), process "
                   f"{d.get('process')}", file=out)
+    for x in res.get("lost_at_reset", []):
+        print(f"  lost at reset: record {x['record_id']:#x} (trial {x['trial']}, cpu{x['cpu']} "
+              f"bank{x['bank']} {x['status']}): {x['reason']}", file=out)
     print(f"  Dom0 log: {res.get('dom0_log_path')}", file=out)
     lat = res["latency_us"]
     print("  latency µs: " + ", ".join(f"{k} {v}" for k, v in lat.items() if v is not None), file=out)

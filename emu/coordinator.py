@@ -30,7 +30,7 @@ from emu.oracle import check_trial
 from emu.scenario import validate_errors
 from emu.xen import severity as sev
 from emu.xen.mce import LOG_WORDS, PHASES, RESET_NONE, WHO_NAME
-from emu.xen.mctelem import Mctelem
+from emu.xen.mctelem import NENT, Mctelem
 from emu.xen.page_alloc import PageTable
 from emu.xen.versions import handler_class
 from emu.xen.vmce import Vmce
@@ -91,7 +91,15 @@ class Coordinator:
             tempfile.gettempdir(), "emu-runs", time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
         os.makedirs(self.log_dir, exist_ok=True)
         self.dom0_log_path = os.path.join(self.log_dir, "dom0.jsonl")
+        self.boots = self._last_boot_in_log()
         self.dom0_hooks = dict(cfg.extra.get("dom0_hooks", {}))
+        # Paused by the operator (the hook or dom0_pause): kept across Dom0 restarts
+        # and warm resets until resumed, like a stopped mcelog daemon.
+        self.dom0_paused = bool(self.dom0_hooks.pop("pause", False))
+        self._pause_acked = False
+        self._acked_unlogged: set[int] = set()   # acked, "logged" not yet received
+        self._rid_origin: dict[int, dict] = {}    # record id -> trial, cpu, banks
+        self.lost_total = 0                       # records lost at warm resets
         self.dom0_fsync = bool(cfg.extra.get("fsync", True))
         self.dom0 = None                    # (pid, conn, pidfd)
         self.dom0_restarts = 0
@@ -167,7 +175,8 @@ class Coordinator:
             self.R.drop_for_guest()
             keep_only_fds(theirs.fileno())
             theirs.send_bytes(msgpack.packb([PROTO, "ready", {}]))
-            dom0_main(theirs, self.dom0_log_path, self.dom0_fsync, self.dom0_hooks)
+            dom0_main(theirs, self.dom0_log_path, self.dom0_fsync,
+                      dict(self.dom0_hooks, pause=self.dom0_paused))
         pid = fork_child(body)
         theirs.close()
         self.dom0 = (pid, ours, os.pidfd_open(pid))
@@ -248,6 +257,26 @@ class Coordinator:
         now = time.monotonic_ns()
         for rid, n in counts.items():
             self.logged.setdefault(rid, [0, now])[0] = n
+            self._acked_unlogged.discard(rid)
+            self._rid_origin.pop(rid, None)
+
+    def _last_boot_in_log(self) -> int:
+        """Record ids are boot<<32 | seq, and Dom0 takes an id already in its log for
+        one it wrote before a crash (acked, not written again). A machine appending
+        to an existing log (a reused log_dir) so continues that log's boot numbering,
+        or its records would be acked as logged and never written."""
+        import json
+        last = 0
+        try:
+            with open(self.dom0_log_path, "rb") as f:
+                for raw in f:
+                    try:
+                        last = max(last, int(json.loads(raw)["id"]) >> 32)
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        except FileNotFoundError:
+            pass
+        return last
 
     def _dom0_fds(self) -> list:
         fds = [self.dom0[1].fileno(), self.dom0[2]] if self.dom0 else []
@@ -332,7 +361,19 @@ class Coordinator:
         vc = self.R.X.load(self.R.L.vm.virq_count)
         if vc != self.virq_seen:
             self.virq_seen = vc
-            conn.send_bytes(msgpack.packb([PROTO, "virq", {}]))
+            self._notify_dom0("virq")
+
+    def _notify_dom0(self, name: str) -> bool:
+        """Send a notification; False if Dom0 is not there to get it. One that died
+        just now is reaped and restarted at the next poll (its pidfd says so), and a
+        restarted Dom0 drains and knows whether it is paused anyway."""
+        if self.dom0 is None:
+            return False
+        try:
+            self.dom0[1].send_bytes(msgpack.packb([PROTO, name, {}]))
+            return True
+        except OSError:
+            return False
 
     def _hypercall(self, conn, raw: bytes, domid: int = 0) -> None:
         """One request from domain ``domid``'s channel."""
@@ -349,11 +390,11 @@ class Coordinator:
             return
         if cmd in ("handled", "probe_result"):
             pass
-        elif domid != 0 and cmd in ("fetch", "ack", "logged"):
+        elif domid != 0 and cmd in ("fetch", "ack", "logged", "paused"):
             # HYPERVISOR_mca is privileged (XSM): only the hardware domain may use it.
             self.refused += 1
             self.refused_by.setdefault(domid, []).append(cmd)
-            if cmd != "logged":
+            if cmd in ("fetch", "ack"):
                 conn.send_bytes(msgpack.packb([False, {"type": "EPERM",
                                                        "message": f"{cmd}: not privileged"}]))
             return
@@ -378,12 +419,18 @@ class Coordinator:
                 ok = self.tele.mctelem_ack(cls, int(args.get("id", 0)))
                 if not ok:
                     self.refused += 1
+                else:
+                    self._acked_unlogged.add(int(args.get("id", 0)))
                 conn.send_bytes(msgpack.packb([True, ok]))
         elif cmd == "logged":
             now = time.monotonic_ns()
             for rid in args.get("ids", []):
                 ent = self.logged.setdefault(int(rid), [0, now])
                 ent[0] += 1
+                self._acked_unlogged.discard(int(rid))
+                self._rid_origin.pop(int(rid), None)
+        elif cmd == "paused":
+            self._pause_acked = True
         elif cmd in ("rdmsr", "wrmsr"):
             from emu.xen.vmce import GeneralProtection
             try:
@@ -406,6 +453,65 @@ class Coordinator:
         else:
             self.refused += 1
 
+    # -- Dom0 control (the front door's dom0_pause / dom0_resume / ...) ----------------
+    DOM0_OPS = ("pause", "resume", "status", "drain")
+    PAUSE_ACK_S = 10.0
+
+    def dom0_command(self, args: dict) -> dict:
+        op = args.get("op") if isinstance(args, dict) else None
+        if op not in self.DOM0_OPS:
+            raise UsageError("dom0.op", f"{op!r}: use one of {', '.join(self.DOM0_OPS)}")
+        self._poll(0)   # a Dom0 death or message already pending counts in the answer
+        if op == "pause":
+            self._dom0_pause()
+        elif op == "resume":
+            self.dom0_paused = False
+            self._notify_dom0("resume")   # Dom0 drains on resume: no VIRQ is lost
+        elif op == "drain":
+            t = args.get("timeout_s", 10.0)
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 3600:
+                raise UsageError("dom0.timeout_s", f"{t!r}: give seconds, 0 < timeout_s <= 3600")
+            if self.dom0_paused:
+                raise UsageError("dom0", "Dom0 is paused and fetches nothing; resume it first")
+            deadline = time.monotonic() + t
+            while not self._dom0_drained() and time.monotonic() < deadline:
+                self._poll(0.02)
+        return self._dom0_status()
+
+    def _dom0_pause(self) -> None:
+        """Pause Dom0's logger and wait until it confirms: from then on it fetches
+        nothing, so what stays in Xen's pool is deterministic."""
+        self.dom0_paused = True
+        self._pause_acked = False
+        if not self._notify_dom0("pause"):
+            return
+        pid = self.dom0[0]
+        deadline = time.monotonic() + self.PAUSE_ACK_S
+        # A Dom0 that dies meanwhile is restarted paused: that is a pause too.
+        while not self._pause_acked and self.dom0 is not None and self.dom0[0] == pid:
+            if time.monotonic() > deadline:
+                raise EmulatorInternalError(f"Dom0 did not confirm the pause in "
+                                            f"{self.PAUSE_ACK_S} s")
+            self._poll(0.02)
+
+    def _dom0_drained(self) -> bool:
+        """Everything Xen committed has been fetched, acked and reported logged."""
+        return not self._acked_unlogged and not any(
+            h["state"] in ("committed", "processing") for h in self.tele.in_use())
+
+    def _dom0_status(self) -> dict:
+        held = self.tele.in_use()
+        by_state = {k: sorted(h["id"] for h in held if h["state"] == k)
+                    for k in ("uncommitted", "committed", "processing")}
+        return {"paused": self.dom0_paused, "pid": self.dom0[0] if self.dom0 else None,
+                "restarts": self.dom0_restarts, "refused": self.refused,
+                "logged": sum(1 for v in self.logged.values() if v[0] > 0),
+                "logged_more_than_once": sorted(r for r, v in self.logged.items() if v[0] > 1),
+                "drained": self._dom0_drained(), "lost_at_reset": self.lost_total,
+                "pool": {"free": self.tele.free_count(), "drops": self.tele.drops(),
+                         **by_state},
+                "log_path": self.dom0_log_path}
+
     def _kill_cpus(self) -> None:
         for pid in self.cpu_pids.values():
             try:
@@ -422,13 +528,28 @@ class Coordinator:
         self.cpu_pids.clear()
         self.pidfds.clear()
 
-    def warm_reset(self) -> dict:
-        """Reset: every CPU restarts, Xen memory is lost, the banks are kept."""
+    def warm_reset(self, cause: str = "Machine.reset") -> dict:
+        """Reset: every CPU restarts, Xen memory is lost, the banks are kept.
+        The result's ``lost_at_reset`` lists the telemetry records the reset lost."""
         self._stop_guests()
         self._stop_dom0()
         self._kill_cpus()
+        lost = self._lost_at_reset(cause)
         self.banks.warm_reset()
-        return self.boot()
+        boot = self.boot()
+        inst = self.topo.inst
+        for x in lost:
+            # A bank the #MC left valid (fatal) is logged again by boot-time logout:
+            # the record is lost, the error is not.
+            x["relogged_at_boot"] = next(
+                (b["record_id"] for b in boot["boot_log"] if x["bank"] is not None
+                 and b["status"] == x["status"]
+                 and inst[b["cpu"]][b["bank"]] == inst[x["cpu"]][x["bank"]]), None)
+            if x["relogged_at_boot"]:
+                x["reason"] += (f"; the bank kept the error, so boot-time logout logged it "
+                                f"again (record {x['relogged_at_boot']})")
+        boot["lost_at_reset"] = lost
+        return boot
 
     def shutdown(self) -> None:
         self._stop_guests()
@@ -576,26 +697,30 @@ class Coordinator:
         # Guests handle their vMCE after Xen's part is over; a host reset ends them.
         self._guest_results(res, t0, wd if outcome == "done" or res["outcome"] in (
             "recovered", "continued") else 0)
+        res["lost_at_reset"] = []
         if outcome in ("reset", "shutdown", "hang", "cpu_died"):
-            boot = self.warm_reset()
+            boot = self.warm_reset(f"trial {first_gen}: {res['outcome']}")
             res["resets"] = 1
             res["boot_log"] = boot["boot_log"]
             res["boot_ms"] = boot["boot_ms"]
+            res["lost_at_reset"] = boot["lost_at_reset"]
             self._await_logged({b["record_id"] for b in res["boot_log"]}, wd)
             for b in res["boot_log"]:
-                b["dom0_log"] = self._dom0_entry(b["record_id"], "boot")
+                b["dom0_log"] = self._dom0_entry(b["record_id"], "boot", {}, wd)
+        lost = {x["record_id"]: x["reason"] for x in res["lost_at_reset"]}
         rids = {r for e in res["errors"] for r in e["_rids"]}
-        self._await_logged(rids, wd)
+        self._await_logged(rids - lost.keys(), wd)
         t_logged = [self.logged[r][1] for r in rids if r in self.logged]
         res["latency_us"]["dom0_logged"] = (round((max(t_logged) - t0) / 1e3, 1)
                                             if t_logged and len(t_logged) == len(rids) else None)
         for e in res["errors"]:
-            e["dom0_log"] = [self._dom0_entry(r, "mce") for r in e.pop("_rids")]
+            e["dom0_log"] = [self._dom0_entry(r, "mce", lost, wd) for r in e.pop("_rids")]
             boot = [b["dom0_log"] for b in res["boot_log"]
                     if self.topo.inst[b["cpu"]][b["bank"]] == self.topo.inst[e["cpu"]][e["bank"]]]
             e["dom0_log"] += boot
-            if not e["dom0_log"] and e["written"]:
-                e["lost"] = self._lost_reason(res, e)
+            recs = e.pop("_recs")
+            if e["written"] and not any(d["count"] or "pending" in d for d in e["dom0_log"]):
+                e["lost"] = self._lost_reason(res, e, recs, lost)
         res["dom0_log_path"] = self.dom0_log_path
         res["dom0"] = {"restarts": self.dom0_restarts, "exits": list(self.dom0_exits),
                        "refused": self.refused}
@@ -677,23 +802,95 @@ class Coordinator:
         return out
 
     def _await_logged(self, rids: set, timeout_s: float) -> None:
+        # A paused (or given-up) Dom0 fetches nothing: waiting would only burn the
+        # watchdog; those records are reported pending, not lost.
+        if self.dom0_paused or self.dom0 is None:
+            return
         deadline = time.monotonic() + timeout_s
         while any(r not in self.logged for r in rids) and time.monotonic() < deadline:
             self._poll(0.02)
 
-    def _dom0_entry(self, rid: int, source: str) -> dict:
+    def _dom0_entry(self, rid: int, source: str, lost: dict, wd: float) -> dict:
         n = self.logged.get(rid, [0])[0]
-        return {"id": rid, "count": n, "source": source}
+        ent = {"id": rid, "count": n, "source": source}
+        if n:
+            return ent
+        if rid in lost:
+            ent["lost"] = lost[rid]
+        elif self.dom0_paused:
+            ent["pending"] = "Dom0 is paused: the record waits in Xen's telemetry pool"
+        elif self.dom0 is None:
+            ent["pending"] = ("Dom0 kept dying and is not restarted: the record waits in "
+                              "Xen's telemetry pool")
+        else:
+            ent["pending"] = (f"not logged by Dom0 within {wd:g} s: the record waits in "
+                              "Xen's telemetry pool")
+        return ent
 
     @staticmethod
-    def _lost_reason(res: dict, e: dict) -> str:
-        if res["telemetry"]["drops"] and e["action"] is None and e["class"] in ("srao", "srar"):
-            return "telemetry pool exhausted: no record, no deferred recovery (xen-mca.md §5.6)"
-        if res["outcome"] == "reset" and e["cleared"]:
-            return "bank cleared in #MC, then the host reset before Dom0 fetched the record"
+    def _lost_reason(res: dict, e: dict, recs: list, lost: dict) -> str:
+        """Why an error has no record in Dom0's log. ``recs``: the record ids of the
+        CPUs that logged it (0: that CPU's reservation failed)."""
+        for rid in recs:
+            if rid in lost:
+                return lost[rid]
         if not e["owners"]:
-            return "no CPU logged it"
-        return "record not committed (NOERROR) or not logged by Dom0"
+            return f"no CPU logged it before the trial ended ({res['outcome']})"
+        if not any(recs):
+            what = ", so nothing to defer: no page offline, no vMCE" \
+                if e["class"] in ("srao", "srar") else ""
+            return ("telemetry pool exhausted: mctelem_reserve failed (a drop) and Xen made "
+                    f"no record{what} (xen-mca.md §5.6)")
+        if e["action"] == sev.mcer_name(sev.MCER_NOERROR):
+            return "the deferred action found nothing to do (NOERROR): Xen dismissed the record"
+        return "record reserved but never committed"
+
+    def _note_origins(self, trial: int, logouts: dict) -> None:
+        """Remember which trial, CPU and banks each record came from, so a record
+        lost at a later reset can be named (pruned to what the pool still holds)."""
+        for c, ents in logouts.items():
+            for x in ents:
+                if x["record_id"] and x["record_id"] not in self.logged:
+                    o = self._rid_origin.setdefault(
+                        x["record_id"], {"trial": trial, "cpu": c, "source": "mce", "banks": []})
+                    o["banks"].append((x["bank"], x["status"]))
+        if len(self._rid_origin) > 4 * NENT:
+            held = {r["id"] for r in self.tele.in_use()}
+            self._rid_origin = {k: v for k, v in self._rid_origin.items() if k in held}
+
+    def _lost_at_reset(self, cause: str) -> list[dict]:
+        """Records in Xen's telemetry pool that are not in Dom0's durable log when
+        the reset wipes Xen memory: Xen loses them; report each, nothing silent."""
+        held = self.tele.in_use()
+        if any(h["id"] not in self.logged for h in held) or self._acked_unlogged:
+            self._reconcile_logged()   # a killed Dom0 may have written more than it said
+        out = []
+        why = {"uncommitted": "reserved in #MC, not committed (its deferred action had not "
+                              "completed)",
+               "committed": ("committed, not yet fetched by Dom0"
+                             + (" (Dom0 paused)" if self.dom0_paused else "")),
+               "processing": "fetched by Dom0 but not yet in its log"}
+        for h in sorted(held, key=lambda h: h["id"]):   # reservation order
+            rid = h["id"]
+            if self.logged.get(rid, [0])[0]:
+                continue   # durable in Dom0's log: the pool copy does not matter
+            o = self._rid_origin.get(rid)
+            if o is None:
+                rec = self.tele.read(h["slot"])
+                o = {"trial": None, "cpu": h["cpu"],
+                     "source": "boot" if rec.get("who") == 4 else "mce",
+                     "banks": [(b[0], b[1]) for b in rec.get("b") or []]}
+            reason = (f"{why[h['state']]} when the host reset ({cause}): the telemetry pool "
+                      "is in Xen memory, which the reset wiped (as on real Xen)")
+            for bank, status in o["banks"] or [(None, None)]:
+                out.append({"trial": o["trial"], "cpu": o["cpu"], "bank": bank,
+                            "status": msr.hexs(status) if status is not None else None,
+                            "record_id": rid, "source": o["source"], "state": h["state"],
+                            "telemetry_class": h["cls"], "reason": reason})
+        self.lost_total += len({x["record_id"] for x in out})
+        self._rid_origin.clear()
+        self._acked_unlogged.clear()
+        return out
 
     def _wait(self, wait_targets: dict[int, int], watchdog_s: float):
         X, L = self.R.X, self.R.L
@@ -724,6 +921,7 @@ class Coordinator:
         logouts = {c: [e for e in self._logouts(c) if e["who"] == "MCA_MCE_SCAN"]
                    for c in range(self.n)}
         actions = self._actions()
+        self._note_origins(gen, logouts)
         if outcome == "done":
             results = [a["result"] for a in actions]
             outcome = "continued" if sev.MCER_CONTINUE in results or not results else "recovered"
@@ -757,11 +955,15 @@ class Coordinator:
                 if "note" in info:
                     item["note"] = info["note"]
             # Records Xen committed for this error (Dom0 should log each once):
-            # deferred ones whose action was not NOERROR, and corrected ones,
-            # which the handler commits at once.
-            item["_rids"] = sorted({a["record_id"] for a in acts if a["result"] != sev.MCER_NOERROR}
+            # deferred ones whose action was neither NOERROR (dismissed) nor RESET
+            # (mc_panic before the commit), and corrected ones, committed at once.
+            item["_rids"] = sorted({a["record_id"] for a in acts
+                                    if a["result"] not in (sev.MCER_NOERROR, sev.MCER_RESET)}
                                    | {x["record_id"] for x in logged if x["record_id"]
                                       and not x["status"] & msr.MCi_STATUS_UC})
+            item["_recs"] = sorted({x["record_id"] for x in logged})
+            if 0 in item["_recs"]:   # mctelem_reserve failed on these CPUs (drops)
+                item["no_record_cpus"] = sorted({x["cpu"] for x in logged if not x["record_id"]})
             errors_out.append(item)
 
         def lat(word):
@@ -824,6 +1026,8 @@ class Coordinator:
                               args.get("then"))
         if cmd == "reset":
             return self.warm_reset()
+        if cmd == "dom0":
+            return self.dom0_command(args)
         if cmd == "snapshot":
             return {"cpus": self._snapshot(), "pids": self.cpu_pids,
                     "dom_pids": ({0: self.dom0[0]} if self.dom0 else {})

@@ -15,8 +15,8 @@ Channel protocol (msgpack arrays ``[1, cmd, args]``; replies ``[ok, value]``):
 
 * requests: ``fetch {"cls"}`` → ``[True, None]`` (NODATA) or ``[True, {"id", "cls",
   "source", "record"}]``; ``ack {"cls", "id"}`` → ``[True, bool]``; ``rdmsr``/``wrmsr``
-  (the #MC handler, see :mod:`emu.guest`); ``logged {"ids"}`` and ``handled {...}``
-  (no reply).
+  (the #MC handler, see :mod:`emu.guest`); ``logged {"ids"}``, ``handled {...}`` and
+  ``paused {}`` (the answer to a ``pause`` notification) (no reply).
 * notifications: ``virq``, ``vmce {"vcpus"}``, ``quit``, ``pause``, ``resume``.
 
 :func:`render_log` is ``emu log FILE``: mcelog ``--ascii`` text per bank record
@@ -305,6 +305,9 @@ class Dom0Logger:
                         self.kernel.machine_check(v)
         elif name == "pause":
             self.paused = True
+            # Tell Xen's side we stopped: nothing is fetched from here on, so a
+            # pause that returns is a pause in effect (no fetch still in flight).
+            self.ch.send("paused", {})
         elif name == "resume":
             if self.paused:
                 self.paused = False

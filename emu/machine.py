@@ -113,7 +113,33 @@ class Machine:
         return result
 
     def reset(self) -> dict:
+        """Warm reset. ``lost_at_reset`` in the result lists the telemetry records
+        the reset lost (still in Xen's pool, not in Dom0's log), with their trial."""
         return self._call("reset", {})
+
+    # -- Dom0's logger -------------------------------------------------------------------
+    def dom0_pause(self) -> dict:
+        """Stop Dom0 fetching telemetry (like stopping mcelog): records stay in Xen's
+        pool. Returns once Dom0 has confirmed; holds across Dom0 restarts and warm
+        resets until :meth:`dom0_resume`. Trials then do not wait for Dom0: their
+        records show ``count`` 0 and ``pending``."""
+        return self._call("dom0", {"op": "pause"})
+
+    def dom0_resume(self) -> dict:
+        """Let Dom0 fetch again; it drains at once. Returns without waiting for the
+        drain (see :meth:`dom0_drain`)."""
+        return self._call("dom0", {"op": "resume"})
+
+    def dom0_status(self) -> dict:
+        """Dom0 and the telemetry pool now: ``paused``, ``logged`` (records logged),
+        ``drained``, ``pool`` (``free``, ``drops``, record ids by state), ..."""
+        return self._call("dom0", {"op": "status"})
+
+    def dom0_drain(self, timeout_s: float = 10.0) -> dict:
+        """Wait (at most ``timeout_s``) until Dom0 has logged and acked everything
+        Xen committed; the status, with ``drained`` true if it did."""
+        return self._call("dom0", {"op": "drain", "timeout_s": timeout_s},
+                          timeout=timeout_s + 120.0)
 
     def snapshot(self) -> dict:
         return self._call("snapshot", {})

@@ -99,6 +99,7 @@ class FakeXen:
         self.logged: list[int] = []
         self.handled: list[dict] = []
         self.acked: list[int] = []
+        self.paused = 0             # "paused" answers to pause notifications
         self.v = {i: {"cap": GUEST_CAP, "mcg_status": 0,
                       "banks": [[0, 0, 0], [0, 0, 0]]} for i in range(nvcpus)}
         self.on_request = None      # callback(msg, conn) before the reply is sent
@@ -177,6 +178,9 @@ class FakeXen:
             return None
         if cmd == "handled":
             self.handled.append(a)
+            return None
+        if cmd == "paused":
+            self.paused += 1
             return None
         raise AssertionError(f"unexpected request {msg!r}")
 
@@ -358,6 +362,27 @@ def test_pause_resume(kids, tmp_path):
     note(conn, "vmce", {"vcpus": [0]})      # a marker: its rdmsr must come before any fetch
     assert x.serve(conn, lambda: len(x.handled) == 1)
     assert x.fetches() == [] and x.logged == []
+    note(conn, "resume")
+    assert x.serve(conn, lambda: x.logged == [rid])
+    note(conn, "quit")
+    x.serve_to_eof(conn)
+    assert kids.wait(pid) == 0
+    assert log_ids(path) == [rid]
+
+
+def test_pause_notification_is_confirmed_and_stops_fetching(kids, tmp_path):
+    x = FakeXen()
+    x.vmce_fill(0)
+    path = tmp_path / "dom0.jsonl"
+    pid, conn = kids.spawn(d0.dom0_main, str(path))
+    assert x.serve(conn, lambda: len(x.fetches()) == 2)     # the start-up drain: NODATA
+    note(conn, "pause")
+    assert x.serve(conn, lambda: x.paused == 1)
+    rid = x.add("urgent")
+    note(conn, "virq")
+    note(conn, "vmce", {"vcpus": [0]})      # a marker: handled after the virq
+    assert x.serve(conn, lambda: len(x.handled) == 1)
+    assert len(x.fetches()) == 2 and x.logged == []
     note(conn, "resume")
     assert x.serve(conn, lambda: x.logged == [rid])
     note(conn, "quit")

@@ -97,6 +97,10 @@ def test_second_mc_while_mcip_set_shuts_down(emu_machine):
     assert r["outcome"] == "shutdown" and r["resets"] == 1
     # The second error was written but never handled; boot-time logout finds it.
     assert any(b["bank"] == 9 for b in r["boot_log"])
+    # The first one's record was still deferred (uncommitted) when the host reset.
+    [lost] = r["lost_at_reset"]
+    assert lost["state"] == "uncommitted" and lost["trial"] == r["trial"] and lost["bank"] == 8
+    assert r["errors"][0]["dom0_log"] == [] and r["errors"][0]["lost"] == lost["reason"]
 
 
 def test_mc_preempts_the_softirq(emu_machine):

@@ -25,6 +25,7 @@ MC_URGENT_NENT, MC_NONURGENT_NENT = 10, 20
 NENT = MC_URGENT_NENT + MC_NONURGENT_NENT
 
 FREE, UNCOMMITTED, COMMITTED, PROCESSING = range(4)
+STATE_NAMES = ("free", "uncommitted", "committed", "processing")
 
 # header words of an entry
 H_STATE, H_CLASS, H_REF, H_NEXT, H_PREV, H_ID, H_LEN, H_CPU = range(8)
@@ -258,6 +259,17 @@ class Mctelem:
 
     def states(self) -> list[int]:
         return [self.hget(i, H_STATE) for i in range(NENT)]
+
+    def in_use(self) -> list[dict]:
+        """Every slot not FREE: what Xen still holds (and would lose at a reset)."""
+        out = []
+        for i in range(NENT):
+            st = self.hget(i, H_STATE)
+            if st != FREE:
+                out.append({"slot": i, "state": STATE_NAMES[st],
+                            "cls": CLASS_NAMES[self.hget(i, H_CLASS)],
+                            "id": self.hget(i, H_ID), "cpu": self.hget(i, H_CPU)})
+        return out
 
 
 def mcinfo_fits(nbanks: int, nrecovery: int = 0, extended: bool = False) -> bool:
