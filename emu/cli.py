@@ -23,6 +23,8 @@ def _machine_args(p):
     p.add_argument("--chaos", type=float, default=0.0, help="perturbation probability per yield point")
     p.add_argument("--watchdog", type=float, default=2.0, help="hang bound in seconds (default 2)")
     p.add_argument("--no-ser", action="store_true", help="clear MCG_CAP.SER_P")
+    p.add_argument("--no-pin", action="store_true",
+                   help="let the host scheduler move CPU processes between cores")
     p.add_argument("--guests", type=int, default=1, help="HVM guests besides Dom0 (default 1)")
     p.add_argument("--guest-vcpus", type=int, default=2, help="vCPUs per guest (default 2)")
     p.add_argument("--vmce-policy", default="owner",
@@ -34,7 +36,7 @@ def _config(a):
     extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) else {}
     return MachineConfig(topology=a.topology, nbanks=a.banks, bank_scopes=a.bank_scopes,
                          handler=a.handler, seed=a.seed, chaos=a.chaos, watchdog_s=a.watchdog,
-                         ser=not a.no_ser, guests=a.guests, guest_vcpus=a.guest_vcpus,
+                         ser=not a.no_ser, pin_cpus=not a.no_pin, guests=a.guests, guest_vcpus=a.guest_vcpus,
                          vmce_policy=a.vmce_policy, extra=extra).validate()
 
 

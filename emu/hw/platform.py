@@ -75,6 +75,7 @@ class MachineConfig:
     atomic_backend: str | None = None
     memory_pages: int = 16384     # 64 MiB of 4 KiB machine pages
     mce_broadcast: bool = True
+    pin_cpus: bool = True         # emulated CPU i runs on host core i % cores only
     guests: int = 1               # HVM guests besides Dom0 (domids 1..guests)
     guest_vcpus: int = 2
     vmce_policy: str = "owner"    # owner: vMCE to the impacted domain; dom0: to Dom0 only
@@ -247,7 +248,7 @@ class Regions:
 
     def __init__(self, cfg: MachineConfig):
         from emu.hw.atomic import atomics
-        from emu.hw.futex import Events
+        from emu.hw.futex import SPIN_NS, Events
         self.cfg = cfg
         self.topo = Topology(cfg)
         self.L = Layout(cfg, self.topo)
@@ -255,8 +256,9 @@ class Regions:
         self.xen_map = mmap.mmap(-1, self.L.xen_size, flags=mmap.MAP_SHARED)
         self.HW = atomics(self.hw_map, cfg.atomic_backend)
         self.X = atomics(self.xen_map, cfg.atomic_backend)
-        self.hw_ev = Events(self.HW)
-        self.ev = Events(self.X)
+        spin = cfg.extra.get("spin_ns", SPIN_NS)   # a knob for wait-strategy experiments
+        self.hw_ev = Events(self.HW, spin)
+        self.ev = Events(self.X, spin)
         # The coordinator sleeps in select(); emulated CPUs and Xen code wake it
         # through this eventfd (inherited across fork, one 8-byte write, atomic).
         self.efd = os.eventfd(0, os.EFD_NONBLOCK)
