@@ -19,6 +19,7 @@ AMD, console output (the trial result carries what Xen would have printed).
 from __future__ import annotations
 
 import os
+import struct
 import time
 from typing import NamedTuple
 
@@ -65,6 +66,7 @@ class McaSummary(NamedTuple):
 
 
 _new_tuple = tuple.__new__
+_pack_log = struct.Struct(f"<{LOG_WORDS}Q").pack_into
 VAL = msr.MCi_STATUS_VAL
 
 
@@ -103,6 +105,7 @@ class XenCpu:
         self._boff = [[self.banks.off(cpu, i, r) for r in range(msr.NREGS)]
                       for i in range(self.nbanks)]
         self._HW = R.HW
+        self._xmv = memoryview(R.xen_map)
         self._status_offs = [(i, self._boff[i][msr.REG_STATUS]) for i in range(self.nbanks)]
         self._mcg_status_off = R.L.mcg_reg(cpu, MCG_K_STATUS)
         self._coords = R.topo.coords(cpu)
@@ -148,15 +151,11 @@ class XenCpu:
         if k >= LOGOUT_RING:
             return
         base = self.pc(L.P_LOGOUT) + 8 * LOG_WORDS * k
-        store = X.store
         meta = WHO_CODE[who] | bank << 8 | int(cleared) << 16
         self._logged[bank] = (base, meta)
-        store(base, meta)
-        store(base + 8, status)
-        store(base + 16, addr)
-        store(base + 24, misc)
-        store(base + 32, X.load(L.trial_gen))
-        store(base + 40, rec_id)
+        # One copy, not six atomic stores: only this CPU writes its ring, and the
+        # coordinator reads it after the trial.
+        _pack_log(self._xmv, base, meta, status, addr, misc, X.load(L.trial_gen), rec_id)
 
     # -- MSR access (every one is a yield point) ---------------------------------------
     def rd_mcg_status(self) -> int:
@@ -219,7 +218,10 @@ class XenCpu:
         return (self.X.load(self.pc(self.L.P_CURRENT_DOM)),
                 self.X.load(self.pc(self.L.P_CURRENT_VCPU)))
 
-    def mcheck_mca_logout(self, who, bankmask: int, clear_bank: list | None):
+    def mcheck_mca_logout(self, who, bankmask: int, clear_bank: list | None,
+                          write_later: bool = False):
+        """Scan and log the banks (§2.6). ``write_later``: the caller writes the
+        telemetry payload itself (``self._urgent``) once the logout lock is dropped."""
         gstatus = self.rd_mcg_status()
         self._logged = {}
         if who == sev.MCA_MCE_SCAN:
@@ -281,7 +283,8 @@ class XenCpu:
                       "mc_core_threadid": t, "mc_apicid": self.cpu,
                       "mcgcap": self.banks.mcg(self.cpu, MCG_K_CAP)},
                 "b": banks_rec, "r": []}
-            self.tele.write(slot, rec)
+            if not write_later:
+                self.tele.write(slot, rec)
             # The urgent action reads the entry this CPU just wrote and nobody else
             # touches before the softirq: keep the decoded copy instead of re-reading.
             self._urgent = (slot, rec)
@@ -347,19 +350,13 @@ class XenCpu:
         self.mce_logout_lock.mce_spin_lock(cpu, yp, check)
         self.set_phase("logout")
         clear_bank: list[int] = []
-        slot, bs = self.mcheck_mca_logout(sev.MCA_MCE_SCAN, self.mca_allbanks, clear_bank)
+        slot, bs = self.mcheck_mca_logout(sev.MCA_MCE_SCAN, self.mca_allbanks, clear_bank,
+                                          write_later=True)
         lmce = bs.lmce
         bcast = self.mce_broadcast and not lmce
         if bs.errcnt:
-            if bs.uc or bs.pcc:
-                if slot is not None:
-                    yp("telem")
-                    self.tele.mctelem_defer(slot, cpu, lmce)
-                if bs.pcc or not bs.recoverable:
-                    self.fatal_set(cpu)
-            elif slot is not None:
-                yp("telem")
-                self.tele.mctelem_commit(slot)
+            if bs.pcc or (bs.uc and not bs.recoverable):
+                self.fatal_set(cpu)
             yp("atomic")
             X.store(L.found_error, 1)
             yp("atomic")
@@ -368,6 +365,17 @@ class XenCpu:
         elif slot is not None:
             self.tele.mctelem_dismiss(slot)
         self.mce_logout_lock.spin_unlock(yp)
+        if bs.errcnt and slot is not None:
+            # Xen fills the entry and defers/commits it under the lock. The entry is
+            # this CPU's alone until then (its pending list is read by the softirq
+            # worker after two more rendezvous), so doing it after the unlock changes
+            # nothing another CPU can see, and keeps the serialised section short.
+            self.tele.write(slot, self._urgent[1])
+            yp("telem")
+            if bs.uc or bs.pcc:
+                self.tele.mctelem_defer(slot, cpu, lmce)
+            else:
+                self.tele.mctelem_commit(slot)
         self.stamp(L.P_T_LOGOUT)
 
         self.set_phase("barrier_a")

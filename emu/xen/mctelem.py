@@ -16,6 +16,7 @@ UNCOMPLETE flag when a record does not fit), not msgpack's byte count.
 from __future__ import annotations
 
 import os
+import struct
 
 import msgpack
 
@@ -64,6 +65,7 @@ def bit_range(cls: int) -> range:
     return range(0, NENT) if cls == MC_URGENT else range(MC_URGENT_NENT, NENT)
 
 
+_pack_hdr = struct.Struct(f"<{HWORDS - 1}Q").pack_into   # H_CLASS .. H_CPU
 CLASS_MASK = tuple(sum(1 << b for b in bit_range(c)) for c in (MC_URGENT, MC_NONURGENT))
 U64 = (1 << 64) - 1
 
@@ -106,16 +108,10 @@ class Mctelem:
                 break  # won the test-and-clear
         seq = X.fetch_add(T.seq, 1) + 1
         h = T.hdr + 8 * HWORDS * i
-        store = X.store
-        # STATE last: an inspector never sees UNCOMMITTED with a stale header.
-        store(h + 8 * H_CLASS, cls)
-        store(h + 8 * H_REF, 1)
-        store(h + 8 * H_NEXT, 0)
-        store(h + 8 * H_PREV, 0)
-        store(h + 8 * H_ID, (X.load(T.boot) << 32) | seq)
-        store(h + 8 * H_LEN, 0)
-        store(h + 8 * H_CPU, cpu)
-        store(h + 8 * H_STATE, UNCOMMITTED)
+        # The won slot is ours alone: one copy of the header words after STATE, then
+        # STATE, so an inspector never sees UNCOMMITTED with a stale header.
+        _pack_hdr(self.mv, h + 8 * H_CLASS, cls, 1, 0, 0, (X.load(T.boot) << 32) | seq, 0, cpu)
+        X.store(h + 8 * H_STATE, UNCOMMITTED)
         return i
 
     def mctelem_dismiss(self, i: int) -> None:
