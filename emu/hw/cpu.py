@@ -24,7 +24,7 @@ from emu.hw.yieldpoint import YieldPoints
 from emu.xen.versions import handler_class
 
 SIG_MC = signal.SIGUSR1
-IDLE_SPIN_NS = 50_000
+IDLE_SPIN_NS = 200_000
 PR_SET_PDEATHSIG = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -103,7 +103,8 @@ def cpu_process(R, cpu: int, hooks: dict, pgid: int = 0) -> None:
         if X.xchg(soft, 0):
             x.mce_softirq()
             continue
-        # Idle: a short spin only; a long one would burn the cores the coordinator,
+        # Idle: poll briefly before sleeping, as Linux's cpuidle-haltpoll does (its
+        # default is 200 µs); a longer spin would burn the cores the coordinator,
         # Dom0 and the other CPUs need between machine checks.
         R.ev.wait(kick, lambda: X.load(soft) != 0, slice_s=1.0, spin_ns=IDLE_SPIN_NS)
 

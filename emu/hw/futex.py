@@ -54,7 +54,7 @@ def futex_wake(addr: int, n: int = INT_MAX) -> int:
 # A/B runs on 2 cores), longer is better inside the handler: 2 ms vs 200 µs gave 4 CPUs
 # about the same p50, 16 CPUs -4 % p50 and -30 % p99, 64 CPUs -12 % p50. With more
 # processes than cores, a sched_yield spin hands the core to whoever has work without
-# a sleep/wake-up pair. The idle loop uses its own, short budget (emu.hw.cpu).
+# a sleep/wake-up pair. The idle loop uses its own, shorter budget (emu.hw.cpu).
 SPIN_NS = 2_000_000
 _sched_yield = os.sched_yield
 _now = time.monotonic_ns
