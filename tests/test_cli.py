@@ -63,6 +63,13 @@ def test_run_several_errors_and_lmce_decimal_numbers():
     (["--bank-scopes", "0-3:socket"], "bank-scopes"),
     (["--handler", "nope"], "handler"),
     (["--watchdog", "-1"], "watchdog"),
+    (["--guests", "9"], "guests"),
+    (["--guest-vcpus", "0"], "guest-vcpus"),
+    (["--vmce-policy", "everyone"], "vmce-policy"),
+    (["--error", "cpu=0 bank=8 status=0xBD000000004000CF addr=0x180020 domain=2"],
+     "error[0].domain"),
+    (["--error", "cpu=0 bank=8 status=0xBD000000004000CF addr=0x2000000 domain=1"],
+     "error[0].addr"),
 ])
 def test_bad_input_exits_2_naming_the_field(args, field):
     p = emu("run", *args)
@@ -74,3 +81,19 @@ def test_bad_input_exits_2_naming_the_field(args, field):
 def test_unknown_subcommand_is_a_usage_error():
     p = emu("frobnicate")
     assert p.returncode == 2 and "arguments" in p.stderr
+
+
+def test_run_error_in_a_guest_page_reaches_the_guest_handler():
+    p = emu("run", "--json", "--error",
+            "cpu=2 bank=7 status=0xBD2000008000017A addr=0x180020 misc=0x86 mcg=0x5 domain=1")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    e = r["errors"][0]
+    assert r["outcome"] == "recovered" and e["impacted_domain"] == 1
+    assert e["vmce"]["domain"] == 1 and e["vmce"]["guest_handled"]
+    assert e["vmce"]["guest_read"]["status"] == "0xBD2000000000017A"
+    assert [d["domid"] for d in r["domains"]] == [0, 1]
+    q = emu("run", "--vmce-policy", "dom0", "--error",
+            "cpu=2 bank=7 status=0xBD2000008000017A addr=0x180020 misc=0x86 mcg=0x5 domain=1")
+    assert q.returncode == 0, q.stderr
+    assert "vMCE to DOM0 vCPUs [0, 1]: handled by its kernel" in q.stdout
