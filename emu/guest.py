@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import sys
 import time
 from collections import deque
@@ -44,6 +45,7 @@ from emu.hw import msr
 PROTO = 1
 GUEST_LOG_SCHEMA = "emu.guestlog/1"
 REPLY_TIMEOUT_S = 30.0
+REPLY_SPIN_S = 0.0002
 NOTIFICATIONS = frozenset({"virq", "vmce", "quit", "pause", "resume", "probe"})
 
 
@@ -77,15 +79,27 @@ class Channel:
     def __init__(self, conn, reply_timeout_s: float = REPLY_TIMEOUT_S):
         self.conn = conn
         self.reply_timeout_s = reply_timeout_s
+        self.reply_spin_s = REPLY_SPIN_S
         self.pending: deque = deque()
         self.rejected = 0
 
     def send(self, cmd: str, args) -> None:
         self.conn.send_bytes(msgpack.packb([PROTO, cmd, args]))
 
-    def _recv(self, timeout: float | None):
-        """One decoded message: ("reply", ok, value) or ("note", name, args); None on timeout."""
-        if not self.conn.poll(timeout):
+    def _recv(self, timeout: float | None, spin_s: float = 0.0):
+        """One decoded message: ("reply", ok, value) or ("note", name, args); None on timeout.
+
+        ``spin_s``: poll without sleeping that long first (a reply to a trapped MSR
+        access comes within tens of µs; a sleep/wake-up pair costs about as much)."""
+        # select, not Connection.poll: that builds a selector object per call.
+        fd = self.conn.fileno()
+        ready = False
+        if spin_s > 0:
+            end = time.monotonic() + spin_s
+            while not (ready := bool(select.select([fd], [], [], 0)[0])) \
+                    and time.monotonic() < end:
+                os.sched_yield()
+        if not ready and not select.select([fd], [], [], timeout)[0]:
             return None
         try:
             raw = self.conn.recv_bytes()
@@ -113,7 +127,7 @@ class Channel:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise EmulatorInternalError(f"no reply to {cmd!r} within {self.reply_timeout_s} s")
-            m = self._recv(left)
+            m = self._recv(left, self.reply_spin_s)
             if m is None or m[0] == "bad":
                 continue
             if m[0] == "note":
@@ -356,6 +370,7 @@ def guest_main(domid: int, conn, log_path, hooks: dict | None = None) -> int:
     """
     hooks = hooks or {}
     kernel = GuestKernel(domid, conn, log_path)
+    kernel.ch.reply_spin_s = float(hooks.get("reply_spin_s", REPLY_SPIN_S))
     try:
         while True:
             try:
