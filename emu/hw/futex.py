@@ -60,6 +60,10 @@ _sched_yield = os.sched_yield
 _now = time.monotonic_ns
 
 
+def _nothing() -> None:
+    return None
+
+
 class Events:
     """Event channels in one shared region: ``bump`` after a change, ``wait`` for one.
 
@@ -106,6 +110,19 @@ class Events:
         deadline = None if timeout_s is None else t0 + int(timeout_s * 1e9)
         addr = self.base + off
         db, reg = self.doorbell, self.sleep_reg
+        if spin_end > t0:
+            # The spin phase, lean: with more processes than cores, every waiter runs
+            # this between two context switches, so its cost multiplies.
+            chk = check if check is not None else _nothing
+            stop = spin_end if deadline is None else min(spin_end, deadline)
+            while True:
+                for _ in range(8):
+                    if cond():
+                        return True
+                    chk()
+                    _sched_yield()
+                if _now() >= stop:
+                    break
         while True:
             ring = load(db) if db is not None else 0
             seen = load(off)
