@@ -168,42 +168,38 @@ class Coordinator:
                 "boot_ms": (time.monotonic() - t0) * 1e3, "boot_log": self.last_boot_log}
 
     # -- Dom0 ----------------------------------------------------------------------------
-    def _start_dom0(self) -> None:
-        """Fork Dom0's logger. It maps neither hardware nor Xen memory: it has only
-        its channel, which is the only one that accepts privileged hypercalls."""
+    def _fork_domain(self, main) -> tuple:
+        """Fork a domain's process: it unmaps hardware and Xen memory, closes every
+        descriptor but its channel, says ``ready``, then runs ``main(channel)``.
+        Returns (pid, our end of the channel, pidfd)."""
         import multiprocess
-        from emu.dom0 import dom0_main
         ours, theirs = multiprocess.Pipe(duplex=True)
 
         def body():
             self.R.drop_for_guest()
             keep_only_fds(theirs.fileno())
             theirs.send_bytes(msgpack.packb([PROTO, "ready", {}]))
-            dom0_main(theirs, self.dom0_log_path, self.dom0_fsync,
-                      dict(self.dom0_hooks, pause=self.dom0_paused))
+            main(theirs)
         pid = fork_child(body)
         theirs.close()
-        self.dom0 = (pid, ours, os.pidfd_open(pid))
+        return pid, ours, os.pidfd_open(pid)
+
+    def _start_dom0(self) -> None:
+        """Fork Dom0's logger. Its channel is the only one that accepts privileged
+        hypercalls."""
+        from emu.dom0 import dom0_main
+        hooks = dict(self.dom0_hooks, pause=self.dom0_paused)
+        self.dom0 = self._fork_domain(
+            lambda ch: dom0_main(ch, self.dom0_log_path, self.dom0_fsync, hooks))
 
     def _start_guest(self, d: int) -> None:
-        """Fork guest domain ``d``'s kernel: like Dom0, only its channel, which the
-        coordinator serves as domain ``d`` (the domid comes from the channel, never
-        from the message)."""
-        import multiprocess
+        """Fork guest domain ``d``'s kernel. The coordinator serves its channel as
+        domain ``d``: the domid comes from the channel, never from the message."""
         from emu.guest import guest_main
-        ours, theirs = multiprocess.Pipe(duplex=True)
         path = self.guest_log_path(d)
         hooks = dict(self.guest_hooks.get(d, {}))
         hooks.setdefault("reply_spin_s", self.guest_spin_s)
-
-        def body():
-            self.R.drop_for_guest()
-            keep_only_fds(theirs.fileno())
-            theirs.send_bytes(msgpack.packb([PROTO, "ready", {}]))
-            guest_main(d, theirs, path, hooks)
-        pid = fork_child(body)
-        theirs.close()
-        self.guests[d] = (pid, ours, os.pidfd_open(pid))
+        self.guests[d] = self._fork_domain(lambda ch: guest_main(d, ch, path, hooks))
         self.guest_exits.pop(d, None)
 
     def guest_log_path(self, d: int) -> str:
