@@ -14,6 +14,7 @@ Requests arrive as msgpack arrays ``[1, command, args]`` on one pipe.
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import time
@@ -53,7 +54,7 @@ def keep_only_fds(*keep: int) -> None:
     for fd in sorted(keep):
         os.closerange(lo, fd)
         lo = fd + 1
-    os.closerange(lo, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") < 1 << 20 else 1 << 16)
+    os.closerange(lo, resource.getrlimit(resource.RLIMIT_NOFILE)[0])   # no fd is above it
     # sys.stdout/err may have been objects over other descriptors (pytest's capture
     # does that): speak to fds 1 and 2 themselves from now on.
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
