@@ -349,6 +349,10 @@ class Dom0Logger:
                 os._exit(9)
             self.log.append([line])
         self._maybe_die("after_write")
+        if self.hooks.get("forge_ack") and self.fetched == 1:
+            # Test hook: a buggy or hostile logger acks an id that is not the head.
+            ok, acked = self.ch.request("ack", {"cls": item.get("cls", cls), "id": rid + 1})
+            self.forged = {"ok": ok, "acked": acked}
         ok, acked = self.ch.request("ack", {"cls": item.get("cls", cls), "id": rid})
         if not ok or not acked:
             # Not the head any more (someone else acked it?): stop this class rather
@@ -378,7 +382,8 @@ def dom0_main(conn, log_path, fsync: bool = True, hooks: dict | None = None, *,
 
     ``hooks``: ``{"die_at": "before_write"|"mid_write"|"after_write"|"after_ack",
     "die_count": n}`` → ``os._exit(9)`` at that point of the n-th fetched record
-    (``mid_write`` leaves half a line: a torn write); ``{"pause": True}`` → no fetch
+    (``mid_write`` leaves half a line: a torn write); ``{"forge_ack": True}`` → before
+    acking the first record, ack a non-head id; ``{"pause": True}`` → no fetch
     until a ``resume`` notification. ``kernel_log_path``: Dom0 kernel's own #MC log
     (default ``<log_path>.kernel``). Returns on ``quit`` or when the channel closes;
     the return value is the number of malformed messages dropped.

@@ -190,3 +190,57 @@ def test_records_of_a_trial_that_resets_in_its_softirq_are_lost_with_a_reason(em
         assert x["state"] == ("committed" if e["action"] == "recovered" else "uncommitted")
         assert len(e["dom0_log"]) == (x["state"] == "committed")
     assert r["latency_us"]["dom0_logged"] is None
+
+
+def test_a_forged_ack_of_a_non_head_id_is_refused_and_counted(emu_machine):
+    m = emu_machine(extra={"dom0_hooks": {"forge_ack": True}})
+    r = m.inject(srao(0, 0x1E0))
+    d = r["errors"][0]["dom0_log"]
+    assert r["outcome"] == "recovered" and [x["count"] for x in d] == [1]
+    assert r["dom0"]["refused"] == 1
+    assert log_ids(r["dom0_log_path"]) == Counter({d[0]["id"]: 1})
+
+
+def test_dom0_sigkilled_at_random_moments_logs_every_record_exactly_once(emu_machine):
+    """Many real SIGKILLs of Dom0 while it logs: whatever point of fetch / write /
+    ack each one hits, every record ends in the durable log exactly once."""
+    import random
+    import threading
+
+    import psutil
+    m = emu_machine(guests=0)
+    cpus = set(m.cpu_pids.values())
+    coord = psutil.Process(m.pid)
+    stop = threading.Event()
+    kills = []
+    rng = random.Random(7)
+
+    def killer():
+        while not stop.wait(rng.uniform(0.21, 0.3)):   # the restart limit is 5 per second
+            dom0 = [p.pid for p in coord.children() if p.pid not in cpus]
+            if dom0:
+                stop.wait(rng.uniform(0, 0.003))        # land anywhere in a drain
+                try:
+                    os.kill(dom0[0], signal.SIGKILL)
+                    kills.append(dom0[0])
+                except ProcessLookupError:
+                    pass
+    t = threading.Thread(target=killer)
+    t.start()
+    rids = []
+    try:
+        for k in range(2000):   # until 8 kills (about 2 s)
+            r = m.inject(srao(k % 4, 0x180 + k % 0x80))
+            assert r["outcome"] == "recovered", r
+            rids += [x["id"] for x in r["errors"][0]["dom0_log"]]
+            if len(kills) >= 8:
+                break
+    finally:
+        stop.set()
+        t.join()
+    assert len(kills) >= 5
+    assert m.dom0_drain(timeout_s=10)["drained"]
+    counts = log_ids(r["dom0_log_path"])
+    assert len(rids) == len(set(rids)) >= 20
+    assert {i: counts[i] for i in rids} == {i: 1 for i in rids}
+    assert all(n == 1 for n in counts.values())
