@@ -280,3 +280,20 @@ def test_oracle_flags_a_vmce_to_the_wrong_domain_or_with_mscod():
     assert any("MSCOD" in f for f in found) and any("expected DOM1" in f for f in found)
     res["vmce_policy"] = "dom0"
     assert not any("expected DOM" in f for f in check_trial(res, topo))
+
+
+def test_a_guest_process_sigkilled_crashes_only_its_domain(emu_machine):
+    import signal
+    m = emu_machine()
+    os.kill(m.snapshot()["dom_pids"][1], signal.SIGKILL)
+    r = m.inject(SRAO_MEM)                       # the machine keeps running
+    assert r["outcome"] == "recovered"
+    d1 = _domain(r, 1)
+    assert d1["state"] == "crashed" and d1["crash_reason"] == "killed"
+    assert d1["process"] == "ended" and d1["process_end"] == "process died"
+    # an error in its memory: Xen still injects (the p2m is HAP), nobody takes it
+    r = m.inject(_err(SRAO_MEM_ERR[0], 0x181020, 1))
+    v = r["errors"][0]["vmce"]
+    assert r["outcome"] == "recovered" and v["delivered"] == [] and not v["guest_handled"]
+    assert m.reset()["boot"] >= 2
+    assert [d["state"] for d in m.domains()] == ["running", "running"]   # a reset restarts it
