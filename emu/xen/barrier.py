@@ -28,9 +28,6 @@ class McaBarrier:
         self.off = off
         self.online = R.L.online
 
-    def num_online_cpus(self) -> int:
-        return self.X.load(self.online)
-
     def mce_barrier_enter(self, wait: bool, yp, check) -> None:
         if not wait:
             return

@@ -47,8 +47,10 @@ class McAction:
                     offline=offline_status_names(st))
         if st & PG_OFFLINE_XENPAGE:
             info["impacted_domain"] = DOMID_XEN   # for the result; Xen leaves mc_domid
-        elif st & PG_OFFLINE_OWNED or st & PG_OFFLINE_AGAIN and crash >= 0:
-            info["impacted_domain"] = crash if crash >= 0 else (st >> PG_OFFLINE_OWNER_SHIFT) & 0xFFFF
+        elif crash >= 0:                       # AGAIN: the owner touched it again
+            info["impacted_domain"] = crash
+        elif st & PG_OFFLINE_OWNED:
+            info["impacted_domain"] = (st >> PG_OFFLINE_OWNER_SHIFT) & 0xFFFF
         if crash >= 0:
             self.vmce.domain_crash(crash, 3)
             info["crashed"] = crash

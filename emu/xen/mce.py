@@ -114,7 +114,6 @@ class XenCpu:
         self._reached_off = self.pc(R.L.P_REACHED)
         self._progress_off = R.L.progress
         self._hooked = bool(self.kill_phase or self.stall_phase)
-        self._gen = 0              # trial generation of the #MC being handled
         self._urgent = (None, None)  # (slot, record) kept from logout for the urgent action
         self.vmce = vmce.Vmce(R)
         self.mcaction = mcaction.McAction(self)
