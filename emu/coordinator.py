@@ -85,6 +85,7 @@ class Coordinator:
         self.guest_hooks: dict = dict(cfg.extra.get("guest_hooks", {}))
         self.guest_exits: dict[int, str] = {}         # domid -> why its process ended
         self.vmce_seen = 0
+        self._vmce_retry = False
         self.delivered: list[dict] = []               # vMCEs passed to domain processes
         self.probes: dict[int, dict] = {}             # domid -> last probe result
         self.ready_doms: set[int] = set()
@@ -320,16 +321,20 @@ class Coordinator:
         """Deliver pending vMCEs: HVM intack / PV bounce clears ``mce_pending``, and
         the domain's kernel takes the #MC (a message to its process)."""
         vc = self.R.X.load(self.R.L.vm.vmce_count)
-        if vc == self.vmce_seen:
+        if vc == self.vmce_seen and not self._vmce_retry:
             return
         self.vmce_seen = vc
+        self._vmce_retry = False
         for d in self.domids:
-            vcpus = [v for v in self.vmce.pending_vcpus(d) if self.vmce.ack_pending(d, v)]
-            if not vcpus:
+            if not self.vmce.pending_vcpus(d):
                 continue
             conn = self.dom0[1] if d == 0 and self.dom0 else \
                 self.guests[d][1] if d in self.guests else None
-            if conn is None or not self.vmce.is_running(d):
+            if conn is None and d == 0 and self.vmce.is_running(0):
+                self._vmce_retry = True   # Dom0's process is restarting: deliver later
+                continue
+            vcpus = [v for v in self.vmce.pending_vcpus(d) if self.vmce.ack_pending(d, v)]
+            if conn is None or not vcpus or not self.vmce.is_running(d):
                 continue
             try:
                 conn.send_bytes(msgpack.packb([PROTO, "vmce", {"vcpus": vcpus}]))
