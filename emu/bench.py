@@ -5,10 +5,12 @@ package-scoped bank, and record injection → every CPU has left the #MC handler
 (``latency_us.handler_exit``), plus the later phases, and injection → the record is
 in Dom0's log (``latency_us.dom0_logged``: fetched, written, fsync'd, acked). Then
 the same again with Dom0's fsync off (``dom0_logged_nofsync_*``, with the handler
-exit of that run beside it). Just before each CPU count, the floor: the one-way
-wake-up of a process sleeping in FUTEX_WAIT by another process. Reports medians and
-p99, and ratios to the floor; boot time (median and max of five boots); USS per CPU process; the filesystem of
-Dom0's log (fsync's cost is the disk's).
+exit of that run beside it), and with every error in a fresh page of guest 1
+(``guest_handled_*``: the guest's own handler is done). Just before each CPU count,
+the floor: the one-way wake-up of a process sleeping in FUTEX_WAIT by another
+process. Reports medians and p99, and ratios to the floor; boot time (median and max
+of five boots); USS per CPU process; the filesystem of Dom0's log (fsync's cost is
+the disk's).
 """
 from __future__ import annotations
 
