@@ -26,6 +26,8 @@ def _machine_args(p):
     p.add_argument("--no-pin", action="store_true",
                    help="let the host scheduler move CPU processes between cores")
     p.add_argument("--guests", type=int, default=1, help="HVM guests besides Dom0 (default 1)")
+    p.add_argument("--memory-pages", type=int, default=16384,
+                   help="machine pages of 4 KiB (default 16384; each domain owns 4096)")
     p.add_argument("--guest-vcpus", type=int, default=2, help="vCPUs per guest (default 2)")
     p.add_argument("--vmce-policy", default="owner",
                    help="owner: vMCE to the impacted domain (default); dom0: to Dom0 only")
@@ -36,7 +38,8 @@ def _config(a):
     extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) else {}
     return MachineConfig(topology=a.topology, nbanks=a.banks, bank_scopes=a.bank_scopes,
                          handler=a.handler, seed=a.seed, chaos=a.chaos, watchdog_s=a.watchdog,
-                         ser=not a.no_ser, pin_cpus=not a.no_pin, guests=a.guests, guest_vcpus=a.guest_vcpus,
+                         ser=not a.no_ser, pin_cpus=not a.no_pin, guests=a.guests,
+                         memory_pages=a.memory_pages, guest_vcpus=a.guest_vcpus,
                          vmce_policy=a.vmce_policy, extra=extra).validate()
 
 

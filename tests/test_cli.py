@@ -64,6 +64,8 @@ def test_run_several_errors_and_lmce_decimal_numbers():
     (["--handler", "nope"], "handler"),
     (["--watchdog", "-1"], "watchdog"),
     (["--guests", "9"], "guests"),
+    (["--guests", "3"], "guests"),             # 3 guests need --memory-pages 20480
+    (["--memory-pages", "12"], "memory-pages"),
     (["--guest-vcpus", "0"], "guest-vcpus"),
     (["--vmce-policy", "everyone"], "vmce-policy"),
     (["--error", "cpu=0 bank=8 status=0xBD000000004000CF addr=0x180020 domain=2"],
@@ -97,3 +99,12 @@ def test_run_error_in_a_guest_page_reaches_the_guest_handler():
             "cpu=2 bank=7 status=0xBD2000008000017A addr=0x180020 misc=0x86 mcg=0x5 domain=1")
     assert q.returncode == 0, q.stderr
     assert "vMCE to DOM0 vCPUs [0, 1]: handled by its kernel" in q.stdout
+
+
+def test_more_guests_with_more_memory():
+    p = emu("run", "--json", "--guests", "3", "--memory-pages", "20480", "--error",
+            "cpu=0 bank=8 status=0xBD000000004000CF addr=0x180020 misc=0x86 mcg=0x5 domain=3")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert [d["domid"] for d in r["domains"]] == [0, 1, 2, 3]
+    assert r["errors"][0]["vmce"]["domain"] == 3 and r["errors"][0]["vmce"]["guest_handled"]
