@@ -445,7 +445,7 @@ class XenCpu:
         """Walk the bank records with the urgent or deferred handler table (§3.3)."""
         worst = sev.MCER_NOERROR
         for b in rec["b"]:
-            bank, status = b[0], b[1]
+            status = b[1]
             if urgent:
                 r = sev.urgent_default_action(status, self.ser)
                 info = None

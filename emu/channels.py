@@ -1,0 +1,511 @@
+"""Domain processes and their channels: Dom0's logger and the guests' kernels.
+
+Modelled: what the hypervisor offers a domain. Each domain process (forked at boot,
+with no view of hardware or Xen memory) has one channel, and the coordinator serves
+it as that domain: the domid comes from the channel, never from a message. On it,
+Dom0 alone makes the privileged ``HYPERVISOR_mca`` calls (fetch, ack); every domain
+makes trapped MSR accesses (vmce.c's rules) and reports its #MC handler; VIRQ_MCA
+and vMCE# go the other way as notifications. Also here: restarting a dead Dom0
+(exactly-once logging from its durable file), Dom0 pause/resume, ending the process
+of a crashed domain, and what the guests did in a trial.
+
+Not modelled: event channels and grant tables as such; the xenstore toolstack.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import select
+import signal
+import time
+
+import msgpack
+
+from emu.errors import EmulatorInternalError, UsageError
+from emu.hw import msr
+from emu.hw.cpu import fork_child
+
+PROTO = 1
+GUEST_SPIN_S = 0.0002  # see Coordinator._poll
+
+
+def keep_only_fds(*keep: int) -> None:
+    """In a forked domain process: close every inherited descriptor but stdio and
+    ``keep`` (its own channel), so it cannot speak on Dom0's or another guest's
+    channel, nor the front end's. Nothing in the child closes the stale objects
+    later (it leaves with ``os._exit``)."""
+    import io
+    import sys
+    lo = 3
+    for fd in sorted(keep):
+        os.closerange(lo, fd)
+        lo = fd + 1
+    os.closerange(lo, resource.getrlimit(resource.RLIMIT_NOFILE)[0])   # no fd is above it
+    # sys.stdout/err may have been objects over other descriptors (pytest's capture
+    # does that): speak to fds 1 and 2 themselves from now on.
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+
+
+class DomainChannels:
+    """The domain side of :class:`emu.coordinator.Coordinator` (a mixin: it uses the
+    coordinator's regions, telemetry, vMCE table and ``_poll``)."""
+
+    # -- Dom0 ----------------------------------------------------------------------------
+    def _fork_domain(self, main) -> tuple:
+        """Fork a domain's process: it unmaps hardware and Xen memory, closes every
+        descriptor but its channel, says ``ready``, then runs ``main(channel)``.
+        Returns (pid, our end of the channel, pidfd)."""
+        import multiprocess
+        ours, theirs = multiprocess.Pipe(duplex=True)
+
+        def body():
+            self.R.drop_for_guest()
+            keep_only_fds(theirs.fileno())
+            theirs.send_bytes(msgpack.packb([PROTO, "ready", {}]))
+            main(theirs)
+        pid = fork_child(body)
+        theirs.close()
+        return pid, ours, os.pidfd_open(pid)
+
+    def _start_dom0(self) -> None:
+        """Fork Dom0's logger. Its channel is the only one that accepts privileged
+        hypercalls."""
+        from emu.dom0 import dom0_main
+        hooks = dict(self.dom0_hooks, pause=self.dom0_paused)
+        self.dom0 = self._fork_domain(
+            lambda ch: dom0_main(ch, self.dom0_log_path, self.dom0_fsync, hooks))
+
+    def _start_guest(self, d: int) -> None:
+        """Fork guest domain ``d``'s kernel. The coordinator serves its channel as
+        domain ``d``: the domid comes from the channel, never from the message."""
+        from emu.guest import guest_main
+        path = self.guest_log_path(d)
+        hooks = dict(self.guest_hooks.get(d, {}))
+        hooks.setdefault("reply_spin_s", self.guest_spin_s)
+        self.guests[d] = self._fork_domain(lambda ch: guest_main(d, ch, path, hooks))
+        self.guest_exits.pop(d, None)
+
+    def guest_log_path(self, d: int) -> str:
+        return os.path.join(self.log_dir, f"dom{d}.guest.jsonl")
+
+    def _stop_guest(self, d: int, why: str) -> None:
+        g = self.guests.pop(d, None)
+        if g is None:
+            return
+        pid, conn, pidfd = g
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        conn.close()
+        os.close(pidfd)
+        self.guest_exits[d] = why
+
+    def _stop_guests(self) -> None:
+        for d in list(self.guests):
+            self._stop_guest(d, "machine reset")
+
+    def _stop_dom0(self) -> None:
+        if self.dom0 is None:
+            return
+        pid, conn, pidfd = self.dom0
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        conn.close()
+        os.close(pidfd)
+        self.dom0 = None
+
+    def _reconcile_logged(self) -> None:
+        """A Dom0 that died after its write (or ack) never said ``logged``; its
+        durable log is the truth, so recount from it (complete lines only)."""
+        import json
+        counts: dict[int, int] = {}
+        try:
+            with open(self.dom0_log_path, "rb") as f:
+                for raw in f:
+                    if raw.endswith(b"\n"):
+                        try:
+                            rid = int(json.loads(raw)["id"])
+                        except (ValueError, KeyError, TypeError):
+                            continue
+                        counts[rid] = counts.get(rid, 0) + 1
+        except FileNotFoundError:
+            return
+        now = time.monotonic_ns()
+        for rid, n in counts.items():
+            self.logged.setdefault(rid, [0, now])[0] = n
+            self._acked_unlogged.discard(rid)
+            self._rid_origin.pop(rid, None)
+
+    def _last_boot_in_log(self) -> int:
+        """Record ids are boot<<32 | seq, and Dom0 takes an id already in its log for
+        one it wrote before a crash (acked, not written again). A machine appending
+        to an existing log (a reused log_dir) so continues that log's boot numbering,
+        or its records would be acked as logged and never written."""
+        import json
+        last = 0
+        try:
+            with open(self.dom0_log_path, "rb") as f:
+                for raw in f:
+                    try:
+                        last = max(last, int(json.loads(raw)["id"]) >> 32)
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        except FileNotFoundError:
+            pass
+        return last
+
+    def _dom0_fds(self) -> list:
+        fds = [self.dom0[1].fileno(), self.dom0[2]] if self.dom0 else []
+        for _, conn, pidfd in self.guests.values():
+            fds += [conn.fileno(), pidfd]
+        return fds
+
+    def _service_guests(self, ready) -> None:
+        """Serve guests' requests (as their own domain only); end the process of a
+        crashed domain; a guest process that died on its own crashes its domain."""
+        for d, (pid, conn, pidfd) in list(self.guests.items()):
+            if pidfd in ready:
+                self.vmce.domain_crash(d, 4)
+                self._stop_guest(d, "process died")
+                continue
+            if not self.vmce.is_running(d):
+                self._stop_guest(d, "domain crashed")
+                continue
+            self._serve_channel(conn, d, ready)
+
+    def _serve_channel(self, conn, d: int, ready) -> None:
+        """Serve what domain ``d`` has sent (see ``_poll`` for the short wait after).
+        Readiness comes from select (``Connection.poll`` builds a selector per call:
+        measured as the coordinator's largest cost while a guest handles a vMCE)."""
+        fd = conn.fileno()
+        if fd not in ready:
+            return
+        while True:
+            try:
+                raw = conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            self._hypercall(conn, raw, d)
+            self._served += 1
+            if not select.select([fd], [], [], 0)[0]:
+                return
+
+    def _deliver_vmce(self) -> None:
+        """Deliver pending vMCEs: HVM intack / PV bounce clears ``mce_pending``, and
+        the domain's kernel takes the #MC (a message to its process)."""
+        vc = self.R.X.load(self.R.L.vm.vmce_count)
+        if vc == self.vmce_seen and not self._vmce_retry:
+            return
+        self.vmce_seen = vc
+        self._vmce_retry = False
+        for d in self.domids:
+            if not self.vmce.pending_vcpus(d):
+                continue
+            conn = self.dom0[1] if d == 0 and self.dom0 else \
+                self.guests[d][1] if d in self.guests else None
+            if conn is None and d == 0 and self.vmce.is_running(0):
+                self._vmce_retry = True   # Dom0's process is restarting: deliver later
+                continue
+            vcpus = [v for v in self.vmce.pending_vcpus(d) if self.vmce.ack_pending(d, v)]
+            if conn is None or not vcpus or not self.vmce.is_running(d):
+                continue
+            try:
+                conn.send_bytes(msgpack.packb([PROTO, "vmce", {"vcpus": vcpus}]))
+            except OSError:
+                continue
+            self.delivered.append({"domid": d, "vcpus": vcpus, "t": time.monotonic_ns()})
+
+    def _service(self, ready) -> None:
+        """Serve Dom0's hypercalls; forward VIRQ_MCA; restart a dead Dom0."""
+        if self.dom0 is None:
+            return
+        pid, conn, pidfd = self.dom0
+        if pidfd in ready:
+            # Dom0 died (e.g. SIGKILL mid-log): reap it and start it again; it
+            # fetches from the head again, and its durable log dedups.
+            conn.close()
+            os.close(pidfd)
+            how = "unknown"
+            try:
+                _, st = os.waitpid(pid, 0)
+                how = (f"signal {os.WTERMSIG(st)}" if os.WIFSIGNALED(st)
+                       else f"exit {os.WEXITSTATUS(st)}")
+            except ChildProcessError:
+                pass
+            self.dom0 = None
+            self.dom0_restarts += 1
+            self.dom0_exits.append(how)
+            self.dom0_hooks.pop("die_at", None)   # a fault hook fires once
+            now = time.monotonic()
+            self.dom0_deaths = [t for t in self.dom0_deaths if now - t < 1.0] + [now]
+            if len(self.dom0_deaths) > 5:
+                print("coordinator: Dom0 keeps dying; not restarting it", flush=True)
+                return
+            self._reconcile_logged()
+            self._start_dom0()
+            return
+        self._serve_channel(conn, 0, ready)
+        if self.dom0 is None:
+            return
+        vc = self.R.X.load(self.R.L.vm.virq_count)
+        if vc != self.virq_seen:
+            self.virq_seen = vc
+            self._notify_dom0("virq")
+
+    def _notify_dom0(self, name: str) -> bool:
+        """Send a notification; False if Dom0 is not there to get it. One that died
+        just now is reaped and restarted at the next poll (its pidfd says so), and a
+        restarted Dom0 drains and knows whether it is paused anyway."""
+        if self.dom0 is None:
+            return False
+        try:
+            self.dom0[1].send_bytes(msgpack.packb([PROTO, name, {}]))
+            return True
+        except OSError:
+            return False
+
+    def _hypercall(self, conn, raw: bytes, domid: int = 0) -> None:
+        """One request from domain ``domid``'s channel."""
+        from emu.xen.mctelem import CLASS_NAMES
+        try:
+            ver, cmd, args = msgpack.unpackb(raw, strict_map_key=False)
+            if ver != PROTO or not isinstance(args, dict):
+                raise ValueError("bad message")
+        except Exception:  # noqa: BLE001 - a malformed message is refused and counted
+            self.refused += 1
+            return
+        if cmd == "ready":   # the process has dropped its view of the shared regions
+            self.ready_doms.add(domid)
+            return
+        if cmd in ("handled", "probe_result"):
+            pass
+        elif domid != 0 and cmd in ("fetch", "ack", "logged", "paused"):
+            # HYPERVISOR_mca is privileged (XSM): only the hardware domain may use it.
+            self.refused += 1
+            self.refused_by.setdefault(domid, []).append(cmd)
+            if cmd in ("fetch", "ack"):
+                conn.send_bytes(msgpack.packb([False, {"type": "EPERM",
+                                                       "message": f"{cmd}: not privileged"}]))
+            return
+        if cmd in ("fetch", "ack"):
+            cls = CLASS_NAMES.index(args.get("cls")) if args.get("cls") in CLASS_NAMES else None
+            if cls is None:
+                self.refused += 1
+                conn.send_bytes(msgpack.packb([False, {"type": "EINVAL", "message": "cls"}]))
+                return
+            if cmd == "fetch":
+                i = self.tele.consume_oldest_begin(cls)
+                if i is None:
+                    conn.send_bytes(msgpack.packb([True, None]))
+                    return
+                rec = self.tele.read(i)
+                out = {"id": self.tele.record_id(i), "cls": CLASS_NAMES[cls],
+                       "source": {1: "mce", 2: "poll", 3: "poll", 4: "boot"}.get(rec.get("who"), "mce"),
+                       "record": rec}
+                self.tele.consume_oldest_end(i)
+                conn.send_bytes(msgpack.packb([True, out]))
+            else:
+                ok = self.tele.mctelem_ack(cls, int(args.get("id", 0)))
+                if not ok:
+                    self.refused += 1
+                else:
+                    self._acked_unlogged.add(int(args.get("id", 0)))
+                conn.send_bytes(msgpack.packb([True, ok]))
+        elif cmd == "logged":
+            now = time.monotonic_ns()
+            for rid in args.get("ids", []):
+                ent = self.logged.setdefault(int(rid), [0, now])
+                ent[0] += 1
+                self._acked_unlogged.discard(int(rid))
+                self._rid_origin.pop(int(rid), None)
+        elif cmd == "paused":
+            self._pause_acked = True
+        elif cmd in ("rdmsr", "wrmsr"):
+            from emu.xen.vmce import GeneralProtection
+            try:
+                if cmd == "rdmsr":
+                    v = self.vmce.vmce_rdmsr(domid, int(args["vcpu"]), int(args["msr"]))
+                else:
+                    self.vmce.vmce_wrmsr(domid, int(args["vcpu"]), int(args["msr"]),
+                                         int(args["value"]))
+                    v = None
+                conn.send_bytes(msgpack.packb([True, v]))
+            except GeneralProtection as gp:
+                conn.send_bytes(msgpack.packb([False, {"type": "GP", "message": str(gp)}]))
+            except (KeyError, TypeError, ValueError):
+                self.refused += 1
+                conn.send_bytes(msgpack.packb([False, {"type": "EINVAL", "message": cmd}]))
+        elif cmd == "handled":
+            self.handled.append(dict(args, domid=domid, t=time.monotonic_ns()))
+        elif cmd == "probe_result":
+            self.probes[domid] = args
+        else:
+            self.refused += 1
+
+    # -- Dom0 control (the front door's dom0_pause / dom0_resume / ...) ----------------
+    DOM0_OPS = ("pause", "resume", "status", "drain")
+    PAUSE_ACK_S = 10.0
+
+    def dom0_command(self, args: dict) -> dict:
+        op = args.get("op") if isinstance(args, dict) else None
+        if op not in self.DOM0_OPS:
+            raise UsageError("dom0.op", f"{op!r}: use one of {', '.join(self.DOM0_OPS)}")
+        self._poll(0)   # a Dom0 death or message already pending counts in the answer
+        if op == "pause":
+            self._dom0_pause()
+        elif op == "resume":
+            self.dom0_paused = False
+            self._notify_dom0("resume")   # Dom0 drains on resume: no VIRQ is lost
+        elif op == "drain":
+            t = args.get("timeout_s", 10.0)
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 3600:
+                raise UsageError("dom0.timeout_s", f"{t!r}: give seconds, 0 < timeout_s <= 3600")
+            if self.dom0_paused:
+                raise UsageError("dom0", "Dom0 is paused and fetches nothing; resume it first")
+            deadline = time.monotonic() + t
+            while not self._dom0_drained() and time.monotonic() < deadline:
+                self._poll(0.02)
+        return self._dom0_status()
+
+    def _dom0_pause(self) -> None:
+        """Pause Dom0's logger and wait until it confirms: from then on it fetches
+        nothing, so what stays in Xen's pool is deterministic."""
+        self.dom0_paused = True
+        self._pause_acked = False
+        if not self._notify_dom0("pause"):
+            return
+        pid = self.dom0[0]
+        deadline = time.monotonic() + self.PAUSE_ACK_S
+        # A Dom0 that dies meanwhile is restarted paused: that is a pause too.
+        while not self._pause_acked and self.dom0 is not None and self.dom0[0] == pid:
+            if time.monotonic() > deadline:
+                raise EmulatorInternalError(f"Dom0 did not confirm the pause in "
+                                            f"{self.PAUSE_ACK_S} s")
+            self._poll(0.02)
+
+    def _dom0_drained(self) -> bool:
+        """Everything Xen committed has been fetched, acked and reported logged."""
+        return not self._acked_unlogged and not any(
+            h["state"] in ("committed", "processing") for h in self.tele.in_use())
+
+    def _dom0_status(self) -> dict:
+        held = self.tele.in_use()
+        by_state = {k: sorted(h["id"] for h in held if h["state"] == k)
+                    for k in ("uncommitted", "committed", "processing")}
+        return {"paused": self.dom0_paused, "pid": self.dom0[0] if self.dom0 else None,
+                "restarts": self.dom0_restarts, "refused": self.refused,
+                "logged": sum(1 for v in self.logged.values() if v[0] > 0),
+                "logged_more_than_once": sorted(r for r, v in self.logged.items() if v[0] > 1),
+                "drained": self._dom0_drained(), "lost_at_reset": self.lost_total,
+                "pool": {"free": self.tele.free_count(), "drops": self.tele.drops(),
+                         **by_state},
+                "log_path": self.dom0_log_path}
+
+    def _domain_alive(self, d: int) -> bool:
+        up = self.dom0 is not None if d == 0 else d in self.guests
+        return up and self.vmce.is_running(d)
+
+    def _guest_results(self, res: dict, t0: int, timeout_s: float) -> None:
+        """Wait (up to ``timeout_s``) for the kernels that got a vMCE in this trial to
+        report their handler, then fill each error's ``vmce`` and the latency."""
+        want = [e["vmce"] for e in res["errors"] if e.get("vmce")]
+
+        def reports(v):
+            return [h for h in self.handled
+                    if h["domid"] == v["domain"] and h["t"] >= t0 and h.get("vcpu") in v["vcpus"]]
+
+        def waiting():
+            return any({h["vcpu"] for h in reports(v)} < set(v["vcpus"])
+                       and self._domain_alive(v["domain"]) for v in want)
+        deadline = time.monotonic() + timeout_s
+        while want and waiting() and time.monotonic() < deadline:
+            self._poll(0.02)
+        t_done = []
+        for v in want:
+            rs = sorted(reports(v), key=lambda h: h["t"])
+            if isinstance(v.get("gaddr"), int):
+                v["gaddr"] = msr.hexs(v["gaddr"])
+            v["delivered"] = sorted({c for dl in self.delivered if dl["domid"] == v["domain"]
+                                     and dl["t"] >= t0 for c in dl["vcpus"]})
+            v["guest_handled"] = bool(v["vcpus"]) and {h["vcpu"] for h in rs} >= set(v["vcpus"])
+            # What the handler read on the vCPU that got the bank (vCPU0 on broadcast).
+            first = next((h for h in rs if h["read"].get("bank") is not None), rs[0] if rs else None)
+            v["guest_read"] = None if first is None else {
+                "vcpu": first["vcpu"], "bank": first["read"].get("bank"),
+                **{k: msr.hexs(first["read"].get(k) or 0)
+                   for k in ("mcg_status", "status", "addr", "misc")}}
+            v["guest_actions"] = [{"vcpu": h["vcpu"],
+                                   "mcg_status": msr.hexs(h["read"].get("mcg_status") or 0),
+                                   "banks": len(h.get("banks") or []),
+                                   "poisoned_pfn": h.get("poisoned_pfn"),
+                                   "killed": h.get("killed"), "cleared_mcip": h.get("cleared"),
+                                   "gp": h.get("gp") or []} for h in rs]
+            if v["guest_handled"]:
+                t_done.append(rs[-1]["t"])
+        res["latency_us"]["guest_handled"] = (round((max(t_done) - t0) / 1e3, 1)
+                                              if want and len(t_done) == len(want) else None)
+        res["domains"] = self._domains()
+
+    def _probe(self, args: dict) -> dict:
+        """Have guest ``domid``'s kernel make one access (see :func:`emu.guest._probe`)."""
+        d = args.get("domid")
+        if d not in self.guests:
+            raise UsageError("domid", f"{d!r}: no running guest with that id; guests: "
+                             f"{', '.join(map(str, sorted(self.guests))) or 'none'}")
+        req = {k: v for k, v in args.items() if k != "domid"}
+        self.probes.pop(d, None)
+        self.guests[d][1].send_bytes(msgpack.packb([PROTO, "probe", req]))
+        deadline = time.monotonic() + 10.0
+        while d not in self.probes and d in self.guests and time.monotonic() < deadline:
+            self._poll(0.02)
+        if d not in self.probes:
+            raise EmulatorInternalError(f"guest {d} did not answer the probe")
+        out = self.probes.pop(d)
+        out["refused"] = self.refused
+        return out
+
+    def _domains(self) -> list[dict]:
+        out = self.vmce.domains()
+        for d in out:
+            up = self.dom0 is not None if d["domid"] == 0 else d["domid"] in self.guests
+            d["process"] = "running" if up else "ended"
+            if d["domid"] in self.guest_exits:
+                d["process_end"] = self.guest_exits[d["domid"]]
+            if d["domid"]:
+                d["log"] = self.guest_log_path(d["domid"])
+        return out
+
+    def _await_logged(self, rids: set, timeout_s: float) -> None:
+        # A paused (or given-up) Dom0 fetches nothing: waiting would only burn the
+        # watchdog; those records are reported pending, not lost.
+        if self.dom0_paused or self.dom0 is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while any(r not in self.logged for r in rids) and time.monotonic() < deadline:
+            self._poll(0.02)
+
+    def _dom0_entry(self, rid: int, source: str, lost: dict, wd: float) -> dict:
+        n = self.logged.get(rid, [0])[0]
+        ent = {"id": rid, "count": n, "source": source}
+        if n:
+            return ent
+        if rid in lost:
+            ent["lost"] = lost[rid]
+        elif self.dom0_paused:
+            ent["pending"] = "Dom0 is paused: the record waits in Xen's telemetry pool"
+        elif self.dom0 is None:
+            ent["pending"] = ("Dom0 kept dying and is not restarted: the record waits in "
+                              "Xen's telemetry pool")
+        else:
+            ent["pending"] = (f"not logged by Dom0 within {wd:g} s: the record waits in "
+                              "Xen's telemetry pool")
+        return ent
