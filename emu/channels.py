@@ -47,6 +47,25 @@ def keep_only_fds(*keep: int) -> None:
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
 
 
+def _reap(pid: int, conn, pidfd: int) -> str:
+    """Kill (if still running) and reap a domain process, close its channel and
+    pidfd; return how it ended. A zombie is still ours, so the kill cannot hit a
+    recycled pid."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    how = "unknown"
+    try:
+        _, st = os.waitpid(pid, 0)
+        how = f"signal {os.WTERMSIG(st)}" if os.WIFSIGNALED(st) else f"exit {os.WEXITSTATUS(st)}"
+    except ChildProcessError:
+        pass
+    conn.close()
+    os.close(pidfd)
+    return how
+
+
 class DomainChannels:
     """The domain side of :class:`emu.coordinator.Coordinator` (a mixin: it uses the
     coordinator's regions, telemetry, vMCE table and ``_poll``)."""
@@ -91,37 +110,18 @@ class DomainChannels:
 
     def _stop_guest(self, d: int, why: str) -> None:
         g = self.guests.pop(d, None)
-        if g is None:
-            return
-        pid, conn, pidfd = g
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-        conn.close()
-        os.close(pidfd)
-        self.guest_exits[d] = why
+        if g is not None:
+            _reap(*g)
+            self.guest_exits[d] = why
 
     def _stop_guests(self) -> None:
         for d in list(self.guests):
             self._stop_guest(d, "machine reset")
 
     def _stop_dom0(self) -> None:
-        if self.dom0 is None:
-            return
-        pid, conn, pidfd = self.dom0
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        conn.close()
-        os.close(pidfd)
-        self.dom0 = None
+        if self.dom0 is not None:
+            _reap(*self.dom0)
+            self.dom0 = None
 
     def _reconcile_logged(self) -> None:
         """A Dom0 that died after its write (or ack) never said ``logged``; its
@@ -208,14 +208,15 @@ class DomainChannels:
         self.vmce_seen = vc
         self._vmce_retry = False
         for d in self.domids:
-            if not self.vmce.pending_vcpus(d):
+            pending = self.vmce.pending_vcpus(d)
+            if not pending:
                 continue
             conn = self.dom0[1] if d == 0 and self.dom0 else \
                 self.guests[d][1] if d in self.guests else None
             if conn is None and d == 0 and self.vmce.is_running(0):
                 self._vmce_retry = True   # Dom0's process is restarting: deliver later
                 continue
-            vcpus = [v for v in self.vmce.pending_vcpus(d) if self.vmce.ack_pending(d, v)]
+            vcpus = [v for v in pending if self.vmce.ack_pending(d, v)]
             if conn is None or not vcpus or not self.vmce.is_running(d):
                 continue
             try:
@@ -232,15 +233,7 @@ class DomainChannels:
         if pidfd in ready:
             # Dom0 died (e.g. SIGKILL mid-log): reap it and start it again; it
             # fetches from the head again, and its durable log dedups.
-            conn.close()
-            os.close(pidfd)
-            how = "unknown"
-            try:
-                _, st = os.waitpid(pid, 0)
-                how = (f"signal {os.WTERMSIG(st)}" if os.WIFSIGNALED(st)
-                       else f"exit {os.WEXITSTATUS(st)}")
-            except ChildProcessError:
-                pass
+            how = _reap(pid, conn, pidfd)
             self.dom0 = None
             self.dom0_restarts += 1
             self.dom0_exits.append(how)

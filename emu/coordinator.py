@@ -211,20 +211,17 @@ class Coordinator(DomainChannels):
         # A kernel's #MC handler (or Dom0's fetch/ack loop) makes its requests back to
         # back: after serving some, poll the domains' channels a little longer rather
         # than pay a sleep/wake-up pair for each request (GUEST_SPIN_S).
-        spin = self.guest_spin_s
-        end = time.monotonic() + spin
+        end = time.monotonic() + self.guest_spin_s
         while self._served and time.monotonic() < end:
-            self._served = 0
             rr, _, _ = select.select(self._dom0_fds(), [], [], 0)
             if not rr:
                 os.sched_yield()
-                self._served = 1
                 continue
             self._service(rr)
             self._service_guests(rr)
             self._deliver_vmce()
             r = list(r) + rr
-            end = time.monotonic() + spin
+            end = time.monotonic() + self.guest_spin_s
         self.last_ready = r
         return [c for c, fd in self.pidfds.items() if fd in r]
 
@@ -328,7 +325,7 @@ class Coordinator(DomainChannels):
         self.delivered.clear()
         errs, written, targets, mcg = self._inject(first, local)
         t0 = time.monotonic_ns()
-        sd = deliver_mc(self.R, self.banks, targets, mcg, self.cpu_pids, self.pgid, ring=False)
+        sd = deliver_mc(self.R, self.banks, targets, mcg, self.cpu_pids, self.pgid)
         wait_targets = {c: gen for c in targets}
         if sd is None and then:
             bit = 1 << PHASES.index(then["after_phase"])
@@ -342,8 +339,7 @@ class Coordinator(DomainChannels):
             X.store(L.trial_gen, gen)
             errs2, written2, targets2, mcg2 = self._inject(second, bool(then.get("local")))
             errs, written = errs + errs2, written + written2
-            sd = deliver_mc(self.R, self.banks, targets2, mcg2, self.cpu_pids, self.pgid,
-                            ring=False)
+            sd = deliver_mc(self.R, self.banks, targets2, mcg2, self.cpu_pids, self.pgid)
             wait_targets.update({c: gen for c in targets2})
             targets = sorted(set(targets) | set(targets2))
         outcome, detail = ("shutdown", {"cpu": sd}) if sd is not None else \

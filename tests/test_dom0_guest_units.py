@@ -352,6 +352,16 @@ def test_virq_coalescing_and_vmce_between_records(kids, tmp_path):
     assert x.handled[0]["cleared"] and x.v[0]["mcg_status"] == 0
 
 
+def _resume_logs_and_quits(x, conn, kids, pid, path, rid) -> None:
+    """Resume a paused Dom0: it logs ``rid`` (and nothing else), then quits cleanly."""
+    note(conn, "resume")
+    assert x.serve(conn, lambda: x.logged == [rid])
+    note(conn, "quit")
+    x.serve_to_eof(conn)
+    assert kids.wait(pid) == 0
+    assert log_ids(path) == [rid]
+
+
 def test_pause_resume(kids, tmp_path):
     x = FakeXen()
     rid = x.add("urgent")
@@ -362,12 +372,7 @@ def test_pause_resume(kids, tmp_path):
     note(conn, "vmce", {"vcpus": [0]})      # a marker: its rdmsr must come before any fetch
     assert x.serve(conn, lambda: len(x.handled) == 1)
     assert x.fetches() == [] and x.logged == []
-    note(conn, "resume")
-    assert x.serve(conn, lambda: x.logged == [rid])
-    note(conn, "quit")
-    x.serve_to_eof(conn)
-    assert kids.wait(pid) == 0
-    assert log_ids(path) == [rid]
+    _resume_logs_and_quits(x, conn, kids, pid, path, rid)
 
 
 def test_pause_notification_is_confirmed_and_stops_fetching(kids, tmp_path):
@@ -383,12 +388,7 @@ def test_pause_notification_is_confirmed_and_stops_fetching(kids, tmp_path):
     note(conn, "vmce", {"vcpus": [0]})      # a marker: handled after the virq
     assert x.serve(conn, lambda: len(x.handled) == 1)
     assert len(x.fetches()) == 2 and x.logged == []
-    note(conn, "resume")
-    assert x.serve(conn, lambda: x.logged == [rid])
-    note(conn, "quit")
-    x.serve_to_eof(conn)
-    assert kids.wait(pid) == 0
-    assert log_ids(path) == [rid]
+    _resume_logs_and_quits(x, conn, kids, pid, path, rid)
 
 
 def test_malformed_messages_are_dropped(kids, tmp_path):

@@ -37,6 +37,13 @@ def _domain(r, d):
     return next(x for x in r["domains"] if x["domid"] == d)
 
 
+def _vmce_left_unhandled(emu_machine, **kw):
+    """A machine whose guest 1 never runs its handler, after one SRAO in its memory:
+    vCPU0 keeps MCIP and the bank. Returns (machine, that trial's result)."""
+    m = emu_machine(extra={"guest_hooks": {1: {"ignore_vmce": True}}}, **kw)
+    return m, m.inject(_err(SRAO_MEM_ERR[0], 0x180020, 1), timeout_s=0.5)
+
+
 @pytest.mark.parametrize("kind", ["mem", "llc"])
 @pytest.mark.parametrize("target", [0, 1])
 def test_xen_srao_case_on_a_domain_page_reaches_its_own_handler(emu_machine, kind, target):
@@ -108,8 +115,7 @@ def test_dom0_policy_sends_the_vmce_to_dom0_only(emu_machine, kind):
 
 
 def test_guest_that_never_clears_mcip_is_crashed_at_the_next_vmce(emu_machine):
-    m = emu_machine(extra={"guest_hooks": {1: {"ignore_vmce": True}}})
-    r = m.inject(_err(SRAO_MEM_ERR[0], 0x180020, 1), timeout_s=0.5)
+    m, r = _vmce_left_unhandled(emu_machine)
     v = r["errors"][0]["vmce"]
     assert r["outcome"] == "recovered" and v["delivered"] == [0, 1] and not v["guest_handled"]
     r = m.inject(_err(SRAO_MEM_ERR[0], 0x181020, 1))
@@ -125,8 +131,7 @@ def test_guest_that_never_clears_mcip_is_crashed_at_the_next_vmce(emu_machine):
 
 
 def test_srar_whose_vmce_cannot_be_filled_resets_the_host(emu_machine):
-    m = emu_machine(extra={"guest_hooks": {1: {"ignore_vmce": True}}})
-    m.inject(_err(SRAO_MEM_ERR[0], 0x180020, 1), timeout_s=0.5)
+    m, _ = _vmce_left_unhandled(emu_machine)
     r = m.inject(_err(SRAR_DATA, 0x181020, 1))
     e = r["errors"][0]
     assert e["class"] == "srar"
@@ -180,8 +185,7 @@ def test_dom0_page_broken_twice_crashes_dom0_and_resets_the_host(emu_machine):
 
 
 def test_guest_gets_gp_on_nonzero_status_write_and_zero_clears(emu_machine):
-    m = emu_machine(extra={"guest_hooks": {1: {"ignore_vmce": True}}})
-    m.inject(_err(SRAO_MEM_ERR[0], 0x180020, 1), timeout_s=0.5)
+    m, _ = _vmce_left_unhandled(emu_machine)
     rd = m.guest_probe(1, "rdmsr", vcpu=0, msr=MC1_STATUS)
     assert rd["ok"] and rd["value"] == SRAO_MEM_ERR[1]
     wr = m.guest_probe(1, "wrmsr", vcpu=0, msr=MC1_STATUS, value=0x1234)
@@ -243,8 +247,7 @@ def test_guest_cannot_make_privileged_hypercalls(emu_machine):
 
 
 def test_guest_cannot_read_another_domains_vmce_state(emu_machine):
-    m = emu_machine(guests=2, extra={"guest_hooks": {1: {"ignore_vmce": True}}})
-    m.inject(_err(SRAO_MEM_ERR[0], 0x180020, 1), timeout_s=0.5)
+    m, _ = _vmce_left_unhandled(emu_machine, guests=2)
     assert m.guest_probe(1, "rdmsr", vcpu=0, msr=MC1_STATUS)["value"] == SRAO_MEM_ERR[1]
     # guest 2 names domain 1 in its request: the channel decides, not the message
     r = m.guest_probe(2, "call", cmd="rdmsr", args={"domid": 1, "vcpu": 0, "msr": MC1_STATUS})

@@ -112,14 +112,15 @@ def cpu_process(R, cpu: int, hooks: dict, pgid: int = 0) -> None:
 
 
 def deliver_mc(R, banks, targets: list[int], mcg_status: dict[int, int], pids: dict[int, int],
-               pgid: int | None = None, ring: bool = True):
+               pgid: int | None = None):
     """Raise #MC on ``targets``. Returns the CPU that shut down, or None.
 
     For each CPU: if MCIP is already set the processor shuts down (the caller
     resets the machine); else MCG_STATUS takes the event's value with MCIP. Then
     the signal: a broadcast to every CPU is one ``killpg`` to the CPUs' process
-    group, so they are woken together as by a hardware broadcast. ``ring=False``:
-    the caller rings the doorbells of CPUs that did not enter, a little later.
+    group, so they are woken together as by a hardware broadcast. The doorbells of
+    CPUs that did not enter are rung by the caller, a little later
+    (``Coordinator._ring_late``).
     """
     L, X = R.L, R.X
     for cpu in targets:
@@ -136,7 +137,4 @@ def deliver_mc(R, banks, targets: list[int], mcg_status: dict[int, int], pids: d
     else:
         for cpu in targets:
             os.kill(pids[cpu], SIG_MC)
-    if ring:
-        for cpu in targets:
-            R.ev.ring_doorbell(L.pc(cpu, L.P_DOORBELL), L.pc(cpu, L.P_SLEEP_OFF))
     return None

@@ -133,9 +133,6 @@ class Events:
                 return False
             if check is not None:
                 check()
-            if now < spin_end:
-                _sched_yield()
-                continue
             s = slice_s
             if deadline is not None:
                 s = min(s, (deadline - now) / 1e9)

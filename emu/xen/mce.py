@@ -158,20 +158,12 @@ class XenCpu:
 
     # -- MSR access (every one is a yield point) ---------------------------------------
     def rd_mcg_status(self) -> int:
-        """``mca_rdmsr(MSR_IA32_MCG_STATUS)`` without decoding the address."""
+        """Xen's ``mca_rdmsr(MSR_IA32_MCG_STATUS)``, by offset."""
         self.yp("rdmsr")
         return self._HW.load(self._mcg_status_off)
 
-    def mca_rdmsr(self, addr: int) -> int:
-        self.yp("rdmsr")
-        return self.banks.rdmsr(self.cpu, addr)
-
-    def mca_wrmsr(self, addr: int, value: int) -> None:
-        self.yp("wrmsr")
-        self.banks.wrmsr(self.cpu, addr, value)
-
     def rd_bank(self, i: int, reg: int) -> int:
-        """``mca_rdmsr(MSR_IA32_MCx_<reg>(i))`` without decoding the address."""
+        """Xen's ``mca_rdmsr(MSR_IA32_MCx_<reg>(i))``, by offset."""
         self.yp("rdmsr")
         return self._HW.load(self._boff[i][reg])
 
