@@ -194,12 +194,15 @@ class Coordinator(DomainChannels):
         self._kill_cpus()
 
     # -- helpers --------------------------------------------------------------------------
-    def _poll(self, timeout: float, extra=()) -> list[int]:
+    def _poll_fds(self, extra=()) -> list:
+        return list(self.pidfds.values()) + [self.R.efd] + self._dom0_fds() + list(extra)
+
+    def _poll(self, timeout: float, extra=(), ready=None) -> list[int]:
         """Sleep until something happens (an event, a death, Dom0 or ``extra``
-        readable); serve Dom0; return the CPUs that died."""
-        fds = list(self.pidfds.values())
-        r, _, _ = select.select(fds + [self.R.efd] + self._dom0_fds() + list(extra), [], [],
-                                timeout)
+        readable); serve Dom0; return the CPUs that died. ``ready``: the caller
+        has slept already, and this is what select returned."""
+        r = ready if ready is not None else select.select(self._poll_fds(extra), [], [],
+                                                          timeout)[0]
         try:
             os.eventfd_read(self.R.efd)
         except BlockingIOError:
@@ -324,8 +327,12 @@ class Coordinator(DomainChannels):
         self.handled.clear()
         self.delivered.clear()
         errs, written, targets, mcg = self._inject(first, local)
+        fds = self._poll_fds()
         t0 = time.monotonic_ns()
         sd = deliver_mc(self.R, self.banks, targets, mcg, self.cpu_pids, self.pgid)
+        # Straight to sleep: the signal woke CPUs on this core, and every microsecond
+        # of Python here before the coordinator blocks is taken from their handler.
+        ready = select.select(fds, [], [], RING_LATE_S)[0] if sd is None and not then else None
         wait_targets = {c: gen for c in targets}
         if sd is None and then:
             bit = 1 << PHASES.index(then["after_phase"])
@@ -343,7 +350,7 @@ class Coordinator(DomainChannels):
             wait_targets.update({c: gen for c in targets2})
             targets = sorted(set(targets) | set(targets2))
         outcome, detail = ("shutdown", {"cpu": sd}) if sd is not None else \
-            self._wait(wait_targets, timeout_s or self.cfg.watchdog_s)
+            self._wait(wait_targets, timeout_s or self.cfg.watchdog_s, ready, t0 / 1e9)
         res = self._collect(first_gen, errs, written, targets, t0, outcome, detail, local)
         wd = timeout_s or self.cfg.watchdog_s
         # Guests handle their vMCE after Xen's part is over; a host reset ends them.
@@ -444,11 +451,18 @@ class Coordinator(DomainChannels):
         self._acked_unlogged.clear()
         return out
 
-    def _wait(self, wait_targets: dict[int, int], watchdog_s: float):
+    def _wait(self, wait_targets: dict[int, int], watchdog_s: float, ready=None,
+              t_deliver: float | None = None):
+        """Wait for the trial's end. ``ready``: the caller slept in select right after
+        the delivery (for up to RING_LATE_S), and this is what it returned."""
         X, L = self.R.X, self.R.L
         last_progress = X.load(L.progress)
         last_t = time.monotonic()
-        ring_at = last_t + RING_LATE_S
+        ring_at = (t_deliver or last_t) + RING_LATE_S
+        if ready is not None:
+            dead = self._poll(0, ready=ready)
+            if dead:
+                return "cpu_died", {"cpus": dead}
         while True:
             if X.load(L.reset_req) != RESET_NONE:
                 raw = b"".join(X.load(L.panic_msg + 8 * j).to_bytes(8, "little") for j in range(8))
@@ -542,10 +556,17 @@ class Coordinator(DomainChannels):
         cpus = []
         for c in range(self.n):
             reached = X.load(L.pc(c, L.P_REACHED))
+            stamps = {}
+            for name, word in (("entered", L.P_T_ENTER), ("logout_done", L.P_T_LOGOUT),
+                               ("barrier_a", L.P_T_BARRIER_A), ("handler_exit", L.P_T_EXIT),
+                               ("softirq_done", L.P_T_SOFTIRQ)):
+                t = X.load(L.pc(c, word))
+                stamps[name] = round((t - t0) / 1e3, 1) if t >= t0 else None
             cpus.append({"cpu": c, "phases": [p for i, p in enumerate(PHASES) if reached >> i & 1],
                          "mcip_after": bool(self.banks.mcg(c) & msr.MCG_STATUS_MCIP),
-                         "softirq_worker": bool(X.load(L.pc(c, L.P_SIRQ_ROLE)))})
-        res = {"schema": SCHEMA, "trial": gen, "outcome": outcome, "resets": 0,
+                         "softirq_worker": bool(X.load(L.pc(c, L.P_SIRQ_ROLE))),
+                         "t_us": stamps})
+        res = {"schema": SCHEMA, "trial": gen, "t_inject_ns": t0, "outcome": outcome, "resets": 0,
                "handler": self.cfg.handler, "seed": self.cfg.seed, "topology": self.cfg.topology,
                "local": local, "targets": targets, "vmce_policy": self.cfg.vmce_policy, "errors": errors_out, "boot_log": [],
                "cpus": cpus,

@@ -109,7 +109,10 @@ class XenCpu:
         self._status_offs = [(i, self._boff[i][msr.REG_STATUS]) for i in range(self.nbanks)]
         self._mcg_status_off = R.L.mcg_reg(cpu, MCG_K_STATUS)
         self._coords = R.topo.coords(cpu)
-        self._logged: dict[int, tuple[int, int]] = {}  # bank -> (ring entry, meta) of this #MC
+        # This logout's ring entries (who, bank, status, addr, misc, record id), and the
+        # banks cleared since it began: written out by _flush_logout.
+        self._pending_log: list[tuple] = []
+        self._cleared: set[int] = set()
         self._ph_off = self.pc(R.L.P_PHASE)
         self._reached_off = self.pc(R.L.P_REACHED)
         self._progress_off = R.L.progress
@@ -144,17 +147,24 @@ class XenCpu:
     def notify_coordinator(self) -> None:
         self.R.notify()
 
-    def _log_logout(self, who, bank, status, addr, misc, cleared, rec_id) -> None:
+    def _flush_logout(self) -> None:
+        """Write this logout's entries into the CPU's logout ring (what the trial result
+        reads), with whether the bank was cleared. Emulator bookkeeping, not Xen: the
+        #MC path calls it once the logout lock is dropped, since only this CPU writes
+        its ring and the coordinator reads it after the trial."""
         X, L = self.X, self.L
-        k = X.fetch_add(self.pc(L.P_LOGOUT_N), 1)
-        if k >= LOGOUT_RING:
+        pend, cleared = self._pending_log, self._cleared
+        self._pending_log = []
+        if not pend:
             return
-        base = self.pc(L.P_LOGOUT) + 8 * LOG_WORDS * k
-        meta = WHO_CODE[who] | bank << 8 | int(cleared) << 16
-        self._logged[bank] = (base, meta)
-        # One copy, not six atomic stores: only this CPU writes its ring, and the
-        # coordinator reads it after the trial.
-        _pack_log(self._xmv, base, meta, status, addr, misc, X.load(L.trial_gen), rec_id)
+        k0 = X.fetch_add(self.pc(L.P_LOGOUT_N), len(pend))
+        gen = X.load(L.trial_gen)
+        ring = self.pc(L.P_LOGOUT)
+        for k, (who, bank, status, addr, misc, rec_id) in enumerate(pend, k0):
+            if k >= LOGOUT_RING:
+                return
+            meta = WHO_CODE[who] | bank << 8 | (bank in cleared) << 16
+            _pack_log(self._xmv, ring + 8 * LOG_WORDS * k, meta, status, addr, misc, gen, rec_id)
 
     # -- MSR access (every one is a yield point) ---------------------------------------
     def rd_mcg_status(self) -> int:
@@ -211,20 +221,22 @@ class XenCpu:
 
     def mcheck_mca_logout(self, who, bankmask: int, clear_bank: list | None,
                           write_later: bool = False):
-        """Scan and log the banks (§2.6). ``write_later``: the caller writes the
-        telemetry payload itself (``self._urgent``) once the logout lock is dropped."""
+        """Scan and log the banks (§2.6). ``write_later``: the #MC path, under
+        ``mce_logout_lock``; the caller builds and writes the telemetry payload
+        (:meth:`mctelem_payload`) and the logout ring (:meth:`_flush_logout`) once the
+        lock is dropped, so only Xen's own steps are serialised."""
         gstatus = self.rd_mcg_status()
-        self._logged = {}
-        if who == sev.MCA_MCE_SCAN:
-            flag, cls = MC_FLAG_MCE, MC_URGENT
-        else:
-            flag, cls = MC_FLAG_POLLED, MC_NONURGENT
+        self._pending_log = pend = []
+        self._cleared = set()
+        cls = MC_URGENT if who == sev.MCA_MCE_SCAN else MC_NONURGENT
         recover = True   # Intel registers a recoverable_scan callback
         slot = None
+        rid = 0
         errcnt, uc, pcc = 0, False, False
         banks_rec: list[list[int]] = []
         flags = 0
-        yp, load = self.yp, self._HW.load
+        ser = self.ser
+        yp, load, boff = self.yp, self._HW.load, self._boff
         for i, status_off in self._status_offs:
             if not bankmask >> i & 1:
                 continue
@@ -232,16 +244,23 @@ class XenCpu:
             status = load(status_off)
             if not status & VAL:
                 continue
-            need_clear = sev.intel_need_clearbank_scan(who, status, self.ser)
+            need_clear = sev.intel_need_clearbank_scan(who, status, ser)
             if errcnt == 0:
                 slot = self.tele.mctelem_reserve(cls, self.cpu)
+                if slot is not None:
+                    rid = self.tele.record_id(slot)
             errcnt += 1
             uc |= bool(status & msr.MCi_STATUS_UC)
             pcc |= bool(status & msr.MCi_STATUS_PCC)
             if recover and uc:
-                recover = sev.intel_recoverable_scan(status, self.ser)
-            addr = self.rd_bank(i, msr.REG_ADDR) if status & msr.MCi_STATUS_ADDRV else 0
-            misc = self.rd_bank(i, msr.REG_MISC) if status & msr.MCi_STATUS_MISCV else 0
+                recover = sev.intel_recoverable_scan(status, ser)
+            addr = misc = 0
+            if status & msr.MCi_STATUS_ADDRV:
+                yp("rdmsr")
+                addr = load(boff[i][msr.REG_ADDR])
+            if status & msr.MCi_STATUS_MISCV:
+                yp("rdmsr")
+                misc = load(boff[i][msr.REG_MISC])
             domid = DOMID_INVALID
             if who in (sev.MCA_POLLER, sev.MCA_CMCI_HANDLER) and msr.addr_is_physical(status, misc):
                 domid = self.pages.owner(addr >> 12)
@@ -250,41 +269,51 @@ class XenCpu:
                     banks_rec.append([i, status, addr, misc, domid])
                 else:
                     flags |= MCINFO_FLAGS_UNCOMPLETE
-            self._log_logout(who, i, status, addr, misc,
-                             need_clear and who != sev.MCA_MCE_SCAN,
-                             self.tele.record_id(slot) if slot is not None else 0)
+            pend.append((who, i, status, addr, misc, rid))
             if need_clear:
                 if who == sev.MCA_MCE_SCAN:
                     clear_bank.append(i)  # cleared by the caller, under the lock
                 else:
                     self.mcabank_clear(i)
-        if slot is not None:
-            if pcc:
-                flag |= MC_FLAG_UNCORRECTABLE
-            elif uc:
-                flag |= MC_FLAG_RECOVERABLE
-            else:
-                flag |= MC_FLAG_CORRECTABLE
-            s, c, t = self._coords
-            dom, vcpu = self.current_domain()
-            rec = {
-                "who": WHO_CODE[who], "flags": flags, "cpu": self.cpu,
-                "g": {"mc_flags": flag, "mc_gstatus": gstatus, "mc_domid": dom,
-                      "mc_vcpuid": vcpu, "mc_socketid": s, "mc_coreid": c,
-                      "mc_core_threadid": t, "mc_apicid": self.cpu,
-                      "mcgcap": self.banks.mcg(self.cpu, MCG_K_CAP)},
-                "b": banks_rec, "r": []}
-            if not write_later:
-                self.tele.write(slot, rec)
-            # The urgent action reads the entry this CPU just wrote and nobody else
-            # touches before the softirq: keep the decoded copy instead of re-reading.
-            self._urgent = (slot, rec)
         # tuple.__new__: a NamedTuple's own constructor costs more than the rest here
         summary = _new_tuple(McaSummary, (errcnt, bool(gstatus & msr.MCG_STATUS_RIPV),
                                           bool(gstatus & msr.MCG_STATUS_EIPV),
                                           bool(gstatus & msr.MCG_STATUS_LMCE), uc, pcc,
                                           recover))
+        # The urgent action reads the entry this CPU writes, which nobody else touches
+        # before the softirq: it gets the decoded copy instead of re-reading it.
+        self._urgent = (slot, (who, flags, gstatus, banks_rec, summary))
+        if not write_later:
+            if slot is not None:
+                self.tele.write(slot, self.mctelem_payload())
+            self._flush_logout()
         return slot, summary
+
+    def mctelem_payload(self) -> dict:
+        """The telemetry entry of the last logout (Xen's mc_info: the global
+        record, then one per bank), kept decoded in ``self._urgent``."""
+        slot, rec = self._urgent
+        if not isinstance(rec, tuple):
+            return rec
+        who, flags, gstatus, banks_rec, bs = rec
+        flag = MC_FLAG_MCE if who == sev.MCA_MCE_SCAN else MC_FLAG_POLLED
+        if bs.pcc:
+            flag |= MC_FLAG_UNCORRECTABLE
+        elif bs.uc:
+            flag |= MC_FLAG_RECOVERABLE
+        else:
+            flag |= MC_FLAG_CORRECTABLE
+        s, c, t = self._coords
+        dom, vcpu = self.current_domain()
+        rec = {
+            "who": WHO_CODE[who], "flags": flags, "cpu": self.cpu,
+            "g": {"mc_flags": flag, "mc_gstatus": gstatus, "mc_domid": dom,
+                  "mc_vcpuid": vcpu, "mc_socketid": s, "mc_coreid": c,
+                  "mc_core_threadid": t, "mc_apicid": self.cpu,
+                  "mcgcap": self.banks.mcg(self.cpu, MCG_K_CAP)},
+            "b": banks_rec, "r": []}
+        self._urgent = (slot, rec)
+        return rec
 
     def mcabank_clear(self, i: int) -> None:
         status = self.rd_bank(i, msr.REG_STATUS)
@@ -293,17 +322,11 @@ class XenCpu:
         if status & msr.MCi_STATUS_MISCV:
             self.wr_bank(i, msr.REG_MISC, 0)
         self.wr_bank(i, msr.REG_STATUS, 0)
+        self._cleared.add(i)
 
     def mcheck_mca_clearbanks(self, clear_bank: list) -> None:
         for i in clear_bank:
             self.mcabank_clear(i)
-            self._mark_cleared(i)
-
-    def _mark_cleared(self, bank: int) -> None:
-        # Flag this CPU's logout entry of the bank (this #MC's) as the clearing one.
-        e = self._logged.get(bank)
-        if e is not None:
-            self.X.store(e[0], e[1] | 1 << 16)
 
     # -- fatal set helpers -------------------------------------------------------------
     def fatal_set(self, cpu: int) -> None:
@@ -356,12 +379,13 @@ class XenCpu:
         elif slot is not None:
             self.tele.mctelem_dismiss(slot)
         self.mce_logout_lock.spin_unlock(yp)
+        self._flush_logout()
         if bs.errcnt and slot is not None:
             # Xen fills the entry and defers/commits it under the lock. The entry is
             # this CPU's alone until then (its pending list is read by the softirq
             # worker after two more rendezvous), so doing it after the unlock changes
             # nothing another CPU can see, and keeps the serialised section short.
-            self.tele.write(slot, self._urgent[1])
+            self.tele.write(slot, self.mctelem_payload())
             yp("telem")
             if bs.uc or bs.pcc:
                 self.tele.mctelem_defer(slot, cpu, lmce)
@@ -425,7 +449,7 @@ class XenCpu:
 
     def mce_urgent_action(self, slot: int) -> int:
         kept, rec = self._urgent
-        if kept != slot:
+        if kept != slot or isinstance(rec, tuple):
             rec = self.tele.read(slot)
         gstatus = rec["g"]["mc_gstatus"]
         if not gstatus & msr.MCG_STATUS_RIPV and (
