@@ -328,8 +328,10 @@ class Coordinator(DomainChannels):
         self.delivered.clear()
         errs, written, targets, mcg = self._inject(first, local)
         fds = self._poll_fds()
-        t0 = time.monotonic_ns()
-        sd = deliver_mc(self.R, self.banks, targets, mcg, self.cpu_pids, self.pgid)
+        t_inject = time.monotonic_ns()
+        # Latencies count from t0, the raise: MCG_STATUS is written (by the emulator,
+        # where silicon takes no time) and the signal is about to go.
+        sd, t0 = deliver_mc(self.R, self.banks, targets, mcg, self.cpu_pids, self.pgid)
         # Straight to sleep: the signal woke CPUs on this core, and every microsecond
         # of Python here before the coordinator blocks is taken from their handler.
         ready = select.select(fds, [], [], RING_LATE_S)[0] if sd is None and not then else None
@@ -346,12 +348,14 @@ class Coordinator(DomainChannels):
             X.store(L.trial_gen, gen)
             errs2, written2, targets2, mcg2 = self._inject(second, bool(then.get("local")))
             errs, written = errs + errs2, written + written2
-            sd = deliver_mc(self.R, self.banks, targets2, mcg2, self.cpu_pids, self.pgid)
+            sd, _ = deliver_mc(self.R, self.banks, targets2, mcg2, self.cpu_pids, self.pgid)
             wait_targets.update({c: gen for c in targets2})
             targets = sorted(set(targets) | set(targets2))
         outcome, detail = ("shutdown", {"cpu": sd}) if sd is not None else \
             self._wait(wait_targets, timeout_s or self.cfg.watchdog_s, ready, t0 / 1e9)
         res = self._collect(first_gen, errs, written, targets, t0, outcome, detail, local)
+        res["t_inject_ns"] = t_inject
+        res["latency_us"]["raise"] = round((t0 - t_inject) / 1e3, 1)
         wd = timeout_s or self.cfg.watchdog_s
         # Guests handle their vMCE after Xen's part is over; a host reset ends them.
         self._guest_results(res, t0, wd if outcome == "done" or res["outcome"] in (
@@ -566,7 +570,7 @@ class Coordinator(DomainChannels):
                          "mcip_after": bool(self.banks.mcg(c) & msr.MCG_STATUS_MCIP),
                          "softirq_worker": bool(X.load(L.pc(c, L.P_SIRQ_ROLE))),
                          "t_us": stamps})
-        res = {"schema": SCHEMA, "trial": gen, "t_inject_ns": t0, "outcome": outcome, "resets": 0,
+        res = {"schema": SCHEMA, "trial": gen, "outcome": outcome, "resets": 0,
                "handler": self.cfg.handler, "seed": self.cfg.seed, "topology": self.cfg.topology,
                "local": local, "targets": targets, "vmce_policy": self.cfg.vmce_policy, "errors": errors_out, "boot_log": [],
                "cpus": cpus,

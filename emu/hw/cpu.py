@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import time
 
 from emu.hw import msr
 from emu.hw.platform import TRACE_RING
@@ -112,8 +113,9 @@ def cpu_process(R, cpu: int, hooks: dict, pgid: int = 0) -> None:
 
 
 def deliver_mc(R, banks, targets: list[int], mcg_status: dict[int, int], pids: dict[int, int],
-               pgid: int | None = None):
-    """Raise #MC on ``targets``. Returns the CPU that shut down, or None.
+               pgid: int | None = None) -> tuple[int | None, int]:
+    """Raise #MC on ``targets``. Returns the CPU that shut down (or None) and the
+    ``time.monotonic_ns()`` of the raise, taken just before the signal is sent.
 
     For each CPU: if MCIP is already set the processor shuts down (the caller
     resets the machine); else MCG_STATUS takes the event's value with MCIP. Then
@@ -128,13 +130,14 @@ def deliver_mc(R, banks, targets: list[int], mcg_status: dict[int, int], pids: d
         while True:
             old = banks.mcg(cpu)
             if old & msr.MCG_STATUS_MCIP:
-                return cpu
+                return cpu, time.monotonic_ns()
             if banks.cmpxchg_mcg(cpu, old, new) == old:
                 break
         X.fetch_add(L.pc(cpu, L.P_DOORBELL), 1)
+    t = time.monotonic_ns()
     if pgid is not None and len(targets) == len(pids):
         os.killpg(pgid, SIG_MC)
     else:
         for cpu in targets:
             os.kill(pids[cpu], SIG_MC)
-    return None
+    return None, t

@@ -17,6 +17,18 @@ sleepers.
 """
 from __future__ import annotations
 
+import os
+import time
+
+from emu.hw.futex import futex_wake
+
+_now = time.monotonic_ns
+_sched_yield = os.sched_yield
+
+
+def _nothing() -> None:
+    return None
+
 VAL, INGEN, OUTGEN, EV_IN, EV_OUT = 0, 8, 16, 24, 40
 NWORDS = 7
 
@@ -27,39 +39,77 @@ class McaBarrier:
         self.ev = R.ev
         self.off = off
         self.online = R.L.online
+        self.spin_ns = R.ev.spin_ns
+        self._val, self._in, self._out = off + VAL, off + INGEN, off + OUTGEN
+        self._ev_in, self._ev_out = off + EV_IN, off + EV_OUT
+        self._addr_in, self._addr_out = R.ev.base + off + EV_IN, R.ev.base + off + EV_OUT
 
+    # The #MC path runs these on every CPU, twice per rendezvous: the event bumps and
+    # the first stretch of the wait are written out inline (Events.bump and the spin
+    # phase of Events.wait, unchanged), since with more CPUs than cores every call
+    # here is paid once per CPU on a core between two context switches.
     def mce_barrier_enter(self, wait: bool, yp, check) -> None:
         if not wait:
             return
-        X, o, ev, online = self.X, self.off, self.ev, self.online
-        load = X.load
+        X = self.X
+        load, fetch_add = X.load, X.fetch_add
         yp("barrier")
-        X.fetch_add(o + INGEN, 1)
-        ev.bump(o + EV_OUT)
-        gen = load(o + OUTGEN)
+        fetch_add(self._in, 1)
+        fetch_add(self._ev_out, 1)
+        if load(self._ev_out + 8):
+            futex_wake(self._addr_out)
+        gen = load(self._out)
         yp("barrier")
-        n = load(online)
-        if X.fetch_add(o + VAL, 1) + 1 == n:
-            ev.bump(o + EV_IN)
+        online = self.online
+        val, out = self._val, self._out
+        if fetch_add(val, 1) + 1 == load(online):
+            fetch_add(self._ev_in, 1)
+            if load(self._ev_in + 8):
+                futex_wake(self._addr_in)
             return   # the last one in: the wait condition holds already
-        ev.wait(o + EV_IN, lambda: load(o + VAL) == load(online)
-                or load(o + OUTGEN) != gen, check=check)
+        chk = check or _nothing
+        end = _now() + self.spin_ns
+        while True:
+            for _ in range(8):
+                if load(val) == load(online) or load(out) != gen:
+                    return
+                chk()
+                _sched_yield()
+            if _now() >= end:
+                break
+        self.ev.wait(self._ev_in, lambda: load(val) == load(online) or load(out) != gen,
+                     check=check, spin_ns=0)
 
     def mce_barrier_exit(self, wait: bool, yp, check) -> None:
         if not wait:
             return
-        X, o, ev = self.X, self.off, self.ev
-        load = X.load
+        X = self.X
+        load, fetch_add = X.load, X.fetch_add
         yp("barrier")
-        X.fetch_add(o + OUTGEN, 1)
-        ev.bump(o + EV_IN)
-        gen = load(o + INGEN)
+        fetch_add(self._out, 1)
+        fetch_add(self._ev_in, 1)
+        if load(self._ev_in + 8):
+            futex_wake(self._addr_in)
+        gen = load(self._in)
         yp("barrier")
-        if X.fetch_sub(o + VAL, 1) - 1 == 0:
-            ev.bump(o + EV_OUT)
+        val, in_ = self._val, self._in
+        if X.fetch_sub(val, 1) - 1 == 0:
+            fetch_add(self._ev_out, 1)
+            if load(self._ev_out + 8):
+                futex_wake(self._addr_out)
             return   # the last one out: the wait condition holds already
-        ev.wait(o + EV_OUT, lambda: load(o + VAL) == 0 or load(o + INGEN) != gen,
-                check=check)
+        chk = check or _nothing
+        end = _now() + self.spin_ns
+        while True:
+            for _ in range(8):
+                if load(val) == 0 or load(in_) != gen:
+                    return
+                chk()
+                _sched_yield()
+            if _now() >= end:
+                break
+        self.ev.wait(self._ev_out, lambda: load(val) == 0 or load(in_) != gen,
+                     check=check, spin_ns=0)
 
     def wake_all(self) -> None:
         self.ev.bump(self.off + EV_IN)
