@@ -54,10 +54,12 @@ def main(argv=None) -> int:
     workers = {}
     for t in a.trees:
         name, _, path = t.partition("=")
+        path, _, envs = path.partition(":")
         path = os.path.abspath(path)
         if not os.path.isdir(os.path.join(path, "emu")):
             p.error(f"{t}: no emu/ under {path}")
         env = dict(os.environ, PYTHONPATH=path)
+        env.update(dict(kv.split("=", 1) for kv in envs.split(",") if kv))
         w = subprocess.Popen([sys.executable, "-c", WORKER, a.topology, a.error], cwd=path,
                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         json.loads(w.stdout.readline())
