@@ -366,7 +366,7 @@ class DomainChannels:
                 raise UsageError("dom0", "Dom0 is paused and fetches nothing; resume it first")
             deadline = time.monotonic() + t
             while not self._dom0_drained() and time.monotonic() < deadline:
-                self._poll(0.02)
+                self._poll(0.02, done=self._dom0_drained)
         return self._dom0_status()
 
     def _dom0_pause(self) -> None:
@@ -421,7 +421,7 @@ class DomainChannels:
                        and self._domain_alive(v["domain"]) for v in want)
         deadline = time.monotonic() + timeout_s
         while want and waiting() and time.monotonic() < deadline:
-            self._poll(0.02)
+            self._poll(0.02, done=lambda: not waiting())
         t_done = []
         for v in want:
             rs = sorted(reports(v), key=lambda h: h["t"])
@@ -459,7 +459,7 @@ class DomainChannels:
         self.guests[d][1].send_bytes(msgpack.packb([PROTO, "probe", req]))
         deadline = time.monotonic() + 10.0
         while d not in self.probes and d in self.guests and time.monotonic() < deadline:
-            self._poll(0.02)
+            self._poll(0.02, done=lambda: d in self.probes)
         if d not in self.probes:
             raise EmulatorInternalError(f"guest {d} did not answer the probe")
         out = self.probes.pop(d)
@@ -483,8 +483,11 @@ class DomainChannels:
         if self.dom0_paused or self.dom0 is None:
             return
         deadline = time.monotonic() + timeout_s
-        while any(r not in self.logged for r in rids) and time.monotonic() < deadline:
-            self._poll(0.02)
+
+        def done():
+            return all(r in self.logged for r in rids)
+        while not done() and time.monotonic() < deadline:
+            self._poll(0.02, done=done)
 
     def _dom0_entry(self, rid: int, source: str, lost: dict, wd: float) -> dict:
         n = self.logged.get(rid, [0])[0]

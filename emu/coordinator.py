@@ -197,10 +197,11 @@ class Coordinator(DomainChannels):
     def _poll_fds(self, extra=()) -> list:
         return list(self.pidfds.values()) + [self.R.efd] + self._dom0_fds() + list(extra)
 
-    def _poll(self, timeout: float, extra=(), ready=None) -> list[int]:
+    def _poll(self, timeout: float, extra=(), ready=None, done=None) -> list[int]:
         """Sleep until something happens (an event, a death, Dom0 or ``extra``
         readable); serve Dom0; return the CPUs that died. ``ready``: the caller
-        has slept already, and this is what select returned."""
+        has slept already, and this is what select returned. ``done``: what the
+        caller waits for; once true, no more polling of the domains' channels."""
         r = ready if ready is not None else select.select(self._poll_fds(extra), [], [],
                                                           timeout)[0]
         try:
@@ -216,6 +217,8 @@ class Coordinator(DomainChannels):
         # than pay a sleep/wake-up pair for each request (GUEST_SPIN_S).
         end = time.monotonic() + self.guest_spin_s
         while self._served and time.monotonic() < end:
+            if done is not None and done():
+                break
             rr, _, _ = select.select(self._dom0_fds(), [], [], 0)
             if not rr:
                 os.sched_yield()
@@ -463,8 +466,11 @@ class Coordinator(DomainChannels):
         last_progress = X.load(L.progress)
         last_t = time.monotonic()
         ring_at = (t_deliver or last_t) + RING_LATE_S
+        def done():
+            return (all(X.load(L.pc(c, L.P_DONE_GEN)) >= g for c, g in wait_targets.items())
+                    or X.load(L.reset_req) != RESET_NONE)
         if ready is not None:
-            dead = self._poll(0, ready=ready)
+            dead = self._poll(0, ready=ready, done=done)
             if dead:
                 return "cpu_died", {"cpus": dead}
         while True:
@@ -481,7 +487,7 @@ class Coordinator(DomainChannels):
             if ring_at is not None and now >= ring_at:
                 ring_at = None
                 self._ring_late(wait_targets)
-            dead = self._poll(0.02 if ring_at is None else max(0.0, ring_at - now))
+            dead = self._poll(0.02 if ring_at is None else max(0.0, ring_at - now), done=done)
             if dead:
                 return "cpu_died", {"cpus": dead}
             p = X.load(L.progress)

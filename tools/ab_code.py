@@ -9,7 +9,8 @@ Each tree gets a worker process (``PYTHONPATH`` = the tree) that boots one machi
 and injects on request, a block at a time; blocks alternate between the trees and
 the order flips every round, so drift falls on both alike and only one machine is
 busy at any moment. Prints p50 and p99 of each ``latency_us`` field per tree, and
-the ratio of p50s to the first tree. ``tools/ab_latency.py`` compares
+the ratio of p50s to the first tree; ``trial_wall`` is one ``Machine.inject`` as
+the caller sees it. ``tools/ab_latency.py`` compares
 configurations of one tree instead.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import numpy as np
 
 WORKER = r"""
-import json, sys
+import json, sys, time
 from emu.machine import Machine
 topo, err = sys.argv[1], sys.argv[2]
 with Machine(topology=topo) as m:
@@ -34,9 +35,12 @@ with Machine(topology=topo) as m:
         k = int(line)
         out = []
         for _ in range(k):
+            t = time.monotonic_ns()
             r = m.inject(f"cpu={i % n} {err}")
+            wall = (time.monotonic_ns() - t) / 1e3
             i += 1
             out.append({f: v for f, v in r["latency_us"].items() if v is not None})
+            out[-1]["trial_wall"] = wall
         print(json.dumps(out), flush=True)
 """
 
