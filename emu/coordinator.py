@@ -463,7 +463,7 @@ class Coordinator(DomainChannels):
         """Wait for the trial's end. ``ready``: the caller slept in select right after
         the delivery (for up to RING_LATE_S), and this is what it returned."""
         X, L = self.R.X, self.R.L
-        last_progress = X.load(L.progress)
+        last_progress = self._progress()
         last_t = time.monotonic()
         ring_at = (t_deliver or last_t) + RING_LATE_S
         def done():
@@ -490,12 +490,17 @@ class Coordinator(DomainChannels):
             dead = self._poll(0.02 if ring_at is None else max(0.0, ring_at - now), done=done)
             if dead:
                 return "cpu_died", {"cpus": dead}
-            p = X.load(L.progress)
+            p = self._progress()
             now = time.monotonic()
             if p != last_progress:
                 last_progress, last_t = p, now
             elif now - last_t > watchdog_s:
                 return "hang", {"snapshot": self._snapshot()}
+
+    def _progress(self) -> int:
+        """The watchdog's view: every CPU counts its own phase changes."""
+        X, L = self.R.X, self.R.L
+        return sum(X.load(L.pc(c, L.P_PROGRESS)) for c in range(self.n))
 
     def _ring_late(self, wait_targets: dict[int, int]) -> None:
         """The rare #MC that lands between a CPU's last doorbell check and its futex

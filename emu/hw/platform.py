@@ -188,7 +188,6 @@ class Layout:
         w = x.words
         self.online = w()
         self.trial_gen = w()
-        self.progress = w()
         self.reset_req = w()                 # reason code (see cpu.RESET_*)
         self.reset_cpu = w()
         self.panic_msg = w(8)                # short panic text, 64 bytes
@@ -230,7 +229,8 @@ class Layout:
     (P_PHASE, P_REACHED, P_T_ENTER, P_T_LOGOUT, P_T_EXIT, P_T_SOFTIRQ, P_MC_GEN, P_DONE_GEN,
      P_SOFTIRQ, P_NEST, P_CLEAR_BANKS, P_CURRENT_DOM, P_CURRENT_VCPU, P_PENDING,
      P_LMCE_PENDING, P_HALTED, P_LOGOUT_N, P_PID, P_INTERRUPTED, P_T_SOFTIRQ_START,
-     P_KICK, _P_KICK_SLEEPERS, P_T_BARRIER_A, P_SIRQ_ROLE, P_DOORBELL, P_SLEEP_OFF) = range(26)
+     P_KICK, _P_KICK_SLEEPERS, P_T_BARRIER_A, P_SIRQ_ROLE, P_DOORBELL, P_SLEEP_OFF,
+     P_PROGRESS) = range(27)
     P_LOGOUT = 28
 
     def pc(self, cpu: int, word: int) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import msgpack
@@ -43,6 +44,9 @@ PHASES = ("idle", "boot", "entered", "logout", "barrier_a", "barrier_b", "fatal_
           "barrier_c", "exit", "softirq", "softirq_worker", "softirq_done", "halted",
           "panic")
 PH = {n: i for i, n in enumerate(PHASES)}
+(PH_ENTERED, PH_LOGOUT, PH_BARRIER_A, PH_BARRIER_B, PH_FATAL_CHECK, PH_BARRIER_C,
+ PH_EXIT) = (PH[n] for n in ("entered", "logout", "barrier_a", "barrier_b", "fatal_check",
+                            "barrier_c", "exit"))
 
 # Reset requests to the coordinator (the reset controller).
 RESET_NONE, RESET_PANIC = 0, 1
@@ -66,6 +70,7 @@ class McaSummary(NamedTuple):
 
 
 _new_tuple = tuple.__new__
+_monotonic_ns = time.monotonic_ns
 _pack_log = struct.Struct(f"<{LOG_WORDS}Q").pack_into
 VAL = msr.MCi_STATUS_VAL
 
@@ -115,8 +120,20 @@ class XenCpu:
         self._cleared: set[int] = set()
         self._ph_off = self.pc(R.L.P_PHASE)
         self._reached_off = self.pc(R.L.P_REACHED)
-        self._progress_off = R.L.progress
+        self._progress_off = self.pc(R.L.P_PROGRESS)
         self._hooked = bool(self.kill_phase or self.stall_phase)
+        L = R.L
+        # This CPU's words on the #MC path, computed once: the path runs in Python,
+        # with more CPUs than cores, so every call and lookup here is paid per CPU.
+        self._o = SimpleNamespace(
+            t_enter=self.pc(L.P_T_ENTER), t_logout=self.pc(L.P_T_LOGOUT),
+            t_barrier_a=self.pc(L.P_T_BARRIER_A), t_exit=self.pc(L.P_T_EXIT),
+            nest=self.pc(L.P_NEST), mc_gen=self.pc(L.P_MC_GEN), trial_gen=L.trial_gen,
+            softirq=self.pc(L.P_SOFTIRQ), kick=self.pc(L.P_KICK),
+            logout_n=self.pc(L.P_LOGOUT_N), logout=self.pc(L.P_LOGOUT),
+            cur_dom=self.pc(L.P_CURRENT_DOM), cur_vcpu=self.pc(L.P_CURRENT_VCPU),
+            mcg_cap=R.L.mcg_reg(cpu, MCG_K_CAP), found_error=L.found_error,
+            severity_cpu=L.severity_cpu)
         self._urgent = (None, None)  # (slot, record) kept from logout for the urgent action
         self.vmce = vmce.Vmce(R)
         self.mcaction = mcaction.McAction(self)
@@ -126,13 +143,21 @@ class XenCpu:
         return self._pc0 + 8 * word
 
     def set_phase(self, name: str) -> None:
-        p = PH[name]
+        self._phase(PH[name])
+
+    def _phase(self, p: int, stamp_off: int = 0) -> None:
+        """set_phase by number, after a latency stamp at ``stamp_off`` if given: the
+        #MC path's bookkeeping in one call."""
         X = self.X
+        if stamp_off:
+            X.store(stamp_off, _monotonic_ns())
         X.store(self._ph_off, p)
         X.fetch_or(self._reached_off, 1 << p)
-        X.fetch_add(self._progress_off, 1)
-        if not self._hooked:
-            return
+        X.fetch_add(self._progress_off, 1)   # this CPU's own word: no shared line
+        if self._hooked:
+            self._phase_hooks(PHASES[p])
+
+    def _phase_hooks(self, name: str) -> None:
         if self.kill_phase == name and self.cpu in self.kill_cpus:
             import signal
             os.kill(os.getpid(), signal.SIGKILL)   # test hook: die mid-handler
@@ -152,14 +177,14 @@ class XenCpu:
         reads), with whether the bank was cleared. Emulator bookkeeping, not Xen: the
         #MC path calls it once the logout lock is dropped, since only this CPU writes
         its ring and the coordinator reads it after the trial."""
-        X, L = self.X, self.L
+        X, o = self.X, self._o
         pend, cleared = self._pending_log, self._cleared
         self._pending_log = []
         if not pend:
             return
-        k0 = X.fetch_add(self.pc(L.P_LOGOUT_N), len(pend))
-        gen = X.load(L.trial_gen)
-        ring = self.pc(L.P_LOGOUT)
+        k0 = X.fetch_add(o.logout_n, len(pend))
+        gen = X.load(o.trial_gen)
+        ring = o.logout
         for k, (who, bank, status, addr, misc, rec_id) in enumerate(pend, k0):
             if k >= LOGOUT_RING:
                 return
@@ -216,8 +241,8 @@ class XenCpu:
 
     # -- logout (§2.6) -------------------------------------------------------------------
     def current_domain(self) -> tuple[int, int]:
-        return (self.X.load(self.pc(self.L.P_CURRENT_DOM)),
-                self.X.load(self.pc(self.L.P_CURRENT_VCPU)))
+        load = self.X.load
+        return load(self._o.cur_dom), load(self._o.cur_vcpu)
 
     def mcheck_mca_logout(self, who, bankmask: int, clear_bank: list | None,
                           write_later: bool = False):
@@ -237,9 +262,9 @@ class XenCpu:
         flags = 0
         ser = self.ser
         yp, load, boff = self.yp, self._HW.load, self._boff
-        for i, status_off in self._status_offs:
-            if not bankmask >> i & 1:
-                continue
+        scan = self._status_offs if bankmask == self.mca_allbanks else \
+            [(i, off) for i, off in self._status_offs if bankmask >> i & 1]
+        for i, status_off in scan:
             yp("rdmsr")
             status = load(status_off)
             if not status & VAL:
@@ -289,13 +314,10 @@ class XenCpu:
             self._flush_logout()
         return slot, summary
 
-    def mctelem_payload(self) -> dict:
-        """The telemetry entry of the last logout (Xen's mc_info: the global
-        record, then one per bank), kept decoded in ``self._urgent``."""
-        slot, rec = self._urgent
-        if not isinstance(rec, tuple):
-            return rec
-        who, flags, gstatus, banks_rec, bs = rec
+    def mctelem_payload(self) -> list:
+        """The telemetry entry of the last logout (Xen's mc_info: the global record,
+        then one per bank), in the positional form ``Mctelem.write`` takes."""
+        _, (who, flags, gstatus, banks_rec, bs) = self._urgent
         flag = MC_FLAG_MCE if who == sev.MCA_MCE_SCAN else MC_FLAG_POLLED
         if bs.pcc:
             flag |= MC_FLAG_UNCORRECTABLE
@@ -304,16 +326,11 @@ class XenCpu:
         else:
             flag |= MC_FLAG_CORRECTABLE
         s, c, t = self._coords
-        dom, vcpu = self.current_domain()
-        rec = {
-            "who": WHO_CODE[who], "flags": flags, "cpu": self.cpu,
-            "g": {"mc_flags": flag, "mc_gstatus": gstatus, "mc_domid": dom,
-                  "mc_vcpuid": vcpu, "mc_socketid": s, "mc_coreid": c,
-                  "mc_core_threadid": t, "mc_apicid": self.cpu,
-                  "mcgcap": self.banks.mcg(self.cpu, MCG_K_CAP)},
-            "b": banks_rec, "r": []}
-        self._urgent = (slot, rec)
-        return rec
+        load, o = self.X.load, self._o
+        return [WHO_CODE[who], flags, self.cpu,
+                [flag, gstatus, load(o.cur_dom), load(o.cur_vcpu), s, c, t, self.cpu,
+                 self._HW.load(o.mcg_cap)],
+                banks_rec, []]
 
     def mcabank_clear(self, i: int) -> None:
         status = self.rd_bank(i, msr.REG_STATUS)
@@ -325,8 +342,22 @@ class XenCpu:
         self._cleared.add(i)
 
     def mcheck_mca_clearbanks(self, clear_bank: list) -> None:
+        # mcabank_clear for each, written out: this runs under mce_logout_lock.
+        yp, load, store, boff, cleared = self.yp, self._HW.load, self._HW.store, self._boff, \
+            self._cleared
         for i in clear_bank:
-            self.mcabank_clear(i)
+            off = boff[i]
+            yp("rdmsr")
+            status = load(off[msr.REG_STATUS])
+            if status & msr.MCi_STATUS_ADDRV:
+                yp("wrmsr")
+                store(off[msr.REG_ADDR], 0)
+            if status & msr.MCi_STATUS_MISCV:
+                yp("wrmsr")
+                store(off[msr.REG_MISC], 0)
+            yp("wrmsr")
+            store(off[msr.REG_STATUS], 0)
+            cleared.add(i)
 
     # -- fatal set helpers -------------------------------------------------------------
     def fatal_set(self, cpu: int) -> None:
@@ -348,21 +379,20 @@ class XenCpu:
     # -- the handler (§2.3) ---------------------------------------------------------------
     def do_machine_check(self, *_sig) -> None:
         """Vector 18: mce_enter, the vendor handler, mce_exit."""
-        X, L = self.X, self.L
-        X.fetch_add(self.pc(L.P_NEST), 1)
-        X.store(self.pc(L.P_MC_GEN), X.load(L.trial_gen))
-        self.stamp(L.P_T_ENTER)
-        self.set_phase("entered")
+        X, o = self.X, self._o
+        X.fetch_add(o.nest, 1)
+        X.store(o.mc_gen, X.load(o.trial_gen))
+        self._phase(PH_ENTERED, o.t_enter)
         try:
             self.mcheck_cmn_handler()
         finally:
-            X.fetch_sub(self.pc(L.P_NEST), 1)
+            X.fetch_sub(o.nest, 1)
 
     def mcheck_cmn_handler(self) -> None:
-        X, L, cpu, yp, check = self.X, self.L, self.cpu, self.yp, self.check
+        X, cpu, yp, check, o, phase = self.X, self.cpu, self.yp, self.check, self._o, self._phase
         bar = self.mce_trap_bar
         self.mce_logout_lock.mce_spin_lock(cpu, yp, check)
-        self.set_phase("logout")
+        phase(PH_LOGOUT)
         clear_bank: list[int] = []
         slot, bs = self.mcheck_mca_logout(sev.MCA_MCE_SCAN, self.mca_allbanks, clear_bank,
                                           write_later=True)
@@ -372,7 +402,7 @@ class XenCpu:
             if bs.pcc or (bs.uc and not bs.recoverable):
                 self.fatal_set(cpu)
             yp("atomic")
-            X.store(L.found_error, 1)
+            X.store(o.found_error, 1)
             yp("atomic")
             self.set_severity_cpu(bs)
             self.mcheck_mca_clearbanks(clear_bank)
@@ -391,29 +421,27 @@ class XenCpu:
                 self.tele.mctelem_defer(slot, cpu, lmce)
             else:
                 self.tele.mctelem_commit(slot)
-        self.stamp(L.P_T_LOGOUT)
 
-        self.set_phase("barrier_a")
+        phase(PH_BARRIER_A, o.t_logout)
         bar.mce_barrier_enter(bcast, yp, check)
-        self.stamp(L.P_T_BARRIER_A)
+        X.store(o.t_barrier_a, _monotonic_ns())
         if slot is not None and self.mce_urgent_action(slot) < 0:
             self.fatal_set(cpu)
         bar.mce_barrier_exit(bcast, yp, check)
 
-        self.set_phase("barrier_b")
+        phase(PH_BARRIER_B)
         bar.mce_barrier_enter(bcast, yp, check)
-        if lmce or self.severity_cpu_get(L.severity_cpu) == cpu:
-            self.set_phase("fatal_check")
+        if lmce or signed(X.load(o.severity_cpu)) == cpu:
+            phase(PH_FATAL_CHECK)
             self.fatal_check()
         bar.mce_barrier_exit(bcast, yp, check)
 
-        self.set_phase("barrier_c")
+        phase(PH_BARRIER_C)
         bar.mce_barrier_enter(bcast, yp, check)
         self.clear_mcip()
         bar.mce_barrier_exit(bcast, yp, check)
 
-        self.stamp(L.P_T_EXIT)
-        self.set_phase("exit")
+        phase(PH_EXIT, o.t_exit)
         self.raise_softirq()
 
     # Steps the handler versions and broken variants override ------------------------------
@@ -438,10 +466,10 @@ class XenCpu:
             self._HW.store(self._mcg_status_off, 0)
 
     def raise_softirq(self) -> None:
-        self.X.store(self.pc(self.L.P_SOFTIRQ), 1)
+        self.X.store(self._o.softirq, 1)
         # The idle loop sleeps on the kick channel; if the #MC interrupted it,
         # the interrupted wait re-checks on return anyway.
-        self.ev.bump(self.pc(self.L.P_KICK))
+        self.ev.bump(self._o.kick)
 
     def guest_mode(self) -> bool:
         dom, _ = self.current_domain()
@@ -449,9 +477,14 @@ class XenCpu:
 
     def mce_urgent_action(self, slot: int) -> int:
         kept, rec = self._urgent
-        if kept != slot or isinstance(rec, tuple):
+        if kept == slot:
+            # The entry this CPU just wrote, which nobody else touches before the
+            # softirq: its decoded copy from the logout, not a re-read.
+            _, _, gstatus, banks_rec, _ = rec
+            rec = {"b": banks_rec}
+        else:
             rec = self.tele.read(slot)
-        gstatus = rec["g"]["mc_gstatus"]
+            gstatus = rec["g"]["mc_gstatus"]
         if not gstatus & msr.MCG_STATUS_RIPV and (
                 not gstatus & msr.MCG_STATUS_EIPV or not self.guest_mode()):
             return -1

@@ -9,7 +9,8 @@ Per-CPU ``pending``/``lmce_pending`` lists (newest first, pushed with the fixed
 per-class processing FIFO under ``processing_lock``; fetch returns the oldest entry
 of a class until it is acked, and an ack works only on the head.
 
-The payload is the ``mc_info`` content as a msgpack map; its *capacity* follows
+The payload is the ``mc_info`` content, msgpack'ed as a positional array (the
+#MC path builds no map; :meth:`Mctelem.read` gives the named form); its *capacity* follows
 Xen's accounting (760 data bytes: global 32 B, bank 48 B, recovery 24 B, with the
 UNCOMPLETE flag when a record does not fit), not msgpack's byte count.
 """
@@ -37,6 +38,10 @@ PAYLOAD = 2048
 MCINFO_DATA = 760
 SZ_GLOBAL, SZ_BANK, SZ_EXTENDED, SZ_RECOVERY = 32, 48, 520, 24
 MCINFO_FLAGS_UNCOMPLETE = 1
+
+# The global record's fields, in the payload's positional order.
+GLOBAL_FIELDS = ("mc_flags", "mc_gstatus", "mc_domid", "mc_vcpuid", "mc_socketid",
+                 "mc_coreid", "mc_core_threadid", "mc_apicid", "mcgcap")
 
 # mc_flags of mcinfo_global
 MC_FLAG_CORRECTABLE, MC_FLAG_UNCORRECTABLE, MC_FLAG_RECOVERABLE = 1, 2, 4
@@ -68,6 +73,7 @@ def bit_range(cls: int) -> range:
 _pack_hdr = struct.Struct(f"<{HWORDS - 1}Q").pack_into   # H_CLASS .. H_CPU
 CLASS_MASK = tuple(sum(1 << b for b in bit_range(c)) for c in (MC_URGENT, MC_NONURGENT))
 U64 = (1 << 64) - 1
+_pack = msgpack.Packer().pack   # one packer, reused: packb makes one per call
 
 
 class Mctelem:
@@ -166,8 +172,14 @@ class Mctelem:
         return len(chain)
 
     # -- payload --------------------------------------------------------------------
-    def write(self, i: int, rec: dict) -> None:
-        data = msgpack.packb(rec)
+    def write(self, i: int, rec) -> None:
+        """Store entry ``i``'s payload: a record as :meth:`read` gives it, or the
+        positional form ``[who, flags, cpu, [GLOBAL_FIELDS...], banks, recovery]``."""
+        if isinstance(rec, dict) and "g" in rec:
+            g = rec["g"]
+            rec = [rec["who"], rec["flags"], rec["cpu"], [g[k] for k in GLOBAL_FIELDS],
+                   rec["b"], rec["r"]]
+        data = _pack(rec)
         if len(data) > PAYLOAD:
             from emu.errors import EmulatorInternalError
             raise EmulatorInternalError(f"telemetry record of {len(data)} bytes exceeds the slot")
@@ -178,7 +190,14 @@ class Mctelem:
     def read(self, i: int) -> dict:
         n = self.hget(i, H_LEN)
         base = self.T.payload + i * PAYLOAD
-        return msgpack.unpackb(bytes(self.mv[base:base + n])) if n else {}
+        if not n:
+            return {}
+        rec = msgpack.unpackb(bytes(self.mv[base:base + n]), strict_map_key=False)
+        if not isinstance(rec, list):
+            return rec    # not an mc_info record (tests store other maps)
+        who, flags, cpu, g, b, r = rec
+        return {"who": who, "flags": flags, "cpu": cpu, "g": dict(zip(GLOBAL_FIELDS, g)),
+                "b": b, "r": r}
 
     def record_id(self, i: int) -> int:
         return self.hget(i, H_ID)
