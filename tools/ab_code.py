@@ -8,8 +8,9 @@ handler latency, the VM's drift cancelled.
 Each tree gets a worker process (``PYTHONPATH`` = the tree) that boots one machine
 and injects on request, a block at a time; blocks alternate between the trees and
 the order flips every round, so drift falls on both alike and only one machine is
-busy at any moment. Prints p50 and p99 of each ``latency_us`` field per tree, and
-the ratio of p50s to the first tree; ``trial_wall`` is one ``Machine.inject`` as
+busy at any moment. Prints p50 and p99 of each ``latency_us`` field per tree, the
+ratio of p50s to the first tree, and the median of the per-round ratios (each round's
+two blocks ran back to back, so slow drift cancels) with a bootstrap 95 % interval; ``trial_wall`` is one ``Machine.inject`` as
 the caller sees it. ``tools/ab_latency.py`` compares
 configurations of one tree instead.
 """
@@ -70,21 +71,34 @@ def main(argv=None) -> int:
         workers[name] = w
     names = list(workers)
     res: dict = {k: {} for k in names}
+    paired: dict = {}    # field -> per-round p50 ratio (second tree / first)
     try:
         for rnd in range(a.rounds):
+            block = {}
             for k in (names if rnd % 2 else names[::-1]):
                 w = workers[k]
                 w.stdin.write(f"{a.block}\n")
                 w.stdin.flush()
+                block[k] = {}
                 for lat in json.loads(w.stdout.readline())[a.warmup:]:
                     for f, v in lat.items():
                         res[k].setdefault(f, []).append(v)
+                        block[k].setdefault(f, []).append(v)
+            for f, v in block[names[0]].items():
+                if block[names[1]].get(f):
+                    paired.setdefault(f, []).append(np.median(block[names[1]][f]) / np.median(v))
     finally:
         for w in workers.values():
             w.stdin.close()
             w.wait()
     base = res[names[0]]
+    rng = np.random.default_rng(0)
     for f in base:
+        pr = np.array(paired.get(f) or [np.nan])
+        boot = [np.median(rng.choice(pr, len(pr))) for _ in range(1000)]
+        print(f"{f:14s} paired p50 ratio {names[1]}/{names[0]}: {np.median(pr):.3f} "
+              f"(95 % {np.percentile(boot, 2.5):.3f}-{np.percentile(boot, 97.5):.3f}, "
+              f"{len(pr)} rounds)")
         for k in names:
             v = res[k].get(f)
             if not v:
