@@ -33,10 +33,7 @@ class YieldPoints:
         self._rng = np.random.default_rng(seed_seq) if seed_seq is not None else None
         self._u = None
         self._k = _BLOCK
-        # ``off``: no chaos and no trace, so a yield point does nothing; the #MC path
-        # may then read several registers in one pass (the same values it could see).
-        self.off = chaos <= 0 and trace is None
-        if self.off:
+        if chaos <= 0 and trace is None:
             self.yp = _noop       # the hot path pays one call only
 
     def reseed(self, seed_seq) -> None:

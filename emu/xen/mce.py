@@ -121,8 +121,6 @@ class XenCpu:
         self._ph_off = self.pc(R.L.P_PHASE)
         self._reached_off = self.pc(R.L.P_REACHED)
         self._progress_off = self.pc(R.L.P_PROGRESS)
-        self._yp_off = getattr(yps, "off", False)
-        self._sev_cache: dict = {}
         self._hooked = bool(self.kill_phase or self.stall_phase)
         L = R.L
         # This CPU's words on the #MC path, computed once: the path runs in Python,
@@ -266,32 +264,21 @@ class XenCpu:
         yp, load, boff = self.yp, self._HW.load, self._boff
         scan = self._status_offs if bankmask == self.mca_allbanks else \
             [(i, off) for i, off in self._status_offs if bankmask >> i & 1]
-        if self._yp_off:
-            # No yield point to honour between the reads: every status in one pass.
-            valid = [(i, st) for (i, _), st in zip(scan, map(load, [o for _, o in scan]))
-                     if st & VAL]
-        else:
-            valid = self._scan_banks(scan)
-        sev_cache = self._sev_cache
-        for i, status in valid:
-            # Xen's severity predicates are pure functions of (source, status): cached.
-            pred = sev_cache.get((who, status))
-            if pred is None:
-                if len(sev_cache) > 4096:
-                    sev_cache.clear()
-                pred = sev_cache[(who, status)] = (
-                    sev.intel_need_clearbank_scan(who, status, ser),
-                    sev.intel_recoverable_scan(status, ser))
-            need_clear = pred[0]
+        for i, status_off in scan:
+            yp("rdmsr")
+            status = load(status_off)
+            if not status & VAL:
+                continue
+            need_clear = sev.intel_need_clearbank_scan(who, status, ser)
             if errcnt == 0:
                 slot = self.tele.mctelem_reserve(cls, self.cpu)
                 if slot is not None:
-                    rid = self.tele.last_id
+                    rid = self.tele.record_id(slot)
             errcnt += 1
             uc |= bool(status & msr.MCi_STATUS_UC)
             pcc |= bool(status & msr.MCi_STATUS_PCC)
             if recover and uc:
-                recover = pred[1]
+                recover = sev.intel_recoverable_scan(status, ser)
             addr = misc = 0
             if status & msr.MCi_STATUS_ADDRV:
                 yp("rdmsr")
@@ -326,15 +313,6 @@ class XenCpu:
                 self.tele.write(slot, self.mctelem_payload())
             self._flush_logout()
         return slot, summary
-
-    def _scan_banks(self, scan):
-        """The status reads one by one, each a yield point (chaos or trace on)."""
-        yp, load = self.yp, self._HW.load
-        for i, off in scan:
-            yp("rdmsr")
-            status = load(off)
-            if status & VAL:
-                yield i, status
 
     def mctelem_payload(self) -> list:
         """The telemetry entry of the last logout (Xen's mc_info: the global record,

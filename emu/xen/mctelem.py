@@ -116,8 +116,7 @@ class Mctelem:
         h = T.hdr + 8 * HWORDS * i
         # The won slot is ours alone: one copy of the header words after STATE, then
         # STATE, so an inspector never sees UNCOMMITTED with a stale header.
-        self.last_id = rid = (X.load(T.boot) << 32) | seq   # the caller's record_id(i)
-        _pack_hdr(self.mv, h + 8 * H_CLASS, cls, 1, 0, 0, rid, 0, cpu)
+        _pack_hdr(self.mv, h + 8 * H_CLASS, cls, 1, 0, 0, (X.load(T.boot) << 32) | seq, 0, cpu)
         X.store(h + 8 * H_STATE, UNCOMMITTED)
         return i
 
