@@ -35,6 +35,29 @@ def test_demo_srao_on_free_page_is_offlined_and_recovered(emu_machine):
     assert _banks(m, 0, 8)[1] == 0   # the owner cleared the shared bank
 
 
+def test_timing_fields_follow_the_handler_order(emu_machine):
+    """Each CPU's own stamps are in handler order, and the trial's latencies are
+    their maxima, all counted from the raise (after the MCG_STATUS writes)."""
+    m = emu_machine()
+    t_before = time.monotonic_ns()
+    r = m.inject(SRAO_MEM)
+    lat = r["latency_us"]
+    assert t_before < r["t_inject_ns"] and lat["raise"] >= 0
+    order = ("entered", "logout_done", "barrier_a", "handler_exit", "softirq_done")
+    for c in r["cpus"]:
+        t = [c["t_us"][k] for k in order]
+        assert all(x is not None and x > 0 for x in t), c
+        assert t == sorted(t), c
+    for k, field in (("entered", "all_entered"), ("logout_done", "logout_done"),
+                     ("handler_exit", "handler_exit"), ("softirq_done", "softirq_done")):
+        assert lat[field] == max(c["t_us"][k] for c in r["cpus"])
+    # A CPU that took no #MC (LMCE elsewhere) has no stamps of this trial.
+    r = m.inject(SRAO_MEM.replace("cpu=0", "cpu=1").replace("addr=0x180020", "addr=0x181020"),
+                 local=True)
+    others = [c for c in r["cpus"] if c["cpu"] != 1]
+    assert all(c["t_us"]["entered"] is None for c in others), others
+
+
 def test_shared_clearable_bank_has_exactly_one_owner_and_owners_vary(emu_machine):
     m = emu_machine()
     owners = []
