@@ -172,14 +172,13 @@ class XenCpu:
     def notify_coordinator(self) -> None:
         self.R.notify()
 
-    def _flush_logout(self) -> None:
-        """Write this logout's entries into the CPU's logout ring (what the trial result
+    def _flush_logout(self, pend: list, cleared: set) -> None:
+        """Write a logout's entries into the CPU's logout ring (what the trial result
         reads), with whether the bank was cleared. Emulator bookkeeping, not Xen: the
         #MC path calls it once the logout lock is dropped, since only this CPU writes
-        its ring and the coordinator reads it after the trial."""
+        its ring and the coordinator reads it after the trial. The lists are passed,
+        not read from ``self``: a nested #MC (once MCIP is clear) has its own."""
         X, o = self.X, self._o
-        pend, cleared = self._pending_log, self._cleared
-        self._pending_log = []
         if not pend:
             return
         k0 = X.fetch_add(o.logout_n, len(pend))
@@ -311,7 +310,7 @@ class XenCpu:
         if not write_later:
             if slot is not None:
                 self.tele.write(slot, self.mctelem_payload())
-            self._flush_logout()
+            self._flush_logout(pend, self._cleared)
         return slot, summary
 
     def mctelem_payload(self) -> list:
@@ -396,6 +395,7 @@ class XenCpu:
         clear_bank: list[int] = []
         slot, bs = self.mcheck_mca_logout(sev.MCA_MCE_SCAN, self.mca_allbanks, clear_bank,
                                           write_later=True)
+        logged, cleared = self._pending_log, self._cleared
         lmce = bs.lmce
         bcast = self.mce_broadcast and not lmce
         if bs.errcnt:
@@ -409,7 +409,7 @@ class XenCpu:
         elif slot is not None:
             self.tele.mctelem_dismiss(slot)
         self.mce_logout_lock.spin_unlock(yp)
-        self._flush_logout()
+        self._flush_logout(logged, cleared)
         if bs.errcnt and slot is not None:
             # Xen fills the entry and defers/commits it under the lock. The entry is
             # this CPU's alone until then (its pending list is read by the softirq
