@@ -216,10 +216,14 @@ class Coordinator(DomainChannels):
         # back: after serving some, poll the domains' channels a little longer rather
         # than pay a sleep/wake-up pair for each request (GUEST_SPIN_S).
         end = time.monotonic() + self.guest_spin_s
+        extra = list(extra)
         while self._served and time.monotonic() < end:
             if done is not None and done():
                 break
-            rr, _, _ = select.select(self._dom0_fds(), [], [], 0)
+            rr, _, _ = select.select(self._dom0_fds() + extra, [], [], 0)
+            if any(fd in rr for fd in extra):
+                r = list(r) + rr   # what the caller waits for (e.g. the next request)
+                break
             if not rr:
                 os.sched_yield()
                 continue
