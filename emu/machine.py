@@ -7,6 +7,7 @@ process dies, through the parent-death signal every emulator process sets.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 
@@ -79,7 +80,8 @@ class Machine:
             raise UsageError("machine", "not started; use `with Machine(...) as m:` or m.start()")
         try:
             self._conn.send_bytes(msgpack.packb([1, cmd, args]))
-            if not self._conn.poll(timeout):
+            # select, not Connection.poll: that builds a selector per call
+            if not select.select([self._conn.fileno()], [], [], timeout)[0]:
                 raise EmulatorInternalError(f"coordinator did not answer {cmd!r} in {timeout} s")
             ok, payload = msgpack.unpackb(self._conn.recv_bytes(), strict_map_key=False)
         except (EOFError, OSError) as exc:
