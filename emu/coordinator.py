@@ -54,6 +54,8 @@ class Coordinator(DomainChannels):
         self.vmce = Vmce(self.R)
         self.boots = 0
         self.trial_gen = 0
+        self._spec_cache: dict = {}       # error strings -> validated specs
+        self._trial_words = None          # per-CPU words cleared before each trial
         self.cpu_pids: dict[int, int] = {}
         self.pidfds: dict[int, int] = {}
         self.hooks: dict = dict(cfg.extra.get("hooks", {}))
@@ -280,14 +282,33 @@ class Coordinator(DomainChannels):
         return snap
 
     # -- a trial -------------------------------------------------------------------------
+    def _validated(self, errors) -> list:
+        """validate_errors, remembered for error strings already seen on this machine
+        (a campaign repeats them; the parsed specs are immutable)."""
+        key = tuple(errors) if isinstance(errors, (list, tuple)) and all(
+            isinstance(e, str) for e in errors) else None
+        hit = self._spec_cache.get(key) if key is not None else None
+        if hit is None:
+            hit = validate_errors(errors, self.n, self.topo.nbanks, self.domids)
+            if key is not None:
+                if len(self._spec_cache) >= 4096:
+                    self._spec_cache.clear()
+                self._spec_cache[key] = hit
+        return list(hit)
+
     def _reset_trial_state(self, gen: int) -> None:
         X, L = self.R.X, self.R.L
         X.store(L.trial_gen, gen)
         X.store(L.action_n, 0)
-        for c in range(self.n):
-            for w in (L.P_LOGOUT_N, L.P_REACHED, L.P_T_ENTER, L.P_T_LOGOUT, L.P_T_EXIT,
-                      L.P_T_SOFTIRQ, L.P_SIRQ_ROLE, L.P_T_BARRIER_A):
-                X.store(L.pc(c, w), 0)
+        offs = self._trial_words
+        if offs is None:
+            offs = self._trial_words = [
+                L.pc(c, w) for c in range(self.n)
+                for w in (L.P_LOGOUT_N, L.P_REACHED, L.P_T_ENTER, L.P_T_LOGOUT, L.P_T_EXIT,
+                          L.P_T_SOFTIRQ, L.P_SIRQ_ROLE, L.P_T_BARRIER_A)]
+        store = X.store
+        for off in offs:
+            store(off, 0)
 
     def _inject(self, errs: list, local: bool):
         """Write validated errors into their banks (mce-inject's HOLD), then compute
@@ -322,10 +343,10 @@ class Coordinator(DomainChannels):
         raised once a first-wave target has reached ``after_phase``."""
         X, L = self.R.X, self.R.L
         # Validate everything before anything runs.
-        first = validate_errors(errors, self.n, self.topo.nbanks, self.domids)
+        first = self._validated(errors)
         second = None
         if then:
-            second = validate_errors(then["errors"], self.n, self.topo.nbanks, self.domids)
+            second = self._validated(then["errors"])
             if then.get("after_phase") not in PHASES:
                 raise UsageError("then.after_phase", f"use one of {', '.join(PHASES)}")
         self.trial_gen += 1
