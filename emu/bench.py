@@ -24,7 +24,6 @@ import numpy as np
 import psutil
 
 from emu.hw.atomic import atomics
-from emu.hw.cpu import IDLE_SPIN_NS
 from emu.hw.futex import futex_wait, futex_wake
 
 TOPOLOGY = {4: "1x2x2", 8: "1x4x2", 16: "1x8x2", 32: "2x8x2", 64: "2x16x2", 128: "4x16x2",
@@ -122,9 +121,11 @@ def handler_latency(cpus: int, injections: int, fsync: bool = True, guest: bool 
             outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
             t_raise = r["t_inject_ns"] + int(r["latency_us"]["raise"] * 1e3)
             if last_idle is not None:
-                gaps.append((t_raise - last_idle) / 1e9)
+                gaps.append(max(0, t_raise - last_idle) / 1e9)
+            # The CPUs went idle at softirq_done, polled for their window, then slept.
             sd = r["latency_us"]["softirq_done"]
-            last_idle = (t_raise + int(sd * 1e3) + IDLE_SPIN_NS) if sd is not None else None
+            poll = float(np.median([c["idle_poll_us"] for c in r["cpus"]]))
+            last_idle = (t_raise + int((sd + poll) * 1e3)) if sd is not None else None
             for k in phases:
                 if r["latency_us"][k] is not None:
                     phases[k].append(r["latency_us"][k])
@@ -136,6 +137,7 @@ def handler_latency(cpus: int, injections: int, fsync: bool = True, guest: bool 
            "uss_mb_per_cpu": round(float(np.median(uss)) / 2**20, 2), "outcomes": outcomes,
            "dom0_fsync": fsync, "dom0_log_fs": fs,
            "cpu_sleep_us": round(float(np.median(gaps)) * 1e6, 1) if gaps else None,
+           "cpus_asleep_share": round(float(np.mean([g > 0 for g in gaps])), 3) if gaps else None,
            # a trial whose record Dom0 had not logged within the watchdog has no figure
            "dom0_logged_missing": injections - len(phases["dom0_logged"])}
     for k, v in phases.items():
@@ -192,8 +194,8 @@ def main(a) -> int:
         r["ratio_to_floor"] = round(r["p50_us"] / floor["p50_us"], 1)
         # The same wake-up after as long a sleep as the CPUs had between two machine
         # checks of the run: the wake-up each trial actually starts with.
-        if r["cpu_sleep_us"]:
-            fm = futex_floor(gap_s=max(r["cpu_sleep_us"], 0.0) / 1e6)
+        if r["cpu_sleep_us"] is not None:
+            fm = futex_floor(gap_s=r["cpu_sleep_us"] / 1e6)
             r["floor_matched_us"] = round(fm["p50_us"], 1)
             r["floor_matched_p99_us"] = round(fm["p99_us"], 1)
             r["ratio_to_floor_matched"] = round(r["p50_us"] / fm["p50_us"], 1)

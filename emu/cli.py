@@ -31,6 +31,9 @@ def _machine_args(p):
     p.add_argument("--guest-vcpus", type=int, default=2, help="vCPUs per guest (default 2)")
     p.add_argument("--vmce-policy", default="owner",
                    help="owner: vMCE to the impacted domain (default); dom0: to Dom0 only")
+    p.add_argument("--idle-poll-us", type=int, default=1000,
+                   help="the most an idle CPU polls before sleeping; the window adapts "
+                        "to how soon machine checks come (default 1000; 0: sleep at once)")
 
 
 def _config(a):
@@ -40,7 +43,8 @@ def _config(a):
                          handler=a.handler, seed=a.seed, chaos=a.chaos, watchdog_s=a.watchdog,
                          ser=not a.no_ser, pin_cpus=not a.no_pin, guests=a.guests,
                          memory_pages=a.memory_pages, guest_vcpus=a.guest_vcpus,
-                         vmce_policy=a.vmce_policy, extra=extra).validate()
+                         vmce_policy=a.vmce_policy, idle_poll_us=a.idle_poll_us,
+                         extra=extra).validate()
 
 
 def _print_trial(res: dict, out) -> None:

@@ -605,7 +605,8 @@ class Coordinator(DomainChannels):
             cpus.append({"cpu": c, "phases": [p for i, p in enumerate(PHASES) if reached >> i & 1],
                          "mcip_after": bool(self.banks.mcg(c) & msr.MCG_STATUS_MCIP),
                          "softirq_worker": bool(X.load(L.pc(c, L.P_SIRQ_ROLE))),
-                         "t_us": stamps})
+                         "t_us": stamps,
+                         "idle_poll_us": round(X.load(L.pc(c, L.P_IDLE_POLL)) / 1e3, 1)})
         res = {"schema": SCHEMA, "trial": gen, "outcome": outcome, "resets": 0,
                "handler": self.cfg.handler, "seed": self.cfg.seed, "topology": self.cfg.topology,
                "local": local, "targets": targets, "vmce_policy": self.cfg.vmce_policy, "errors": errors_out, "boot_log": [],

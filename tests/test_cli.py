@@ -68,6 +68,8 @@ def test_run_several_errors_and_lmce_decimal_numbers():
     (["--memory-pages", "12"], "memory-pages"),
     (["--guest-vcpus", "0"], "guest-vcpus"),
     (["--vmce-policy", "everyone"], "vmce-policy"),
+    (["--idle-poll-us", "-1"], "idle-poll-us"),
+    (["--idle-poll-us", "100001"], "idle-poll-us"),
     (["--error", "cpu=0 bank=8 status=0xBD000000004000CF addr=0x180020 domain=2"],
      "error[0].domain"),
     (["--error", "cpu=0 bank=8 status=0xBD000000004000CF addr=0x2000000 domain=1"],

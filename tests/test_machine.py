@@ -266,3 +266,30 @@ def test_dom0_killed_mid_log_still_logs_exactly_once(emu_machine, tmp_path, die_
     with open(rs[0]["dom0_log_path"]) as f:
         ids = [json.loads(x)["id"] for x in f]
     assert len(ids) == len(set(ids)) == 3
+
+
+def test_idle_poll_window_follows_kvm_halt_polling():
+    from emu.hw.cpu import IDLE_POLL_MIN_NS, idle_poll_window
+    cap = 1_000_000
+    assert idle_poll_window(200_000, 150_000, cap) == 200_000     # woke while polling
+    assert idle_poll_window(200_000, 300_000, cap) == 400_000     # just missed: grow
+    assert idle_poll_window(800_000, 900_000, cap) == cap         # never above the cap
+    assert idle_poll_window(800_000, 5_000_000, cap) == 400_000   # sparse: shrink
+    assert idle_poll_window(IDLE_POLL_MIN_NS, 5_000_000, cap) == IDLE_POLL_MIN_NS
+    assert idle_poll_window(0, 10_000, cap) == IDLE_POLL_MIN_NS   # grows from the floor
+    assert idle_poll_window(200_000, 300_000, 0) == 0             # polling off
+
+
+def test_idle_poll_grows_with_back_to_back_machine_checks(emu_machine):
+    """Machine checks closer together than the cap widen each CPU's idle poll (the
+    window is in the trial result); with idle_poll_us=0 an idle CPU sleeps at once."""
+    m = emu_machine(idle_poll_us=100_000)
+    polls = []
+    for i in range(8):
+        r = m.inject(SRAO_MEM.replace("addr=0x180020", f"addr={0x182000 + (i << 12):#x}"))
+        assert r["outcome"] == "recovered"
+        polls.append([c["idle_poll_us"] for c in r["cpus"]])
+    assert min(polls[-1]) > 200, polls     # it starts at 200 µs, haltpoll's default
+    m0 = emu_machine(idle_poll_us=0)
+    r = m0.inject(SRAO_MEM)
+    assert r["outcome"] == "recovered" and [c["idle_poll_us"] for c in r["cpus"]] == [0.0] * 4

@@ -25,10 +25,10 @@ import sys
 import numpy as np
 
 WORKER = r"""
-import json, sys, time
+import json, os, sys, time
 from emu.machine import Machine
 topo, err = sys.argv[1], sys.argv[2]
-with Machine(topology=topo) as m:
+with Machine(topology=topo, **json.loads(os.environ.get("AB_MACHINE", "{}"))) as m:
     n = len(m.cpu_pids)
     print(json.dumps({"ready": True}), flush=True)
     i = 0
@@ -48,7 +48,9 @@ with Machine(topology=topo) as m:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("trees", nargs=2, help="name=path of a source tree (holding emu/)")
+    p.add_argument("trees", nargs=2, help="name=path of a source tree (holding emu/), then "
+                   "optionally :VAR=value;VAR=value for its worker's environment "
+                   "(AB_MACHINE='{json}': MachineConfig keywords)")
     p.add_argument("--topology", default="1x2x2")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--block", type=int, default=50, help="injections per turn")
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
         if not os.path.isdir(os.path.join(path, "emu")):
             p.error(f"{t}: no emu/ under {path}")
         env = dict(os.environ, PYTHONPATH=path)
-        env.update(dict(kv.split("=", 1) for kv in envs.split(",") if kv))
+        env.update(dict(kv.split("=", 1) for kv in envs.split(";") if kv))
         w = subprocess.Popen([sys.executable, "-c", WORKER, a.topology, a.error], cwd=path,
                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         json.loads(w.stdout.readline())

@@ -25,7 +25,8 @@ from emu.hw.yieldpoint import YieldPoints
 from emu.xen.versions import handler_class
 
 SIG_MC = signal.SIGUSR1
-IDLE_SPIN_NS = 200_000
+IDLE_POLL_START_NS = 200_000   # cpuidle-haltpoll's default window
+IDLE_POLL_MIN_NS = 50_000
 PR_SET_PDEATHSIG = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -101,15 +102,43 @@ def cpu_process(R, cpu: int, hooks: dict, pgid: int = 0) -> None:
     x.boot()
     soft = L.pc(cpu, L.P_SOFTIRQ)
     kick = L.pc(cpu, L.P_KICK)
+    t_enter = L.pc(cpu, L.P_T_ENTER)
+    cap = R.cfg.idle_poll_us * 1000
+    poll = min(IDLE_POLL_START_NS, cap)
+    X.store(L.pc(cpu, L.P_IDLE_POLL), poll)
     while True:
         # xchg, not load+store: a #MC between the two would lose its raise.
         if X.xchg(soft, 0):
             x.mce_softirq()
             continue
-        # Idle: poll briefly before sleeping, as Linux's cpuidle-haltpoll does (its
-        # default is 200 µs); a longer spin would burn the cores the coordinator,
-        # Dom0 and the other CPUs need between machine checks.
-        R.ev.wait(kick, lambda: X.load(soft) != 0, slice_s=1.0, spin_ns=IDLE_SPIN_NS)
+        # Idle: poll (yielding) before sleeping, as halt polling does, for a window
+        # that adapts to how soon the machine checks come (idle_poll_window).
+        t = time.monotonic_ns()
+        R.ev.wait(kick, lambda: X.load(soft) != 0, slice_s=1.0, spin_ns=poll)
+        entered = X.load(t_enter)        # the #MC that ended this idle period
+        poll = idle_poll_window(poll, (entered if entered > t else time.monotonic_ns()) - t,
+                                cap)
+        X.store(L.pc(cpu, L.P_IDLE_POLL), poll)
+
+
+def idle_poll_window(poll: int, idle_ns: int, cap: int) -> int:
+    """The next idle poll window, by KVM's halt-polling rule: an idle period that
+    outlasted the window but not ``cap`` doubles it; one longer than ``cap`` halves
+    it (never below IDLE_POLL_MIN_NS, never above ``cap``; ``cap`` 0: no polling).
+
+    Why: on a VM whose idle vCPUs halt (this one: no cpuidle driver), a CPU process
+    that sleeps between back-to-back machine checks lets its vCPU halt, and the next
+    #MC then runs cold after a host-level wake-up (tools/coldstart.py: 5x slower);
+    polling through the gap keeps it warm, and when machine checks are sparse the
+    window shrinks back and idle CPUs sleep. Each poll iteration yields the core.
+    """
+    if cap <= 0:
+        return 0
+    if idle_ns <= poll:
+        return poll
+    if idle_ns <= cap:
+        return min(cap, max(2 * poll, IDLE_POLL_MIN_NS))
+    return max(min(IDLE_POLL_MIN_NS, cap), poll // 2)
 
 
 def deliver_mc(R, banks, targets: list[int], mcg_status: dict[int, int], pids: dict[int, int],

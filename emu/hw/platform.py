@@ -76,6 +76,7 @@ class MachineConfig:
     memory_pages: int = 16384     # 64 MiB of 4 KiB machine pages
     mce_broadcast: bool = True
     pin_cpus: bool = True         # emulated CPU i runs on host core i % cores only
+    idle_poll_us: int = 1000      # the most an idle CPU polls before it sleeps (0: never)
     guests: int = 1               # HVM guests besides Dom0 (domids 1..guests)
     guest_vcpus: int = 2
     vmce_policy: str = "owner"    # owner: vMCE to the impacted domain; dom0: to Dom0 only
@@ -104,6 +105,10 @@ class MachineConfig:
                              f"{DOM_PAGES} pages; raise --memory-pages for more)")
         if not isinstance(self.guest_vcpus, int) or not 1 <= self.guest_vcpus <= MAX_VCPUS:
             raise UsageError("guest-vcpus", f"{self.guest_vcpus!r}: give 1..{MAX_VCPUS}")
+        if isinstance(self.idle_poll_us, bool) or not isinstance(self.idle_poll_us, int) \
+                or not 0 <= self.idle_poll_us <= 100_000:
+            raise UsageError("idle-poll-us", f"{self.idle_poll_us!r}: give 0..100000 µs "
+                             "(0: an idle CPU sleeps at once)")
         if self.vmce_policy not in VMCE_POLICIES:
             raise UsageError("vmce-policy", f"{self.vmce_policy!r}: choose owner or dom0")
         return self
@@ -230,7 +235,7 @@ class Layout:
      P_SOFTIRQ, P_NEST, P_CLEAR_BANKS, P_CURRENT_DOM, P_CURRENT_VCPU, P_PENDING,
      P_LMCE_PENDING, P_HALTED, P_LOGOUT_N, P_PID, P_INTERRUPTED, P_T_SOFTIRQ_START,
      P_KICK, _P_KICK_SLEEPERS, P_T_BARRIER_A, P_SIRQ_ROLE, P_DOORBELL, P_SLEEP_OFF,
-     P_PROGRESS) = range(27)
+     P_PROGRESS, P_IDLE_POLL) = range(28)
     P_LOGOUT = 28
 
     def pc(self, cpu: int, word: int) -> int:
