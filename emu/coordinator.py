@@ -491,6 +491,7 @@ class Coordinator(DomainChannels):
         last_progress = self._progress()
         last_t = time.monotonic()
         ring_at = (t_deliver or last_t) + RING_LATE_S
+
         def done():
             return (all(X.load(L.pc(c, L.P_DONE_GEN)) >= g for c, g in wait_targets.items())
                     or X.load(L.reset_req) != RESET_NONE)
