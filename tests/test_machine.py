@@ -293,3 +293,18 @@ def test_idle_poll_grows_with_back_to_back_machine_checks(emu_machine):
     m0 = emu_machine(idle_poll_us=0)
     r = m0.inject(SRAO_MEM)
     assert r["outcome"] == "recovered" and [c["idle_poll_us"] for c in r["cpus"]] == [0.0] * 4
+
+
+def test_a_cpu_that_sleeps_through_its_signal_is_rung_late(emu_machine):
+    """The race the late doorbell ring covers: a #MC signalled just before a CPU's
+    futex call cannot run its handler until the sleep ends. CPU 1 here holds SIG_MC
+    blocked for every futex sleep (a test hook) and idles without polling, so only the
+    late ring wakes it: the trial still recovers, CPU 1 entered after the ring
+    (0.5 ms at the earliest), and the result names it in ``rung_late``."""
+    m = emu_machine(idle_poll_us=0, extra={"hooks": {"sleep_masked_cpus": [1]}})
+    for i in range(3):
+        r = m.inject(SRAO_MEM.replace("addr=0x180020", f"addr={0x183000 + (i << 12):#x}"))
+        assert r["outcome"] == "recovered" and r["violations"] == [], r
+        assert 1 in r["rung_late"], r["rung_late"]
+        assert r["cpus"][1]["t_us"]["entered"] >= 500, r["cpus"][1]["t_us"]
+        assert all(c["t_us"]["handler_exit"] is not None for c in r["cpus"])

@@ -94,6 +94,8 @@ def cpu_process(R, cpu: int, hooks: dict, pgid: int = 0) -> None:
     X, L = R.X, R.L
     R.ev.doorbell = L.pc(cpu, L.P_DOORBELL)
     R.ev.sleep_reg = L.pc(cpu, L.P_SLEEP_OFF)
+    if cpu in (hooks.get("sleep_masked_cpus") or ()):
+        R.ev.sleep_masked = {SIG_MC}   # test hook: see Events.sleep_masked
     trace = (X, L.trace_n, L.trace, TRACE_RING) if R.cfg.trace else None
     yps = YieldPoints(cpu, R.cfg.chaos, None, trace)
     x = handler_class(R.cfg.handler)(R, cpu, yps, hooks)
