@@ -20,14 +20,13 @@ from __future__ import annotations
 import os
 import time
 
-from emu.hw.futex import futex_wake
-
 _now = time.monotonic_ns
 _sched_yield = os.sched_yield
 
 
 def _nothing() -> None:
     return None
+
 
 VAL, INGEN, OUTGEN, EV_IN, EV_OUT = 0, 8, 16, 24, 40
 NWORDS = 7
@@ -42,74 +41,60 @@ class McaBarrier:
         self.spin_ns = R.ev.spin_ns
         self._val, self._in, self._out = off + VAL, off + INGEN, off + OUTGEN
         self._ev_in, self._ev_out = off + EV_IN, off + EV_OUT
-        self._addr_in, self._addr_out = R.ev.base + off + EV_IN, R.ev.base + off + EV_OUT
 
-    # The #MC path runs these on every CPU, twice per rendezvous: the event bumps and
-    # the first stretch of the wait are written out inline (Events.bump and the spin
-    # phase of Events.wait, unchanged), since with more CPUs than cores every call
-    # here is paid once per CPU on a core between two context switches.
     def mce_barrier_enter(self, wait: bool, yp, check) -> None:
         if not wait:
             return
-        X = self.X
-        load, fetch_add = X.load, X.fetch_add
+        X, ev = self.X, self.ev
         yp("barrier")
-        fetch_add(self._in, 1)
-        fetch_add(self._ev_out, 1)
-        if load(self._ev_out + 8):
-            futex_wake(self._addr_out)
-        gen = load(self._out)
+        X.fetch_add(self._in, 1)
+        ev.bump(self._ev_out)
+        gen = X.load(self._out)
         yp("barrier")
-        online = self.online
-        val, out = self._val, self._out
-        if fetch_add(val, 1) + 1 == load(online):
-            fetch_add(self._ev_in, 1)
-            if load(self._ev_in + 8):
-                futex_wake(self._addr_in)
+        if X.fetch_add(self._val, 1) + 1 == X.load(self.online):
+            ev.bump(self._ev_in)
             return   # the last one in: the wait condition holds already
-        chk = check or _nothing
-        end = _now() + self.spin_ns
-        while True:
-            for _ in range(8):
-                if load(val) == load(online) or load(out) != gen:
-                    return
-                chk()
-                _sched_yield()
-            if _now() >= end:
-                break
-        self.ev.wait(self._ev_in, lambda: load(val) == load(online) or load(out) != gen,
-                     check=check, spin_ns=0)
+        # while (val != num_online_cpus() && outgen == gen)
+        self._wait(self._ev_in, self.online, self._out, gen, check)
 
     def mce_barrier_exit(self, wait: bool, yp, check) -> None:
         if not wait:
             return
-        X = self.X
-        load, fetch_add = X.load, X.fetch_add
+        X, ev = self.X, self.ev
         yp("barrier")
-        fetch_add(self._out, 1)
-        fetch_add(self._ev_in, 1)
-        if load(self._ev_in + 8):
-            futex_wake(self._addr_in)
-        gen = load(self._in)
+        X.fetch_add(self._out, 1)
+        ev.bump(self._ev_in)
+        gen = X.load(self._in)
         yp("barrier")
-        val, in_ = self._val, self._in
-        if X.fetch_sub(val, 1) - 1 == 0:
-            fetch_add(self._ev_out, 1)
-            if load(self._ev_out + 8):
-                futex_wake(self._addr_out)
+        if X.fetch_sub(self._val, 1) - 1 == 0:
+            ev.bump(self._ev_out)
             return   # the last one out: the wait condition holds already
+        # while (val != 0 && ingen == gen)
+        self._wait(self._ev_out, None, self._in, gen, check)
+
+    def _wait(self, ev_off: int, want_off: int | None, gen_off: int, gen: int, check) -> None:
+        """Wait until ``val`` equals the word at ``want_off`` (0 if None) or the word
+        at ``gen_off`` moves from ``gen``: Events.wait's spin phase, with the budget
+        clock read every 8 iterations and ``check`` (mce_panic_check) in each, then its
+        sleep on ``ev_off``."""
+        load, val = self.X.load, self._val
+
+        def done() -> bool:
+            return load(val) == (load(want_off) if want_off is not None else 0) \
+                or load(gen_off) != gen
         chk = check or _nothing
         end = _now() + self.spin_ns
         while True:
             for _ in range(8):
-                if load(val) == 0 or load(in_) != gen:
+                # done(), written out: a closure call per iteration measured +6 %
+                if load(val) == (load(want_off) if want_off is not None else 0) \
+                        or load(gen_off) != gen:
                     return
                 chk()
                 _sched_yield()
             if _now() >= end:
                 break
-        self.ev.wait(self._ev_out, lambda: load(val) == 0 or load(in_) != gen,
-                     check=check, spin_ns=0)
+        self.ev.wait(ev_off, done, check=check, spin_ns=0)
 
     def wake_all(self) -> None:
         self.ev.bump(self.off + EV_IN)
