@@ -105,9 +105,10 @@ def cpu_process(R, cpu: int, hooks: dict, pgid: int = 0) -> None:
     soft = L.pc(cpu, L.P_SOFTIRQ)
     kick = L.pc(cpu, L.P_KICK)
     t_enter = L.pc(cpu, L.P_T_ENTER)
+    poll_word = L.pc(cpu, L.P_IDLE_POLL)
     cap = R.cfg.idle_poll_us * 1000
     poll = min(IDLE_POLL_START_NS, cap)
-    X.store(L.pc(cpu, L.P_IDLE_POLL), poll)
+    X.store(poll_word, poll)
     while True:
         # xchg, not load+store: a #MC between the two would lose its raise.
         if X.xchg(soft, 0):
@@ -120,7 +121,7 @@ def cpu_process(R, cpu: int, hooks: dict, pgid: int = 0) -> None:
         entered = X.load(t_enter)        # the #MC that ended this idle period
         poll = idle_poll_window(poll, (entered if entered > t else time.monotonic_ns()) - t,
                                 cap)
-        X.store(L.pc(cpu, L.P_IDLE_POLL), poll)
+        X.store(poll_word, poll)
 
 
 def idle_poll_window(poll: int, idle_ns: int, cap: int) -> int:
