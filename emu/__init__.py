@@ -3,8 +3,7 @@
 Public API (kept small): :class:`Machine`, :class:`MachineConfig`, the error types.
 """
 from emu.errors import EmulatorInternalError, Finding, UsageError
-from emu.hw.platform import MachineConfig
-from emu.machine import Machine
+from emu.machine import Machine, MachineConfig
 
 __all__ = ["Machine", "MachineConfig", "UsageError", "Finding", "EmulatorInternalError"]
 __version__ = "0.1.0"

@@ -91,7 +91,8 @@ def log_fs(path: str) -> str:
         with open("/proc/mounts", encoding="utf-8") as f:
             for line in f:
                 _, mnt, fstype = line.split()[:3]
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best[1]):
+                under = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+                if under and len(mnt) > len(best[1]):
                     best = (fstype, mnt)
     except OSError:
         pass

@@ -20,7 +20,8 @@ def _machine_args(p):
                    help="BANK[-BANK]:thread|core|package,... (default 0-3:core,4-9:package)")
     p.add_argument("--handler", default="seed", help="handler version (default seed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chaos", type=float, default=0.0, help="perturbation probability per yield point")
+    p.add_argument("--chaos", type=float, default=0.0,
+                   help="perturbation probability per yield point")
     p.add_argument("--watchdog", type=float, default=2.0, help="hang bound in seconds (default 2)")
     p.add_argument("--no-ser", action="store_true", help="clear MCG_CAP.SER_P")
     p.add_argument("--no-pin", action="store_true",
@@ -37,7 +38,7 @@ def _machine_args(p):
 
 
 def _config(a):
-    from emu.hw.platform import MachineConfig
+    from emu.machine.config import MachineConfig
     extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) else {}
     return MachineConfig(topology=a.topology, nbanks=a.banks, bank_scopes=a.bank_scopes,
                          handler=a.handler, seed=a.seed, chaos=a.chaos, watchdog_s=a.watchdog,
@@ -81,16 +82,17 @@ def _print_trial(res: dict, out) -> None:
               f"bank{x['bank']} {x['status']}): {x['reason']}", file=out)
     print(f"  Dom0 log: {res.get('dom0_log_path')}", file=out)
     lat = res["latency_us"]
-    print("  latency µs: " + ", ".join(f"{k} {v}" for k, v in lat.items() if v is not None), file=out)
+    print("  latency µs: " + ", ".join(f"{k} {v}" for k, v in lat.items() if v is not None),
+          file=out)
     for v in res["violations"]:
         print(f"  VIOLATION: {v}", file=out)
 
 
 def cmd_run(a) -> int:
     from emu.machine import Machine
-    from emu.scenario import DEMO, validate_errors
+    from emu.trial.spec import DEMO, validate_errors
     cfg = _config(a)
-    from emu.hw.platform import Topology
+    from emu.hw.topology import Topology
     topo = Topology(cfg)
     errors = a.error or DEMO
     validate_errors(errors, topo.ncpus, topo.nbanks, cfg.domids)   # nothing runs on bad input
@@ -129,7 +131,8 @@ def main(argv=None) -> int:
             return cmd_run(a)
         if a.cmd == "log":
             import os
-            from emu.dom0 import render_log
+
+            from emu.domains.dom0 import render_log
             if not os.path.exists(a.file):
                 raise UsageError("file", f"{a.file}: no such log; give the dom0_log_path of a run")
             print(render_log(a.file, json_out=a.json), end="")

@@ -36,7 +36,8 @@ def test_run_fatal_text_output():
 
 def test_run_text_names_a_record_the_reset_lost():
     # SRAR with an unknown code: the deferred action panics before committing.
-    p = emu("run", "--error", "cpu=0 bank=1 status=0xBD8000000000009F addr=0x185000 misc=0x86 mcg=0x7")
+    p = emu("run", "--error",
+            "cpu=0 bank=1 status=0xBD8000000000009F addr=0x185000 misc=0x86 mcg=0x7")
     assert p.returncode == 0, p.stderr
     assert "outcome: reset" in p.stdout and "no Dom0 record: reserved in #MC" in p.stdout
     assert "lost at reset: record 0x100000001 (trial 1, cpu" in p.stdout

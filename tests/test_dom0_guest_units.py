@@ -15,11 +15,10 @@ import msgpack
 import multiprocess
 import pytest
 
-from emu import dom0 as d0
-from emu import guest as gk
+from emu.domains import dom0 as d0, guest as gk
+from emu.domains.mcelog import DISCLAIMER
 from emu.errors import UsageError
 from emu.hw import msr
-from emu.mcelog import DISCLAIMER
 
 TIMEOUT = 5.0
 GUEST_CAP = 0x01000C02
@@ -241,7 +240,8 @@ def test_records_logged_once_urgent_first(kids, tmp_path):
     assert cmds == ["fetch:u", "ack:u"] * 3 + ["fetch:u"] + ["fetch:n", "ack:n"] * 2 + ["fetch:n"]
     assert [m[1] for m in x.requests].count("logged") == 5
     line = json.loads(path.read_text().splitlines()[0])
-    assert line["schema"] == "emu.mcelog/1" and line["boot"] == 1 and line["cls"] == "urgent"
+    assert line["schema"] == "emu.mcelog/1"
+    assert line["boot"] == 1 and line["cls"] == "urgent"
     assert line["banks"][0]["status"] == msr.hexs(SRAO_STATUS)
     assert line["global"]["mc_gstatus"] == msr.hexs(5)
     assert line["recovery"][0]["mfn"] == 0x180

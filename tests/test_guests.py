@@ -111,7 +111,8 @@ def test_dom0_policy_sends_the_vmce_to_dom0_only(emu_machine, kind):
     maddr = int(e["addr"], 16)
     assert maddr != 0x180020 and int(v["guest_read"]["addr"], 16) == maddr  # machine address
     assert _guest_console(_domain(r, 1)["log"]) == []   # the guest saw nothing
-    assert any("kernel page recovery" in ln for ln in _guest_console(r["dom0_log_path"] + ".kernel"))
+    kernel_log = _guest_console(r["dom0_log_path"] + ".kernel")
+    assert any("kernel page recovery" in ln for ln in kernel_log)
 
 
 def test_guest_that_never_clears_mcip_is_crashed_at_the_next_vmce(emu_machine):
@@ -267,8 +268,9 @@ def test_errors_name_a_domain_address(emu_machine):
 
 
 def test_oracle_flags_a_vmce_to_the_wrong_domain_or_with_mscod():
-    from emu.hw.platform import MachineConfig, Topology
-    from emu.oracle import check_trial
+    from emu.hw.topology import Topology
+    from emu.machine.config import MachineConfig
+    from emu.trial.oracle import check_trial
     topo = Topology(MachineConfig().validate())
     e = {"cpu": 0, "bank": 8, "written": True, "class": "srao", "clearable": True,
          "owners": [1], "cleared": True, "sharers": [0, 1, 2, 3], "impacted_domain": 1,

@@ -9,7 +9,7 @@ import psutil
 import pytest
 from conftest import FATAL, SRAO_MEM, UCNA
 
-from emu.hw.platform import MachineConfig
+from emu.machine import MachineConfig
 
 
 def _banks(m, cpu, bank):
@@ -62,7 +62,8 @@ def test_shared_clearable_bank_has_exactly_one_owner_and_owners_vary(emu_machine
     m = emu_machine()
     owners = []
     for i in range(1000):
-        r = m.inject(f"cpu={i % 4} bank=8 status=0xBD000000004000CF addr=0x181000 misc=0x86 mcg=0x5")
+        r = m.inject(f"cpu={i % 4} bank=8 status=0xBD000000004000CF addr=0x181000 misc=0x86 "
+                     "mcg=0x5")
         e = r["errors"][0]
         assert e["clearable"] and e["cleared"] and len(e["owners"]) == 1, (i, e)
         assert r["violations"] == [], (i, r["violations"])
@@ -269,7 +270,7 @@ def test_dom0_killed_mid_log_still_logs_exactly_once(emu_machine, tmp_path, die_
 
 
 def test_idle_poll_window_follows_kvm_halt_polling():
-    from emu.hw.cpu import IDLE_POLL_MIN_NS, idle_poll_window
+    from emu.machine.cpu_process import IDLE_POLL_MIN_NS, idle_poll_window
     cap = 1_000_000
     assert idle_poll_window(200_000, 150_000, cap) == 200_000     # woke while polling
     assert idle_poll_window(200_000, 300_000, cap) == 400_000     # just missed: grow

@@ -1,4 +1,4 @@
-"""emu.mcelog against real mcelog output (shared/vectors/mcelog_output.json) and p4.c rules."""
+"""emu.domains.mcelog against real mcelog output (vectors/mcelog_output.json) and p4.c rules."""
 from __future__ import annotations
 
 import json
@@ -6,16 +6,22 @@ from pathlib import Path
 
 import pytest
 
-from emu.hw.msr import MCG_SER_P, MCG_TES_P, MCi_STATUS_FWST
-from emu.mcelog import (
-    DISCLAIMER, decode_mca, format_log, format_raw, format_record, parse_ascii, parse_cpuid,
+from emu.domains.mcelog import (
+    DISCLAIMER,
+    decode_mca,
+    format_log,
+    format_raw,
+    format_record,
+    parse_ascii,
+    parse_cpuid,
 )
+from emu.hw.msr import MCG_SER_P, MCG_TES_P, MCi_STATUS_FWST
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
 DATA = json.loads((VECTORS / "mcelog_output.json").read_text(encoding="utf-8"))
 EXAMPLES = [pytest.param(e, id=e["id"]) for e in DATA["examples"]]
 
-# Lines printed by mcelog's *model-specific* decoders, which emu.mcelog does not implement
+# Lines printed by mcelog's *model-specific* decoders, which emu.domains.mcelog does not implement
 # (architectural decode only). Each entry: (line mcelog printed, line we print instead or
 # None if we print nothing there). Every other line of these examples must match exactly.
 MODEL_SPECIFIC = {
@@ -48,7 +54,7 @@ def render(example: dict) -> list[str]:
 
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_vector(example):
-    # only the options emu.mcelog emulates were used to make the vector
+    # only the options emu.domains.mcelog emulates were used to make the vector
     assert set(example["mcelog_args"]) <= {"--no-dmi", "--ascii", "--raw"}
     assert example["stderr"] == []
     expected = list(example["output_lines"])
@@ -174,7 +180,8 @@ def test_kernel_record_defaults_print_ids_and_socket():
     # without "recordlen" the record is a full kernel struct mce: APICID/SOCKETID printed,
     # the socket known to the bus decode
     out = format_record(rec(cpu=2, bank=0, status=0xB200000000000E0F, socketid=1, apicid=4))
-    assert "MCA: BUS error: 1 2 Level-3 Generic Generic Other-transaction Request-did-not-timeout" in out
+    assert ("MCA: BUS error: 1 2 Level-3 Generic Generic Other-transaction "
+            "Request-did-not-timeout") in out
     assert out[-2:] == ["APICID 4 SOCKETID 1", "CPUID Vendor Intel Family 6 Model 15 Step 6"]
     assert out[0] == DISCLAIMER and out[1] == "CPU 2 BANK 0"
 

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from emu.hw.platform import MachineConfig, Regions
+from emu.machine import MachineConfig
+from emu.machine.regions import Regions
 from emu.xen.mctelem import MC_NONURGENT, MC_URGENT, NENT, Mctelem
 
 

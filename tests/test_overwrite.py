@@ -2,15 +2,32 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import load_vectors
+
 from emu.hw.msr import (
-    U64, MCi_STATUS_AR, MCi_STATUS_EN, MCi_STATUS_OVER, MCi_STATUS_PCC, MCi_STATUS_S,
-    MCi_STATUS_TES, MCi_STATUS_TES_YELLOW, MCi_STATUS_UC, MCi_STATUS_VAL,
+    U64,
+    MCi_STATUS_AR,
+    MCi_STATUS_EN,
+    MCi_STATUS_OVER,
+    MCi_STATUS_PCC,
+    MCi_STATUS_S,
+    MCi_STATUS_TES,
+    MCi_STATUS_TES_YELLOW,
+    MCi_STATUS_UC,
+    MCi_STATUS_VAL,
 )
 from emu.hw.overwrite import (
-    PRIO_CE, PRIO_CE_DISABLED, PRIO_CE_YELLOW, PRIO_EMPTY, PRIO_UC_DISABLED, PRIO_UC_PCC,
-    PRIO_UCR, BankWrite, bank_write, ctl_gates, priority_class,
+    PRIO_CE,
+    PRIO_CE_DISABLED,
+    PRIO_CE_YELLOW,
+    PRIO_EMPTY,
+    PRIO_UC_DISABLED,
+    PRIO_UC_PCC,
+    PRIO_UCR,
+    BankWrite,
+    bank_write,
+    ctl_gates,
+    priority_class,
 )
 
 CONSOLIDATED = load_vectors("consolidated_bank_overwrite.json")["vectors"]

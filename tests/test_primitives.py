@@ -83,7 +83,8 @@ def test_events_wait_sleeps_and_is_woken_by_another_process():
 def test_generation_barrier_orders_rounds_across_processes():
     """N processes pass the barrier 300 times; nobody leaves a round before all
     entered it (checked with a per-round arrival counter)."""
-    from emu.hw.platform import MachineConfig, Regions
+    from emu.machine import MachineConfig
+    from emu.machine.regions import Regions
     from emu.xen.barrier import McaBarrier
     n, rounds = 6, 300
     R = Regions(MachineConfig(topology="1x3x2").validate())
@@ -106,7 +107,8 @@ def test_generation_barrier_orders_rounds_across_processes():
 
 
 def test_logout_lock_mutual_exclusion_and_unfair_order():
-    from emu.hw.platform import MachineConfig, Regions
+    from emu.machine import MachineConfig
+    from emu.machine.regions import Regions
     from emu.xen.spinlock import SpinLock
     R = Regions(MachineConfig(topology="1x2x2").validate())
     inside, count, first = R.L.action_log, R.L.action_log + 8, R.L.action_log + 16

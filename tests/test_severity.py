@@ -7,14 +7,34 @@ from itertools import product
 import pytest
 
 from emu.hw.msr import (
-    MCi_STATUS_AR as AR, MCi_STATUS_EN as E, MCi_STATUS_OVER as O, MCi_STATUS_PCC as P,
-    MCi_STATUS_S as S, MCi_STATUS_UC as U, MCi_STATUS_VAL as V,
+    MCi_STATUS_AR as AR,
+    MCi_STATUS_EN as E,
+    MCi_STATUS_OVER as O,
+    MCi_STATUS_PCC as P,
+    MCi_STATUS_S as S,
+    MCi_STATUS_UC as U,
+    MCi_STATUS_VAL as V,
 )
 from emu.xen.severity import (
-    MCA_CMCI_HANDLER, MCA_MCE_SCAN, MCA_POLLER, MCA_RESET, MCER_CONTINUE, MCER_NOERROR,
-    MCER_RECOVERED, MCER_RESET, deferred_preset, intel_check_mce_type,
-    intel_need_clearbank_scan, intel_recoverable_scan, intel_srao_check, intel_srar_check,
-    is_memerr_srao_code, is_memerr_srar_code, mcer_name, urgent_default_action, worst,
+    MCA_CMCI_HANDLER,
+    MCA_MCE_SCAN,
+    MCA_POLLER,
+    MCA_RESET,
+    MCER_CONTINUE,
+    MCER_NOERROR,
+    MCER_RECOVERED,
+    MCER_RESET,
+    deferred_preset,
+    intel_check_mce_type,
+    intel_need_clearbank_scan,
+    intel_recoverable_scan,
+    intel_srao_check,
+    intel_srar_check,
+    is_memerr_srao_code,
+    is_memerr_srar_code,
+    mcer_name,
+    urgent_default_action,
+    worst,
 )
 
 CE = V | E | 0x9F

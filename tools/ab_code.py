@@ -10,8 +10,8 @@ and injects on request, a block at a time; blocks alternate between the trees an
 the order flips every round, so drift falls on both alike and only one machine is
 busy at any moment. Prints p50 and p99 of each ``latency_us`` field per tree, the
 ratio of p50s to the first tree, and the median of the per-round ratios (each round's
-two blocks ran back to back, so slow drift cancels) with a bootstrap 95 % interval; ``trial_wall`` is one ``Machine.inject`` as
-the caller sees it. ``tools/ab_latency.py`` compares
+two blocks ran back to back, so slow drift cancels) with a bootstrap 95 % interval;
+``trial_wall`` is one ``Machine.inject`` as the caller sees it. ``tools/ab_latency.py`` compares
 configurations of one tree instead.
 """
 from __future__ import annotations

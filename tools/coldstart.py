@@ -19,8 +19,9 @@ import time
 import numpy as np
 
 from emu.hw.banks import Banks
-from emu.hw.platform import MachineConfig, Regions
 from emu.hw.yieldpoint import YieldPoints
+from emu.machine import MachineConfig
+from emu.machine.regions import Regions
 from emu.xen import severity as sev
 from emu.xen.mce import XenCpu
 from emu.xen.mctelem import Mctelem

@@ -118,7 +118,8 @@ def atomics(buf, backend: str | None = None):
     if backend == "libatomic":
         return _LibAtomic(buf)
     from emu.errors import UsageError
-    raise UsageError("atomic backend", f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    raise UsageError("atomic backend",
+                     f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
 def signed(v: int) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from emu.hw import msr
 from emu.hw.overwrite import bank_write, ctl_gates
-from emu.hw.platform import MCG_K_CAP, MCG_K_CTL, MCG_K_EXT_CTL, MCG_K_STATUS
+from emu.hw.region import MCG_K_CAP, MCG_K_CTL, MCG_K_EXT_CTL, MCG_K_STATUS
 
 ALL_ONES = msr.U64
 
@@ -22,10 +22,10 @@ ALL_ONES = msr.U64
 class Banks:
     def __init__(self, R):
         self.HW = R.HW
-        self.L = R.L
+        self.L = R.HL
         self.topo = R.topo
         self._inst = R.topo.inst
-        self._base = R.L.banks
+        self._base = R.HL.banks
 
     def off(self, cpu: int, bank: int, reg: int) -> int:
         return self._base + 8 * (self._inst[cpu][bank] * msr.NREGS + reg)

@@ -55,7 +55,7 @@ def futex_wake(addr: int, n: int = INT_MAX) -> int:
 # A/B runs on 2 cores), longer is better inside the handler: 2 ms vs 200 µs gave 4 CPUs
 # about the same p50, 16 CPUs -4 % p50 and -30 % p99, 64 CPUs -12 % p50. With more
 # processes than cores, a sched_yield spin hands the core to whoever has work without
-# a sleep/wake-up pair. The idle loop uses its own, shorter budget (emu.hw.cpu).
+# a sleep/wake-up pair. The idle loop uses its own, shorter budget (emu.machine.cpu_process).
 SPIN_NS = 2_000_000
 _sched_yield = os.sched_yield
 _now = time.monotonic_ns
@@ -81,10 +81,13 @@ class Events:
     before signalling) and ``sleep_reg`` (where it publishes the channel it is about
     to sleep on): it publishes, re-reads the doorbell, and sleeps only if no #MC
     came; delivery bumps the doorbell, signals, then bumps the published channel.
+    Both words are in ``bells`` (the hardware region: the doorbell is the CPU's
+    interrupt line); the channels are in ``A``.
     """
 
-    def __init__(self, A, spin_ns: int = SPIN_NS):
+    def __init__(self, A, spin_ns: int = SPIN_NS, bells=None):
         self.A = A
+        self.B = bells if bells is not None else A   # where doorbell and sleep_reg live
         self.base = A.address
         self.spin_ns = spin_ns
         self.doorbell = None
@@ -108,6 +111,7 @@ class Events:
         """
         A = self.A
         load = A.load
+        bload = self.B.load
         if cond():
             return True
         t0 = _now()
@@ -129,7 +133,7 @@ class Events:
                 if _now() >= stop:
                     break
         while True:
-            ring = load(db) if db is not None else 0
+            ring = bload(db) if db is not None else 0
             seen = load(off)
             if cond():
                 return True
@@ -143,9 +147,9 @@ class Events:
                 s = min(s, (deadline - now) / 1e9)
             A.fetch_add(off + 8, 1)
             if reg is not None:
-                A.store(reg, off)
+                self.B.store(reg, off)
             try:
-                if cond() or (db is not None and load(db) != ring):
+                if cond() or (db is not None and bload(db) != ring):
                     continue   # an #MC is pending: let its handler run first
                 if self.sleep_masked:
                     signal.pthread_sigmask(signal.SIG_BLOCK, self.sleep_masked)
@@ -157,14 +161,14 @@ class Events:
                     futex_wait(addr, seen, s)
             finally:
                 if reg is not None:
-                    A.store(reg, 0)
+                    self.B.store(reg, 0)
                 A.fetch_sub(off + 8, 1)
 
     def ring_doorbell(self, db_off: int, reg_off: int) -> bool:
         """Delivery side: call after signalling the CPU. True if the CPU was registered
         asleep on a channel (it was rung)."""
         A = self.A
-        off = A.load(reg_off)
+        off = self.B.load(reg_off)
         if off:
             A.fetch_add(off, 1)
             futex_wake(self.base + off, INT_MAX)

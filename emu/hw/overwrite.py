@@ -25,8 +25,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from emu.hw.msr import (
-    U64, MCi_STATUS_AR, MCi_STATUS_EN, MCi_STATUS_OVER, MCi_STATUS_PCC, MCi_STATUS_S,
-    MCi_STATUS_TES, MCi_STATUS_TES_YELLOW, MCi_STATUS_UC, MCi_STATUS_VAL,
+    U64,
+    MCi_STATUS_AR,
+    MCi_STATUS_EN,
+    MCi_STATUS_OVER,
+    MCi_STATUS_PCC,
+    MCi_STATUS_S,
+    MCi_STATUS_TES,
+    MCi_STATUS_TES_YELLOW,
+    MCi_STATUS_UC,
+    MCi_STATUS_VAL,
 )
 
 # Priority ranks returned by priority_class(); higher wins (R2).

@@ -3,7 +3,7 @@
 Modelled (DESIGN.md §5): in *chaos* mode, with seeded probabilities, a yield point
 yields the core, sleeps briefly or stalls the CPU, so that narrow windows (a shared
 bank read and its clear are two steps) are hit often. With ``trace`` on, each yield
-point appends (sequence, cpu, site) to a ring in Xen memory, so the observed order
+point appends (sequence, cpu, site) to a ring in shared memory, so the observed order
 of a trial can be printed. Seeds: trial ``i`` of a campaign seeded ``s`` uses
 ``SeedSequence([s, i])``, spawning one stream per process.
 

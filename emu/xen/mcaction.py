@@ -17,10 +17,16 @@ from __future__ import annotations
 
 from emu.hw import msr
 from emu.xen import severity as sev
-from emu.xen.page_alloc import (DOMID_XEN, PG_OFFLINE_AGAIN, PG_OFFLINE_OFFLINED,
-                                PG_OFFLINE_OWNED, PG_OFFLINE_OWNER_SHIFT, PG_OFFLINE_PENDING,
-                                PG_OFFLINE_XENPAGE,
-                                offline_status_names)
+from emu.xen.page_alloc import (
+    DOMID_XEN,
+    PG_OFFLINE_AGAIN,
+    PG_OFFLINE_OFFLINED,
+    PG_OFFLINE_OWNED,
+    PG_OFFLINE_OWNER_SHIFT,
+    PG_OFFLINE_PENDING,
+    PG_OFFLINE_XENPAGE,
+    offline_status_names,
+)
 from emu.xen.vmce import VMCE_INJECT_BROADCAST
 
 MC_ACTION_PAGE_OFFLINE = 1

@@ -29,13 +29,22 @@ import msgpack
 from emu.hw import msr
 from emu.hw.atomic import signed
 from emu.hw.banks import Banks
-from emu.hw.platform import ACTION_RING, LOGOUT_RING, MCG_K_CAP, MCG_K_STATUS
-from emu.xen import mcaction, vmce
-from emu.xen import severity as sev
+from emu.hw.region import MCG_K_CAP, MCG_K_STATUS
+from emu.xen import mcaction, severity as sev, vmce
 from emu.xen.barrier import McaBarrier
-from emu.xen.mctelem import (MC_FLAG_CORRECTABLE, MC_FLAG_MCE, MC_FLAG_POLLED,
-                             MC_FLAG_RECOVERABLE, MC_FLAG_UNCORRECTABLE, MC_NONURGENT,
-                             MC_URGENT, MCINFO_FLAGS_UNCOMPLETE, Mctelem, mcinfo_fits)
+from emu.xen.layout import ACTION_RING, LOGOUT_RING
+from emu.xen.mctelem import (
+    MC_FLAG_CORRECTABLE,
+    MC_FLAG_MCE,
+    MC_FLAG_POLLED,
+    MC_FLAG_RECOVERABLE,
+    MC_FLAG_UNCORRECTABLE,
+    MC_NONURGENT,
+    MC_URGENT,
+    MCINFO_FLAGS_UNCOMPLETE,
+    Mctelem,
+    mcinfo_fits,
+)
 from emu.xen.page_alloc import DOMID_INVALID, PageTable
 from emu.xen.spinlock import SpinLock
 
@@ -112,7 +121,7 @@ class XenCpu:
         self._HW = R.HW
         self._xmv = memoryview(R.xen_map)
         self._status_offs = [(i, self._boff[i][msr.REG_STATUS]) for i in range(self.nbanks)]
-        self._mcg_status_off = R.L.mcg_reg(cpu, MCG_K_STATUS)
+        self._mcg_status_off = R.HL.mcg_reg(cpu, MCG_K_STATUS)
         self._coords = R.topo.coords(cpu)
         # This logout's ring entries (who, bank, status, addr, misc, record id), and the
         # banks cleared since it began: written out by _flush_logout.
@@ -132,7 +141,7 @@ class XenCpu:
             softirq=self.pc(L.P_SOFTIRQ), kick=self.pc(L.P_KICK),
             logout_n=self.pc(L.P_LOGOUT_N), logout=self.pc(L.P_LOGOUT),
             cur_dom=self.pc(L.P_CURRENT_DOM), cur_vcpu=self.pc(L.P_CURRENT_VCPU),
-            mcg_cap=R.L.mcg_reg(cpu, MCG_K_CAP), found_error=L.found_error,
+            mcg_cap=R.HL.mcg_reg(cpu, MCG_K_CAP), found_error=L.found_error,
             severity_cpu=L.severity_cpu)
         self._urgent = (None, None)  # (slot, record) kept from logout for the urgent action
         self.vmce = vmce.Vmce(R)

@@ -196,8 +196,8 @@ class Mctelem:
         if not isinstance(rec, list):
             return rec    # not an mc_info record (tests store other maps)
         who, flags, cpu, g, b, r = rec
-        return {"who": who, "flags": flags, "cpu": cpu, "g": dict(zip(GLOBAL_FIELDS, g)),
-                "b": b, "r": r}
+        return {"who": who, "flags": flags, "cpu": cpu,
+                "g": dict(zip(GLOBAL_FIELDS, g, strict=False)), "b": b, "r": r}
 
     def record_id(self, i: int) -> int:
         return self.hget(i, H_ID)

@@ -21,8 +21,14 @@ from __future__ import annotations
 from enum import IntEnum
 
 from emu.hw.msr import (
-    MCi_STATUS_AR, MCi_STATUS_EN, MCi_STATUS_OVER, MCi_STATUS_PCC, MCi_STATUS_S,
-    MCi_STATUS_UC, MCi_STATUS_VAL, mcacod,
+    MCi_STATUS_AR,
+    MCi_STATUS_EN,
+    MCi_STATUS_OVER,
+    MCi_STATUS_PCC,
+    MCi_STATUS_S,
+    MCi_STATUS_UC,
+    MCi_STATUS_VAL,
+    mcacod,
 )
 
 

@@ -22,15 +22,19 @@ from collections import deque
 
 import msgpack
 
-from emu.channels import GUEST_SPIN_S, PROTO, DomainChannels
 from emu.errors import EmuError, EmulatorInternalError, UsageError
 from emu.hw import msr
 from emu.hw.banks import Banks
-from emu.hw.cpu import child_signals, cpu_process, deliver_mc, fork_child, set_pdeathsig
-from emu.hw.platform import ACTION_RING, LOGOUT_RING, MachineConfig, Regions
-from emu.oracle import check_trial
-from emu.scenario import validate_errors
+from emu.hw.cpu import deliver_mc
+from emu.machine.channels import GUEST_SPIN_S, PROTO, DomainChannels
+from emu.machine.config import MachineConfig
+from emu.machine.cpu_process import cpu_process
+from emu.machine.procs import child_signals, fork_child, set_pdeathsig
+from emu.machine.regions import Regions
+from emu.trial.oracle import check_trial
+from emu.trial.spec import validate_errors
 from emu.xen import severity as sev
+from emu.xen.layout import ACTION_RING, LOGOUT_RING
 from emu.xen.mce import LOG_WORDS, PHASES, RESET_NONE, WHO_NAME
 from emu.xen.mctelem import NENT, Mctelem
 from emu.xen.page_alloc import PageTable
@@ -123,10 +127,11 @@ class Coordinator(DomainChannels):
         for k, d in enumerate(self.domids[1:], start=1):
             self.vmce.create(k, d, hvm=True, nvcpus=self.cfg.guest_vcpus, hwdom=False)
         X.store(L.trial_gen, self.trial_gen)
-        handler_class(self.cfg.handler)   # import before forking, not in every CPU
+        handler = handler_class(self.cfg.handler)   # imported before forking, not in every CPU
         self.pgid = None
         for cpu in range(self.n):
-            pid = fork_child(lambda: cpu_process(R, cpu, self.hooks, self.pgid or 0))
+            pid = fork_child(lambda c=cpu: cpu_process(R, c, handler, self.hooks,
+                                                             self.pgid or 0))
             # Both sides set the group, so it holds whichever runs first.
             try:
                 os.setpgid(pid, self.pgid or pid)
@@ -330,7 +335,7 @@ class Coordinator(DomainChannels):
                 addr = mfn << 12 | (e.addr & 0xFFF)
             maddrs.append(addr)
         written = [(e, addr, self.banks.hw_report(e.cpu, e.bank, e.status, addr, e.misc))
-                   for e, addr in zip(errs, maddrs)]
+                   for e, addr in zip(errs, maddrs, strict=True)]
         targets = [errs[0].cpu] if local or not self.cfg.mce_broadcast else list(range(self.n))
         dflt = msr.MCG_STATUS_MCIP | msr.MCG_STATUS_RIPV
         mcg = {c: dflt for c in targets}
@@ -366,7 +371,7 @@ class Coordinator(DomainChannels):
         t_inject = time.monotonic_ns()
         # Latencies count from t0, the raise: MCG_STATUS is written (by the emulator,
         # where silicon takes no time) and the signal is about to go.
-        sd, t0 = deliver_mc(self.R, self.banks, targets, mcg, self.cpu_pids, self.pgid)
+        sd, t0 = deliver_mc(self.banks, targets, mcg, self.cpu_pids, self.pgid)
         # Straight to sleep: the signal woke CPUs on this core, and every microsecond
         # of Python here before the coordinator blocks is taken from their handler.
         ring_late_s = self._ring_late_s()
@@ -384,7 +389,7 @@ class Coordinator(DomainChannels):
             X.store(L.trial_gen, gen)
             errs2, written2, targets2, mcg2 = self._inject(second, bool(then.get("local")))
             errs, written = errs + errs2, written + written2
-            sd, _ = deliver_mc(self.R, self.banks, targets2, mcg2, self.cpu_pids, self.pgid)
+            sd, _ = deliver_mc(self.banks, targets2, mcg2, self.cpu_pids, self.pgid)
             wait_targets.update({c: gen for c in targets2})
             targets = sorted(set(targets) | set(targets2))
         outcome, detail = ("shutdown", {"cpu": sd}) if sd is not None else \
@@ -560,7 +565,7 @@ class Coordinator(DomainChannels):
         X, L = self.R.X, self.R.L
         for c, g in wait_targets.items():
             if X.load(L.pc(c, L.P_MC_GEN)) < g and \
-                    self.R.ev.ring_doorbell(L.pc(c, L.P_DOORBELL), L.pc(c, L.P_SLEEP_OFF)):
+                    self.R.ev.ring_doorbell(self.R.HL.doorbell(c), self.R.HL.sleep_reg(c)):
                 self.rung_late.append(c)
 
     def _collect(self, gen, errs, written, targets, t0, outcome, detail, local) -> dict:
@@ -634,7 +639,8 @@ class Coordinator(DomainChannels):
                          "idle_poll_us": round(X.load(L.pc(c, L.P_IDLE_POLL)) / 1e3, 1)})
         res = {"schema": SCHEMA, "trial": gen, "outcome": outcome, "resets": 0,
                "handler": self.cfg.handler, "seed": self.cfg.seed, "topology": self.cfg.topology,
-               "local": local, "targets": targets, "vmce_policy": self.cfg.vmce_policy, "errors": errors_out, "boot_log": [],
+               "local": local, "targets": targets, "vmce_policy": self.cfg.vmce_policy,
+               "errors": errors_out, "boot_log": [],
                "cpus": cpus,
                "latency_us": {"all_entered": lat(L.P_T_ENTER), "logout_done": lat(L.P_T_LOGOUT),
                               "handler_exit": lat(L.P_T_EXIT),

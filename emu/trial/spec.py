@@ -41,7 +41,8 @@ def parse_number(field: str, text) -> int:
         try:
             v = int(t, 16) if t.lower().startswith("0x") else int(t, 10)
         except ValueError:
-            raise UsageError(field, f"{text!r} is not a number; write hex as 0x... or decimal") from None
+            raise UsageError(field, f"{text!r} is not a number; write hex as 0x... or "
+                             "decimal") from None
     if not 0 <= v <= msr.U64:
         raise UsageError(field, f"{text!r} does not fit in 64 bits (0..0xFFFFFFFFFFFFFFFF)")
     return v
@@ -56,7 +57,8 @@ def parse_error(spec, index: int = 0) -> dict:
         items = []
         for tok in str(spec).replace(",", " ").split():
             if "=" not in tok:
-                raise UsageError(f"{where}", f"{tok!r} is not key=value; keys are {', '.join(KEYS)}")
+                raise UsageError(f"{where}", f"{tok!r} is not key=value; keys are "
+                                 f"{', '.join(KEYS)}")
             k, _, v = tok.partition("=")
             items.append((k.strip().lower(), v))
     out: dict = {}

@@ -23,7 +23,7 @@ Channel protocol (msgpack arrays over ``send_bytes``/``recv_bytes``):
   sets them aside): ``[1, "vmce", {"vcpus": [...]}]``, ``[1, "quit", {}]``,
   ``[1, "probe", {"op": "rdmsr"|"wrmsr"|"call", ...}]`` (one access made on behalf of
   a test or an operator, answered with ``probe_result``); Dom0 also
-  gets ``virq``/``pause``/``resume`` (see :mod:`emu.dom0`).
+  gets ``virq``/``pause``/``resume`` (see :mod:`emu.domains.dom0`).
 
 Not modelled: a guest kernel's rendezvous of its vCPUs (each listed vCPU runs the
 handler in turn), CMCI, the poller, guest LMCE (MCG_EXT_CTL), real page tables.

@@ -35,10 +35,22 @@ import re
 import time as _time
 from collections.abc import Iterable
 
-from .hw.msr import (
-    MCG_SER_P, MCG_STATUS_BITS, MCG_STATUS_EIPV, MCG_TES_P, MCi_STATUS_ADDRV,
-    MCi_STATUS_AR, MCi_STATUS_EN, MCi_STATUS_FWST, MCi_STATUS_MCA, MCi_STATUS_MISCV,
-    MCi_STATUS_OVER, MCi_STATUS_PCC, MCi_STATUS_S, MCi_STATUS_UC, MCi_STATUS_VAL,
+from emu.hw.msr import (
+    MCG_SER_P,
+    MCG_STATUS_BITS,
+    MCG_STATUS_EIPV,
+    MCG_TES_P,
+    MCi_STATUS_ADDRV,
+    MCi_STATUS_AR,
+    MCi_STATUS_EN,
+    MCi_STATUS_FWST,
+    MCi_STATUS_MCA,
+    MCi_STATUS_MISCV,
+    MCi_STATUS_OVER,
+    MCi_STATUS_PCC,
+    MCi_STATUS_S,
+    MCi_STATUS_UC,
+    MCi_STATUS_VAL,
 )
 
 DISCLAIMER = "Hardware event. This is not a software error."
@@ -472,7 +484,7 @@ def _parse_field(m: _Record, s: str) -> tuple[int, str | None] | None:
                 m.put("cpu", vals[0])
             return 0, None
         vals = _scanf("(XEN) Bank %d: %llx at %llx", s)[0]
-        for key, v in zip(("bank", "status", "addr"), vals):
+        for key, v in zip(("bank", "status", "addr"), vals, strict=False):
             m.put(key, v, grow=key == "bank")
         return int(bool(vals)), None                   # mcelog keeps `sscanf(..) >= 1`, not n
     # mcelog fnmatch()es the line *with* its newline, so the last, exact pattern never hits

@@ -9,18 +9,18 @@ head out again after a crash between write and ack) is acknowledged without bein
 written again, so nothing is logged twice. A torn last line (a crash mid-write) is cut
 off at the next start. VIRQs that arrive during a drain coalesce into one more drain.
 Dom0 is domain 0: a ``vmce`` notification runs the native #MC handler of
-:class:`emu.guest.GuestKernel` (between records, never in the middle of a request).
+:class:`emu.domains.guest.GuestKernel` (between records, never in the middle of a request).
 
 Channel protocol (msgpack arrays ``[1, cmd, args]``; replies ``[ok, value]``):
 
 * requests: ``fetch {"cls"}`` → ``[True, None]`` (NODATA) or ``[True, {"id", "cls",
   "source", "record"}]``; ``ack {"cls", "id"}`` → ``[True, bool]``; ``rdmsr``/``wrmsr``
-  (the #MC handler, see :mod:`emu.guest`); ``logged {"ids"}``, ``handled {...}`` and
+  (the #MC handler, see :mod:`emu.domains.guest`); ``logged {"ids"}``, ``handled {...}`` and
   ``paused {}`` (the answer to a ``pause`` notification) (no reply).
 * notifications: ``virq``, ``vmce {"vcpus"}``, ``quit``, ``pause``, ``resume``.
 
 :func:`render_log` is ``emu log FILE``: mcelog ``--ascii`` text per bank record
-(:func:`emu.mcelog.format_record`), or the JSON lines with ``--json``.
+(:func:`emu.domains.mcelog.format_record`), or the JSON lines with ``--json``.
 
 Not modelled: XEN_MC_physcpuinfo (the CPU vendor/signature mcelog needs for its Intel
 decode is a parameter, :data:`DEFAULT_CPUID`), Linux's /dev/mcelog ring and its
@@ -33,10 +33,10 @@ import os
 import sys
 import time
 
+from emu.domains.guest import Channel, ChannelClosed, GuestKernel
+from emu.domains.mcelog import format_record
 from emu.errors import ChannelError, EmulatorInternalError, UsageError
-from emu.guest import Channel, ChannelClosed, GuestKernel
 from emu.hw.msr import hexs, status_flags
-from emu.mcelog import format_record
 
 SCHEMA = "emu.mcelog/1"
 CLASSES = ("urgent", "nonurgent")
@@ -144,7 +144,8 @@ def _parse_line(raw: bytes) -> dict | None:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(obj, dict) or obj.get("schema") != SCHEMA or not isinstance(obj.get("id"), int):
+    if not isinstance(obj, dict) or obj.get("schema") != SCHEMA \
+            or not isinstance(obj.get("id"), int):
         return None
     return obj
 
@@ -206,12 +207,13 @@ def _hexint(v) -> int:
 
 
 def mcelog_records(line: dict) -> list[dict]:
-    """One :mod:`emu.mcelog` record per bank of a logged line (Linux ``convert_log``)."""
+    """One :mod:`emu.domains.mcelog` record per bank of a logged line (Linux ``convert_log``)."""
     g = line.get("global") or {}
     cpu = line.get("cpu") or 0
     out = []
     for b in line.get("banks") or []:
-        m = {"cpu": cpu, "extcpu": cpu, "bank": b.get("bank", 0), "status": _hexint(b.get("status")),
+        m = {"cpu": cpu, "extcpu": cpu, "bank": b.get("bank", 0),
+             "status": _hexint(b.get("status")),
              "addr": _hexint(b.get("addr")), "misc": _hexint(b.get("misc")),
              "mcgstatus": _hexint(g.get("mc_gstatus")), "mcgcap": _hexint(g.get("mcgcap")),
              "apicid": g.get("mc_apicid", 0) or 0, "socketid": g.get("mc_socketid", 0) or 0}

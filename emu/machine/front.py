@@ -15,7 +15,7 @@ import msgpack
 import multiprocess
 
 from emu.errors import EmulatorInternalError, Finding, UsageError
-from emu.hw.platform import MachineConfig
+from emu.machine.config import MachineConfig
 
 _ERRORS = {"UsageError": UsageError, "EmulatorInternalError": EmulatorInternalError}
 
@@ -35,7 +35,7 @@ class Machine:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Machine":
-        from emu.coordinator import coordinator_process
+        from emu.machine.coordinator import coordinator_process
         ours, theirs = multiprocess.Pipe(duplex=True)
         me = os.getpid()
         pid = os.fork()

@@ -23,7 +23,7 @@ import msgpack
 
 from emu.errors import EmulatorInternalError, UsageError
 from emu.hw import msr
-from emu.hw.cpu import fork_child
+from emu.machine.procs import fork_child
 
 PROTO = 1
 GUEST_SPIN_S = 0.0002  # see Coordinator._poll
@@ -67,7 +67,7 @@ def _reap(pid: int, conn, pidfd: int) -> str:
 
 
 class DomainChannels:
-    """The domain side of :class:`emu.coordinator.Coordinator` (a mixin: it uses the
+    """The domain side of :class:`emu.machine.coordinator.Coordinator` (a mixin: it uses the
     coordinator's regions, telemetry, vMCE table and ``_poll``)."""
 
     # -- Dom0 ----------------------------------------------------------------------------
@@ -90,7 +90,7 @@ class DomainChannels:
     def _start_dom0(self) -> None:
         """Fork Dom0's logger. Its channel is the only one that accepts privileged
         hypercalls."""
-        from emu.dom0 import dom0_main
+        from emu.domains.dom0 import dom0_main
         hooks = dict(self.dom0_hooks, pause=self.dom0_paused)
         self.dom0 = self._fork_domain(
             lambda ch: dom0_main(ch, self.dom0_log_path, self.dom0_fsync, hooks))
@@ -98,7 +98,7 @@ class DomainChannels:
     def _start_guest(self, d: int) -> None:
         """Fork guest domain ``d``'s kernel. The coordinator serves its channel as
         domain ``d``: the domid comes from the channel, never from the message."""
-        from emu.guest import guest_main
+        from emu.domains.guest import guest_main
         path = self.guest_log_path(d)
         hooks = dict(self.guest_hooks.get(d, {}))
         hooks.setdefault("reply_spin_s", self.guest_spin_s)
@@ -172,7 +172,7 @@ class DomainChannels:
     def _service_guests(self, ready) -> None:
         """Serve guests' requests (as their own domain only); end the process of a
         crashed domain; a guest process that died on its own crashes its domain."""
-        for d, (pid, conn, pidfd) in list(self.guests.items()):
+        for d, (_pid, conn, pidfd) in list(self.guests.items()):
             if pidfd in ready:
                 self.vmce.domain_crash(d, 4)
                 self._stop_guest(d, "process died")
@@ -302,7 +302,8 @@ class DomainChannels:
                     return
                 rec = self.tele.read(i)
                 out = {"id": self.tele.record_id(i), "cls": CLASS_NAMES[cls],
-                       "source": {1: "mce", 2: "poll", 3: "poll", 4: "boot"}.get(rec.get("who"), "mce"),
+                       "source": {1: "mce", 2: "poll", 3: "poll", 4: "boot"}.get(rec.get("who"),
+                                                                                 "mce"),
                        "record": rec}
                 self.tele.consume_oldest_end(i)
                 conn.send_bytes(msgpack.packb([True, out]))
@@ -431,7 +432,8 @@ class DomainChannels:
                                      and dl["t"] >= t0 for c in dl["vcpus"]})
             v["guest_handled"] = bool(v["vcpus"]) and {h["vcpu"] for h in rs} >= set(v["vcpus"])
             # What the handler read on the vCPU that got the bank (vCPU0 on broadcast).
-            first = next((h for h in rs if h["read"].get("bank") is not None), rs[0] if rs else None)
+            first = next((h for h in rs if h["read"].get("bank") is not None),
+                         rs[0] if rs else None)
             v["guest_read"] = None if first is None else {
                 "vcpu": first["vcpu"], "bank": first["read"].get("bank"),
                 **{k: msr.hexs(first["read"].get(k) or 0)
@@ -449,7 +451,7 @@ class DomainChannels:
         res["domains"] = self._domains()
 
     def _probe(self, args: dict) -> dict:
-        """Have guest ``domid``'s kernel make one access (see :func:`emu.guest._probe`)."""
+        """Have guest ``domid``'s kernel make one access (see :func:`emu.domains.guest._probe`)."""
         d = args.get("domid")
         if d not in self.guests:
             raise UsageError("domid", f"{d!r}: no running guest with that id; guests: "

@@ -1,0 +1,87 @@
+"""A machine's configuration: everything that defines one, validated.
+
+Topology and banks are silicon (:mod:`emu.hw.topology`); the handler version, the
+domains and the vMCE policy are the hypervisor's (:mod:`emu.xen`); chaos, pinning
+and idle polling are how the emulator runs the processes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from emu.errors import UsageError
+from emu.hw import msr
+from emu.hw.topology import MAX_BANKS, parse_scopes, parse_topology
+from emu.xen.page_alloc import DOM_BASE, DOM_PAGES
+from emu.xen.versions import HANDLERS
+from emu.xen.vmce import MAX_DOMS, MAX_VCPUS
+
+VMCE_POLICIES = ("owner", "dom0")
+
+
+@dataclass
+class MachineConfig:
+    """Everything that defines a machine. Validated by :meth:`validate`."""
+    topology: str = "1x2x2"
+    nbanks: int = 10
+    bank_scopes: str = "0-3:core,4-9:package"
+    ser: bool = True              # MCG_CAP.SER_P
+    lmce: bool = True             # MCG_CAP.LMCE_P (and firmware enabled it)
+    mcg_ctl_p: bool = True        # MCG_CAP.MCG_CTL_P
+    handler: str = "seed"
+    watchdog_s: float = 2.0
+    seed: int = 0
+    chaos: float = 0.0            # probability of a perturbation at a yield point
+    trace: bool = False
+    atomic_backend: str | None = None
+    memory_pages: int = 16384     # 64 MiB of 4 KiB machine pages
+    mce_broadcast: bool = True
+    pin_cpus: bool = True         # emulated CPU i runs on host core i % cores only
+    idle_poll_us: int = 1000      # the most an idle CPU polls before it sleeps (0: never)
+    guests: int = 1               # HVM guests besides Dom0 (domids 1..guests)
+    guest_vcpus: int = 2
+    vmce_policy: str = "owner"    # owner: vMCE to the impacted domain; dom0: to Dom0 only
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> "MachineConfig":
+        parse_topology(self.topology)
+        if not isinstance(self.nbanks, int) or not 1 <= self.nbanks <= MAX_BANKS:
+            raise UsageError("banks", f"{self.nbanks!r}: the bank count must be 1..{MAX_BANKS}")
+        parse_scopes(self.bank_scopes, self.nbanks)
+        if self.handler not in HANDLERS:
+            raise UsageError("handler", f"unknown handler {self.handler!r}; choose one of "
+                             f"{', '.join(sorted(HANDLERS))}")
+        if not (0 < float(self.watchdog_s) <= 3600):
+            raise UsageError("watchdog", f"{self.watchdog_s!r}: give seconds in (0, 3600]")
+        if not (0.0 <= float(self.chaos) <= 1.0):
+            raise UsageError("chaos", f"{self.chaos!r}: give a probability in [0, 1]")
+        if not 1024 <= self.memory_pages <= 1 << 22:
+            raise UsageError("memory-pages", f"{self.memory_pages!r}: give 1024..4194304 pages")
+        room = min(MAX_DOMS, (self.memory_pages - DOM_BASE) // DOM_PAGES) - 1
+        if not isinstance(self.guests, int) or not 0 <= self.guests <= room:
+            raise UsageError("guests", f"{self.guests!r}: give 0..{room} guests (each owns "
+                             f"{DOM_PAGES} pages; raise --memory-pages for more)")
+        if not isinstance(self.guest_vcpus, int) or not 1 <= self.guest_vcpus <= MAX_VCPUS:
+            raise UsageError("guest-vcpus", f"{self.guest_vcpus!r}: give 1..{MAX_VCPUS}")
+        if isinstance(self.idle_poll_us, bool) or not isinstance(self.idle_poll_us, int) \
+                or not 0 <= self.idle_poll_us <= 100_000:
+            raise UsageError("idle-poll-us", f"{self.idle_poll_us!r}: give 0..100000 µs "
+                             "(0: an idle CPU sleeps at once)")
+        if self.vmce_policy not in VMCE_POLICIES:
+            raise UsageError("vmce-policy", f"{self.vmce_policy!r}: choose owner or dom0")
+        return self
+
+    @property
+    def domids(self) -> list[int]:
+        """Dom0 first, then the guests."""
+        return list(range(self.guests + 1))
+
+    @property
+    def mcg_cap(self) -> int:
+        cap = self.nbanks
+        if self.ser:
+            cap |= msr.MCG_SER_P
+        if self.mcg_ctl_p:
+            cap |= msr.MCG_CTL_P
+        if self.lmce:
+            cap |= msr.MCG_LMCE_P
+        return cap

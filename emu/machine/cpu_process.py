@@ -1,0 +1,79 @@
+"""The body of a CPU process: Xen boots on it, then it idles or runs its softirq.
+
+Modelled: the CPU process boots (Xen's ``intel_init_mce`` runs in it, through the
+handler it is handed), then idles or runs its softirq work; the #MC is a signal
+whose handler is the handler version's ``do_machine_check`` (see :mod:`emu.hw.cpu`).
+An idle CPU polls before it sleeps, as halt polling does (:func:`idle_poll_window`).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from emu.hw.cpu import SIG_MC
+from emu.hw.yieldpoint import YieldPoints
+from emu.machine.procs import pin_to_host_core
+from emu.xen.layout import TRACE_RING
+
+IDLE_POLL_START_NS = 200_000   # cpuidle-haltpoll's default window
+IDLE_POLL_MIN_NS = 50_000
+
+
+def cpu_process(R, cpu: int, handler, hooks: dict, pgid: int = 0) -> None:
+    """Body of a CPU process (run through :func:`~emu.machine.procs.fork_child`;
+    never returns). ``handler``: the handler version's class (:mod:`emu.xen.versions`)."""
+    os.setpgid(0, pgid)   # the CPUs' process group (also set by the parent)
+    if R.cfg.pin_cpus:
+        pin_to_host_core(cpu, R.cfg.seed)
+    X, L = R.X, R.L
+    R.ev.doorbell = R.HL.doorbell(cpu)
+    R.ev.sleep_reg = R.HL.sleep_reg(cpu)
+    if cpu in (hooks.get("sleep_masked_cpus") or ()):
+        R.ev.sleep_masked = {SIG_MC}   # test hook: see Events.sleep_masked
+    trace = (X, L.trace_n, L.trace, TRACE_RING) if R.cfg.trace else None
+    yps = YieldPoints(cpu, R.cfg.chaos, None, trace)
+    x = handler(R, cpu, yps, hooks)
+    X.store(L.pc(cpu, L.P_PID), os.getpid())
+    signal.signal(SIG_MC, x.do_machine_check)
+    x.boot()
+    soft = L.pc(cpu, L.P_SOFTIRQ)
+    kick = L.pc(cpu, L.P_KICK)
+    t_enter = L.pc(cpu, L.P_T_ENTER)
+    poll_word = L.pc(cpu, L.P_IDLE_POLL)
+    cap = R.cfg.idle_poll_us * 1000
+    poll = min(IDLE_POLL_START_NS, cap)
+    X.store(poll_word, poll)
+    while True:
+        # xchg, not load+store: a #MC between the two would lose its raise.
+        if X.xchg(soft, 0):
+            x.mce_softirq()
+            continue
+        # Idle: poll (yielding) before sleeping, as halt polling does, for a window
+        # that adapts to how soon the machine checks come (idle_poll_window).
+        t = time.monotonic_ns()
+        R.ev.wait(kick, lambda: X.load(soft) != 0, slice_s=1.0, spin_ns=poll)
+        entered = X.load(t_enter)        # the #MC that ended this idle period
+        poll = idle_poll_window(poll, (entered if entered > t else time.monotonic_ns()) - t,
+                                cap)
+        X.store(poll_word, poll)
+
+
+def idle_poll_window(poll: int, idle_ns: int, cap: int) -> int:
+    """The next idle poll window, by KVM's halt-polling rule: an idle period that
+    outlasted the window but not ``cap`` doubles it; one longer than ``cap`` halves
+    it (never below IDLE_POLL_MIN_NS, never above ``cap``; ``cap`` 0: no polling).
+
+    Why: on a VM whose idle vCPUs halt (this one: no cpuidle driver), a CPU process
+    that sleeps between back-to-back machine checks lets its vCPU halt, and the next
+    #MC then runs cold after a host-level wake-up (tools/coldstart.py: 5x slower);
+    polling through the gap keeps it warm, and when machine checks are sparse the
+    window shrinks back and idle CPUs sleep. Each poll iteration yields the core.
+    """
+    if cap <= 0:
+        return 0
+    if idle_ns <= poll:
+        return poll
+    if idle_ns <= cap:
+        return min(cap, max(2 * poll, IDLE_POLL_MIN_NS))
+    return max(min(IDLE_POLL_MIN_NS, cap), poll // 2)

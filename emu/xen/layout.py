@@ -1,0 +1,69 @@
+"""The Xen region's layout: byte offsets of Xen's memory (what mce.c, barrier.c,
+mctelem.c, page_alloc.c and vmce.c keep) plus each CPU's per_cpu area and the
+emulator's per-trial records (logout ring, deferred-action log, yield-point trace).
+Pure arithmetic.
+
+The region is re-initialised at every boot, as Xen's memory is by a reset.
+"""
+from __future__ import annotations
+
+from emu.hw.region import Alloc
+from emu.xen import mctelem, page_alloc, vmce
+
+LOGOUT_RING = 40        # logout entries kept per CPU per trial
+ACTION_RING = 256       # deferred-action entries per trial
+TRACE_RING = 4096       # yield-point trace entries
+
+
+class XenLayout:
+    def __init__(self, ncpus: int, memory_pages: int):
+        n = self.ncpus = ncpus
+        x = Alloc()
+        w = x.words
+        self.online = w()
+        self.trial_gen = w()
+        self.reset_req = w()                 # reason code (see mce.RESET_*)
+        self.reset_cpu = w()
+        self.panic_msg = w(8)                # short panic text, 64 bytes
+        self.boot_token = w()
+        self.boot_ev = w(2)
+        self.is_mc_panic = w()
+        self.halt_ev = w(2)
+        # mce.c statics
+        self.mce_logout_lock = w(3)          # lock word, event channel
+        self.mce_trap_bar = w(8)             # see barrier.py
+        self.mce_inside_bar = w(8)
+        self.mce_severity_bar = w(8)
+        self.severity_cpu = w()              # trap handler's
+        self.sirq_severity_cpu = w()         # mce_softirq's private one
+        self.found_error = w()
+        self.mcefatal_words = (n + 63) // 64
+        self.mce_fatal_cpus = w(self.mcefatal_words)
+        self.process_lock = w(3)             # xen-2009-03's mce_process_lock
+        self.mced_cpus = w(self.mcefatal_words * 3)  # xen-2009-03 cpumasks
+        self.worst = w(2)                    # xen-2009-03 worst severity, cpu
+        # deferred-action log (for the trial result)
+        self.action_n = w()
+        self.action_log = w(ACTION_RING * 32)   # 256-byte msgpack slots
+        # per CPU
+        self.PCPU_WORDS = self.P_LOGOUT + LOGOUT_RING * 6
+        self.pcpu = w(n * self.PCPU_WORDS)
+        # trace ring
+        self.trace_n = w()
+        self.trace = w(TRACE_RING * 3)
+        # telemetry, page table and vMCE state come from their modules
+        self.tele = mctelem.Layout(x, n)
+        self.pages = page_alloc.Layout(x, memory_pages)
+        self.vm = vmce.Layout(x)
+        x.page_align()
+        self.size = x.size
+
+    # per-CPU word offsets
+    (P_PHASE, P_REACHED, P_T_ENTER, P_T_LOGOUT, P_T_EXIT, P_T_SOFTIRQ, P_MC_GEN, P_DONE_GEN,
+     P_SOFTIRQ, P_NEST, P_CLEAR_BANKS, P_CURRENT_DOM, P_CURRENT_VCPU, P_PENDING,
+     P_LMCE_PENDING, P_HALTED, P_LOGOUT_N, P_PID, P_INTERRUPTED, P_T_SOFTIRQ_START,
+     P_KICK, _P_KICK_SLEEPERS, P_T_BARRIER_A, P_SIRQ_ROLE, P_PROGRESS, P_IDLE_POLL) = range(26)
+    P_LOGOUT = 26
+
+    def pc(self, cpu: int, word: int) -> int:
+        return self.pcpu + 8 * (cpu * self.PCPU_WORDS + word)
