@@ -496,6 +496,9 @@ class DomainChannels:
         ent = {"id": rid, "count": n, "source": source}
         if n:
             return ent
+        if not rid:
+            ent["dismissed"] = "Xen made no record of it (dismissed, never committed)"
+            return ent
         if rid in lost:
             ent["lost"] = lost[rid]
         elif self.dom0_paused:

@@ -35,7 +35,7 @@ from emu.trial.oracle import check_trial
 from emu.trial.spec import validate_errors
 from emu.xen import severity as sev
 from emu.xen.layout import ACTION_RING, LOGOUT_RING
-from emu.xen.mce import LOG_WORDS, PHASES, RESET_NONE, WHO_NAME
+from emu.xen.mce import DOMID_IDLE, LOG_WORDS, PH, PHASES, RESET_NONE, WHO_NAME
 from emu.xen.mctelem import NENT, Mctelem
 from emu.xen.page_alloc import PageTable
 from emu.xen.versions import handler_class
@@ -55,7 +55,8 @@ class Coordinator(DomainChannels):
         self.topo = self.R.topo
         self.n = self.topo.ncpus
         self.banks = Banks(self.R)
-        self.tele = Mctelem(self.R)
+        # The handler version's telemetry class: Dom0's fetch and ack free through it.
+        self.tele = getattr(handler_class(cfg.handler), "telemetry_class", Mctelem)(self.R)
         self.pages = PageTable(self.R)
         self.vmce = Vmce(self.R)
         self.boots = 0
@@ -321,9 +322,11 @@ class Coordinator(DomainChannels):
         for off in offs:
             store(off, 0)
 
-    def _inject(self, errs: list, local: bool):
+    def _inject(self, errs: list, local: bool, raise_cpu: int | None = None):
         """Write validated errors into their banks (mce-inject's HOLD), then compute
-        who gets the #MC and with which MCG_STATUS."""
+        who gets the #MC and with which MCG_STATUS. ``raise_cpu``: the CPU the #MC
+        is raised on (LMCE, non-broadcast) instead of the first error's; with no
+        error, a #MC with no valid bank anywhere."""
         maddrs = []
         for e in errs:   # translate every address before any bank is written
             addr = e.addr
@@ -336,7 +339,8 @@ class Coordinator(DomainChannels):
             maddrs.append(addr)
         written = [(e, addr, self.banks.hw_report(e.cpu, e.bank, e.status, addr, e.misc))
                    for e, addr in zip(errs, maddrs, strict=True)]
-        targets = [errs[0].cpu] if local or not self.cfg.mce_broadcast else list(range(self.n))
+        cpu0 = raise_cpu if raise_cpu is not None else errs[0].cpu
+        targets = [cpu0] if local or not self.cfg.mce_broadcast else list(range(self.n))
         dflt = msr.MCG_STATUS_MCIP | msr.MCG_STATUS_RIPV
         mcg = {c: dflt for c in targets}
         seen = set()
@@ -348,16 +352,29 @@ class Coordinator(DomainChannels):
             mcg = {c: v | msr.MCG_STATUS_LMCE for c, v in mcg.items()}
         return errs, written, targets, mcg
 
+    def _validated_or_raise(self, errors, raise_cpu, where: str) -> list:
+        if raise_cpu is not None and (isinstance(raise_cpu, bool) or not isinstance(
+                raise_cpu, int) or not 0 <= raise_cpu < self.n):
+            raise UsageError(f"{where}raise_cpu", f"{raise_cpu!r}: give a CPU 0..{self.n - 1}")
+        if not errors:
+            if raise_cpu is None:
+                raise UsageError(f"{where}error", "no error given; give at least one, or "
+                                 "raise_cpu=N for a #MC with no valid bank")
+            return []
+        return self._validated(errors)
+
     def trial(self, errors: list[dict], local: bool = False, timeout_s: float | None = None,
-              then: dict | None = None) -> dict:
-        """One trial. ``then`` = {"errors", "local", "after_phase"}: a second #MC
-        raised once a first-wave target has reached ``after_phase``."""
+              then: dict | None = None, raise_cpu: int | None = None) -> dict:
+        """One trial. ``then`` = {"errors", "local", "after_phase", "raise_cpu"}: a
+        second #MC raised once a first-wave target has reached ``after_phase``.
+        ``raise_cpu``: see :meth:`_inject`."""
         X, L = self.R.X, self.R.L
         # Validate everything before anything runs.
-        first = self._validated(errors)
+        first = self._validated_or_raise(errors, raise_cpu, "")
         second = None
         if then:
-            second = self._validated(then["errors"])
+            second = self._validated_or_raise(then.get("errors") or [], then.get("raise_cpu"),
+                                              "then.")
             if then.get("after_phase") not in PHASES:
                 raise UsageError("then.after_phase", f"use one of {', '.join(PHASES)}")
         self.trial_gen += 1
@@ -366,7 +383,8 @@ class Coordinator(DomainChannels):
         self.handled.clear()
         self.delivered.clear()
         self.rung_late: list[int] = []
-        errs, written, targets, mcg = self._inject(first, local)
+        errs, written, targets, mcg = self._inject(first, local, raise_cpu)
+        mcg_in = dict(mcg)
         fds = self._poll_fds()
         t_inject = time.monotonic_ns()
         # Latencies count from t0, the raise: MCG_STATUS is written (by the emulator,
@@ -377,6 +395,7 @@ class Coordinator(DomainChannels):
         ring_late_s = self._ring_late_s()
         ready = select.select(fds, [], [], ring_late_s)[0] if sd is None and not then else None
         wait_targets = {c: gen for c in targets}
+        shutdown_wave = 1 if sd is not None else None
         if sd is None and then:
             bit = 1 << PHASES.index(then["after_phase"])
             deadline = time.monotonic() + (timeout_s or self.cfg.watchdog_s)
@@ -387,9 +406,15 @@ class Coordinator(DomainChannels):
             self.trial_gen += 1
             gen = self.trial_gen
             X.store(L.trial_gen, gen)
-            errs2, written2, targets2, mcg2 = self._inject(second, bool(then.get("local")))
+            errs2, written2, targets2, mcg2 = self._inject(second, bool(then.get("local")),
+                                                            then.get("raise_cpu"))
             errs, written = errs + errs2, written + written2
             sd, _ = deliver_mc(self.banks, targets2, mcg2, self.cpu_pids, self.pgid)
+            if sd is not None:
+                shutdown_wave = 2
+                # Had that CPU left its #MC handler (phase "exit") with MCIP still set?
+                left = bool(X.load(L.pc(sd, L.P_REACHED)) >> PH["exit"] & 1)
+            mcg_in.update(mcg2)
             wait_targets.update({c: gen for c in targets2})
             targets = sorted(set(targets) | set(targets2))
         outcome, detail = ("shutdown", {"cpu": sd}) if sd is not None else \
@@ -397,6 +422,18 @@ class Coordinator(DomainChannels):
                        ring_late_s)
         res = self._collect(first_gen, errs, written, targets, t0, outcome, detail, local)
         res["rung_late"] = sorted(set(self.rung_late))
+        res["waves"] = 2 if then else 1
+        for c in res["cpus"]:
+            if isinstance(c, dict):   # (a cpu_died result's "cpus" lists the dead ones)
+                c["mcg_in"] = mcg_in.get(c["cpu"])
+        if shutdown_wave is not None:
+            # A #MC that finds MCIP set on a CPU no longer in its handler: the earlier
+            # #MC's handler left MCIP set (the oracle's finding). Inside the handler
+            # (a nested #MC before the MCIP clear) it is the SDM's rule, not a finding.
+            res["shutdown"] = {"wave": shutdown_wave, "cpu": sd,
+                               "left_handler": shutdown_wave == 1 or left}
+        if outcome == "hang":
+            res["hang_expected"] = self._hang_expected()
         # The ring's timing follows handler times that did not need it.
         if res["latency_us"]["handler_exit"] is not None and not self.rung_late:
             self._handler_us.append(res["latency_us"]["handler_exit"])
@@ -413,7 +450,7 @@ class Coordinator(DomainChannels):
             res["boot_log"] = boot["boot_log"]
             res["boot_ms"] = boot["boot_ms"]
             res["lost_at_reset"] = boot["lost_at_reset"]
-            self._await_logged({b["record_id"] for b in res["boot_log"]}, wd)
+            self._await_logged({b["record_id"] for b in res["boot_log"] if b["record_id"]}, wd)
             for b in res["boot_log"]:
                 b["dom0_log"] = self._dom0_entry(b["record_id"], "boot", {}, wd)
         lost = {x["record_id"]: x["reason"] for x in res["lost_at_reset"]}
@@ -435,6 +472,15 @@ class Coordinator(DomainChannels):
                        "refused": self.refused}
         res["violations"] = check_trial(res, self.topo)
         return res
+
+    def _hang_expected(self) -> bool:
+        """Do the test hooks alone explain a hang (a stall at least the watchdog, a
+        killed CPU, a CPU that sleeps with #MC masked)? Otherwise it is a finding."""
+        h, wd = self.hooks, self.cfg.watchdog_s
+        stalls = [float(h.get("stall_s", 0.0))] if h.get("stall_phase") else []
+        stalls += [float(st.get("s", 0.0)) for st in h.get("stalls") or ()]
+        return bool(h.get("kill_phase") or h.get("sleep_masked_cpus")
+                    or any(s >= wd for s in stalls))
 
     @staticmethod
     def _lost_reason(res: dict, e: dict, recs: list, lost: dict) -> str:
@@ -635,6 +681,9 @@ class Coordinator(DomainChannels):
             cpus.append({"cpu": c, "phases": [p for i, p in enumerate(PHASES) if reached >> i & 1],
                          "mcip_after": bool(self.banks.mcg(c) & msr.MCG_STATUS_MCIP),
                          "softirq_worker": bool(X.load(L.pc(c, L.P_SIRQ_ROLE))),
+                         "logged": len(logouts[c]),
+                         "records": sum(1 for x in logouts[c] if x["record_id"]),
+                         "guest_mode": X.load(L.pc(c, L.P_CURRENT_DOM)) != DOMID_IDLE,
                          "t_us": stamps,
                          "idle_poll_us": round(X.load(L.pc(c, L.P_IDLE_POLL)) / 1e3, 1)})
         res = {"schema": SCHEMA, "trial": gen, "outcome": outcome, "resets": 0,
@@ -686,7 +735,7 @@ class Coordinator(DomainChannels):
             return self.power_on()
         if cmd == "trial":
             return self.trial(args["errors"], bool(args.get("local")), args.get("timeout_s"),
-                              args.get("then"))
+                              args.get("then"), args.get("raise_cpu"))
         if cmd == "reset":
             return self.warm_reset()
         if cmd == "dom0":

@@ -95,18 +95,23 @@ class Machine:
         raise cls(payload["message"])
 
     def inject(self, errors, local: bool = False, timeout_s: float | None = None,
-               then: dict | None = None) -> dict:
+               then: dict | None = None, *, raise_cpu: int | None = None) -> dict:
         """Write ``errors`` into their banks, raise one #MC, return the trial result.
 
         ``then={"errors": [...], "after_phase": "barrier_b", "local": False}`` raises
         a second #MC once a first-wave CPU has reached that handler phase.
+        ``raise_cpu=N``: raise the #MC on CPU N (broadcast unless ``local``); with
+        ``errors=[]`` no bank is written at all (a #MC with no valid bank). ``then``
+        takes ``raise_cpu`` too.
         """
         if isinstance(errors, (str, dict)):
             errors = [errors]
         if then and isinstance(then.get("errors"), (str, dict)):
             then = dict(then, errors=[then["errors"]])
-        return self._call("trial", {"errors": list(errors), "local": local,
-                                    "timeout_s": timeout_s, "then": then})
+        args = {"errors": list(errors), "local": local, "timeout_s": timeout_s, "then": then}
+        if raise_cpu is not None:
+            args["raise_cpu"] = raise_cpu
+        return self._call("trial", args)
 
     def check(self, result: dict) -> dict:
         """Raise :class:`Finding` if the trial violated an invariant."""

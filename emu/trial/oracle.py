@@ -1,8 +1,19 @@
 """Invariants checked after every trial (DESIGN.md §6). Pure: reads a trial result.
 
 A violation is a *finding* about the emulated handler, never an emu bug.
+
+Besides the per-error checks: a record reserved and never committed on a completed
+trial (lost until some later #MC), a hang the test hooks do not explain, a #MC that
+shuts the processor down because an earlier handler left MCIP set, the fatal check
+run by a CPU that found no error in this #MC (a stale ``severity_cpu``), more or
+less than one softirq worker for one broadcast #MC, a CPU that held an error's
+record and continued with RIPV=0 in Xen context (or EIPV=0), and a boot-time logout
+record that never reaches Dom0 (dismissed).
 """
 from __future__ import annotations
+
+_MCG_RIPV, _MCG_EIPV = 0x1, 0x2
+_NEVER_COMMITTED = "record reserved but never committed"
 
 
 def check_trial(res: dict, topo) -> list[str]:
@@ -46,8 +57,43 @@ def check_trial(res: dict, topo) -> list[str]:
                 if int(gr["addr"], 16) != int(vm["gaddr"], 16):
                     v.append(f"{tag}: the guest read ADDR {gr['addr']}, Xen filled "
                              f"{vm['gaddr']}")
+        if completed and e.get("lost") == _NEVER_COMMITTED:
+            v.append(f"{tag}: {_NEVER_COMMITTED}: neither logged nor recovered")
+    for b in res.get("boot_log", []):
+        d = b.get("dom0_log") or {}
+        if d.get("dismissed"):
+            v.append(f"boot-time logout cpu{b['cpu']}/bank{b['bank']} {b['status']}: "
+                     "its record was dismissed and never reaches Dom0's log")
+    if outcome == "hang" and not res.get("hang_expected"):
+        where = ", ".join(f"cpu{s['cpu']} in {s['phase']}" for s in res.get("snapshot", []))
+        v.append(f"hang: the handler stopped making progress ({where})")
+    sd = res.get("shutdown")
+    if outcome == "shutdown" and sd and sd.get("left_handler"):
+        v.append(f"cpu{sd['cpu']}: #MC found MCIP still set from an earlier #MC whose "
+                 "handler had left: processor shutdown")
+    # (a cpu_died result's "cpus" lists the dead CPUs, not per-CPU records)
+    cpus = [c for c in res["cpus"] if isinstance(c, dict)]
+    if broadcast:
+        for c in cpus:
+            if "fatal_check" in c["phases"] and c.get("logged") == 0:
+                v.append(f"cpu{c['cpu']}: ran the fatal check (severity_cpu) but found no "
+                         "error in this #MC: stale severity_cpu")
+    ncpus = len(cpus)
+    if completed and broadcast and res.get("waves", 1) == 1 and \
+            len(res["targets"]) == ncpus > 1 and cpus and "softirq_worker" in cpus[0]:
+        workers = [c["cpu"] for c in cpus if c["softirq_worker"]]
+        if len(workers) > 1:
+            v.append(f"softirq workers {workers} for one broadcast #MC (expected exactly one)")
     if completed:
-        for c in res["cpus"]:
+        for c in cpus:
+            g = c.get("mcg_in")
+            if g is not None and c.get("records") and not g & _MCG_RIPV and (
+                    not g & _MCG_EIPV or not c.get("guest_mode")):
+                v.append(f"cpu{c['cpu']}: continued after a #MC with RIPV=0 "
+                         f"(MCG_STATUS {g:#x}, {'guest' if c.get('guest_mode') else 'Xen'} "
+                         "context): the interrupted context cannot be restarted")
+    if completed:
+        for c in cpus:
             if c["mcip_after"]:
                 v.append(f"cpu{c['cpu']}: MCIP still set after the handler")
             if c["cpu"] in res["targets"] and "softirq_done" not in c["phases"]:

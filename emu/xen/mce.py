@@ -51,7 +51,12 @@ from emu.xen.spinlock import SpinLock
 # Phases a CPU reports (for the trial result and the watchdog's snapshot).
 PHASES = ("idle", "boot", "entered", "logout", "barrier_a", "barrier_b", "fatal_check",
           "barrier_c", "exit", "softirq", "softirq_worker", "softirq_done", "halted",
-          "panic")
+          "panic",
+          # Appended (P_REACHED is a bitmask by index). ``softirq_elected`` is a seed
+          # phase reported only on a machine with test hooks (it costs the hot path
+          # nothing otherwise); the others belong to handler versions (versions.py).
+          "softirq_elected", "round1_wait", "mced_wait", "softirq_actions",
+          "softirq_finish", "clearbanks", "barrier_exit_wait", "softirq_elect")
 PH = {n: i for i, n in enumerate(PHASES)}
 (PH_ENTERED, PH_LOGOUT, PH_BARRIER_A, PH_BARRIER_B, PH_FATAL_CHECK, PH_BARRIER_C,
  PH_EXIT) = (PH[n] for n in ("entered", "logout", "barrier_a", "barrier_b", "fatal_check",
@@ -88,6 +93,9 @@ class XenCpu:
     """Xen's machine-check code as it runs on one physical CPU (one process)."""
 
     version = "seed"
+    # The telemetry implementation this version runs on; the coordinator (Dom0's
+    # fetch and ack) uses the same class, so a version's freelist is the one that frees.
+    telemetry_class = Mctelem
 
     def __init__(self, R, cpu: int, yps, hooks=None):
         self.R, self.cpu = R, cpu
@@ -95,7 +103,7 @@ class XenCpu:
         self.cfg = R.cfg
         self.topo = R.topo
         self.banks = Banks(R)
-        self.tele = Mctelem(R)
+        self.tele = self.telemetry_class(R)
         self.pages = PageTable(R)
         self.yp = yps.yp
         self.yps = yps
@@ -114,6 +122,11 @@ class XenCpu:
         self.stall_cpus = set(self.hooks.get("stall_cpus") or range(R.topo.ncpus))
         self.kill_phase = self.hooks.get("kill_phase")
         self.kill_cpus = set(self.hooks.get("kill_cpus") or range(R.topo.ncpus))
+        # Several stalls at once: [{"phase": P, "cpus": [..], "s": S}, ...]
+        self._stalls = [(st["phase"], set(st.get("cpus") or range(R.topo.ncpus)),
+                         float(st.get("s", 0.0))) for st in self.hooks.get("stalls") or ()]
+        # mce_softirq's severity_cpu word (a version may share the trap handler's)
+        self.sirq_severity_off = R.L.sirq_severity_cpu
         # Precomputed offsets: the #MC path runs in Python, so every lookup counts.
         self._pc0 = R.L.pc(cpu, 0)
         self._boff = [[self.banks.off(cpu, i, r) for r in range(msr.NREGS)]
@@ -130,7 +143,7 @@ class XenCpu:
         self._ph_off = self.pc(R.L.P_PHASE)
         self._reached_off = self.pc(R.L.P_REACHED)
         self._progress_off = self.pc(R.L.P_PROGRESS)
-        self._hooked = bool(self.kill_phase or self.stall_phase)
+        self._hooked = bool(self.kill_phase or self.stall_phase or self._stalls)
         L = R.L
         # This CPU's words on the #MC path, computed once: the path runs in Python,
         # with more CPUs than cores, so every call and lookup here is paid per CPU.
@@ -174,6 +187,10 @@ class XenCpu:
             # Test hook: hold this CPU here (interruptibly: a #MC still preempts it).
             self.R.notify()
             time.sleep(self.stall_s)
+        for phase, cpus, s in self._stalls:
+            if phase == name and self.cpu in cpus:
+                self.R.notify()
+                time.sleep(s)
 
     def stamp(self, word: int) -> None:
         self.X.store(self.pc(word), time.monotonic_ns())
@@ -269,6 +286,7 @@ class XenCpu:
         banks_rec: list[list[int]] = []
         flags = 0
         ser = self.ser
+        need_clearbank_scan = self.need_clearbank_scan
         yp, load, boff = self.yp, self._HW.load, self._boff
         scan = self._status_offs if bankmask == self.mca_allbanks else \
             [(i, off) for i, off in self._status_offs if bankmask >> i & 1]
@@ -277,7 +295,7 @@ class XenCpu:
             status = load(status_off)
             if not status & VAL:
                 continue
-            need_clear = sev.intel_need_clearbank_scan(who, status, ser)
+            need_clear = need_clearbank_scan(who, status)
             if errcnt == 0:
                 slot = self.tele.mctelem_reserve(cls, self.cpu)
                 if slot is not None:
@@ -321,6 +339,10 @@ class XenCpu:
                 self.tele.write(slot, self.mctelem_payload())
             self._flush_logout(pend, self._cleared)
         return slot, summary
+
+    def need_clearbank_scan(self, who, status: int) -> bool:
+        """Does a logout from ``who`` clear this bank (the clear rule of this version)?"""
+        return sev.intel_need_clearbank_scan(who, status, self.ser)
 
     def mctelem_payload(self) -> list:
         """The telemetry entry of the last logout (Xen's mc_info: the global record,
@@ -438,20 +460,28 @@ class XenCpu:
             self.fatal_set(cpu)
         bar.mce_barrier_exit(bcast, yp, check)
 
-        phase(PH_BARRIER_B)
+        self.barrier_b_step(lmce, bcast)
+        self.barrier_c_step(bs, bcast)
+        phase(PH_EXIT, o.t_exit)
+        self.raise_softirq()
+
+    def barrier_b_step(self, lmce: bool, bcast: bool) -> None:
+        """The second rendezvous: the fatal check on ``severity_cpu`` (or the LMCE CPU)."""
+        yp, check, bar = self.yp, self.check, self.mce_trap_bar
+        self._phase(PH_BARRIER_B)
         bar.mce_barrier_enter(bcast, yp, check)
-        if lmce or signed(X.load(o.severity_cpu)) == cpu:
-            phase(PH_FATAL_CHECK)
+        if lmce or signed(self.X.load(self._o.severity_cpu)) == self.cpu:
+            self._phase(PH_FATAL_CHECK)
             self.fatal_check()
         bar.mce_barrier_exit(bcast, yp, check)
 
-        phase(PH_BARRIER_C)
+    def barrier_c_step(self, bs: McaSummary, bcast: bool) -> None:
+        """The third rendezvous: every CPU clears its own MCIP inside it."""
+        yp, check, bar = self.yp, self.check, self.mce_trap_bar
+        self._phase(PH_BARRIER_C)
         bar.mce_barrier_enter(bcast, yp, check)
         self.clear_mcip()
         bar.mce_barrier_exit(bcast, yp, check)
-
-        phase(PH_EXIT, o.t_exit)
-        self.raise_softirq()
 
     # Steps the handler versions and broken variants override ------------------------------
     def set_severity_cpu(self, bs: McaSummary) -> None:
@@ -528,15 +558,18 @@ class XenCpu:
         lmce = self.tele.mctelem_has_deferred_lmce(cpu)
         bcast = self.mce_broadcast and not lmce
         self.mce_inside_bar.mce_barrier_enter(bcast, yp, check)
+        sev_off = self.sirq_severity_off
         if not lmce:
             yp("atomic")
-            X.store(L.sirq_severity_cpu, cpu)
+            X.store(sev_off, cpu)
             self.mce_severity_bar.mce_barrier_enter(bcast, yp, check)
             if not self.tele.mctelem_has_deferred(cpu):
                 yp("atomic")
-                X.store(L.sirq_severity_cpu, cpu)
+                X.store(sev_off, cpu)
             self.mce_severity_bar.mce_barrier_exit(bcast, yp, check)
-        if lmce or self.severity_cpu_get(L.sirq_severity_cpu) == cpu:
+            if self._hooked:   # test seam: the election is written, not yet read
+                self.set_phase("softirq_elected")
+        if lmce or self.severity_cpu_get(sev_off) == cpu:
             self.set_phase("softirq_worker")
             X.store(self.pc(L.P_SIRQ_ROLE), 1)
             if lmce:
@@ -599,7 +632,13 @@ class XenCpu:
                 self.banks.write(cpu, i, msr.REG_STATUS, 0)
         if self.banks.mcg(cpu, 2) & msr.MCG_CTL_P:
             self.banks.set_mcg(cpu, msr.U64, 1)
-        X.store(self.pc(L.P_CURRENT_DOM), DOMID_IDLE)
+        # Test hook "current": {cpu: [domid, vcpu]}, the context this CPU runs (a
+        # guest's vCPU) when a #MC comes; otherwise the idle vCPU (Xen context).
+        cur = (self.hooks.get("current") or {}).get(cpu) or \
+            (self.hooks.get("current") or {}).get(str(cpu))
+        X.store(self.pc(L.P_CURRENT_DOM), cur[0] if cur else DOMID_IDLE)
+        if cur:
+            X.store(self.pc(L.P_CURRENT_VCPU), cur[1])
         X.fetch_add(L.online, 1)
         X.store(L.boot_token, cpu + 1)
         self.ev.bump(L.boot_ev)
