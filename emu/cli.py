@@ -108,6 +108,23 @@ def cmd_run(a) -> int:
     return 1 if res["violations"] else 0
 
 
+def cmd_versions(a) -> int:
+    from emu.xen.versions import HANDLERS, version_info
+    infos = [version_info(n) for n in HANDLERS]
+    if a.json:
+        print(json.dumps({"versions": infos}, sort_keys=True))
+        return 0
+    for i in infos:
+        print(f"{i['name']:<22} {i['description']}")
+        if i["stands_for"]:
+            print(f"{'':<22}   stands for: {i['stands_for']}")
+        if i["finding"]:
+            print(f"{'':<22}   finding:    {i['finding']}")
+        if i["family"]:
+            print(f"{'':<22}   family:     {i['family']}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = _Parser(prog="emu", description="Concurrency-faithful emulator of Xen's x86 MCA handling")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -121,6 +138,8 @@ def main(argv=None) -> int:
     lg = sub.add_parser("log", help="render Dom0's JSON Lines log as mcelog-style text")
     lg.add_argument("file", help="a dom0.jsonl written by a run (see dom0_log_path)")
     lg.add_argument("--json", action="store_true", help="pass the JSON records through")
+    v = sub.add_parser("versions", help="list the handler versions (--handler NAME)")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
     b = sub.add_parser("bench", help="handler latency benchmark (see bench/latency.py)")
     b.add_argument("--cpus", default="4,16,64")
     b.add_argument("--injections", type=int, default=1000)
@@ -137,6 +156,8 @@ def main(argv=None) -> int:
                 raise UsageError("file", f"{a.file}: no such log; give the dom0_log_path of a run")
             print(render_log(a.file, json_out=a.json), end="")
             return 0
+        if a.cmd == "versions":
+            return cmd_versions(a)
         if a.cmd == "bench":
             from emu.bench import main as bench_main
             return bench_main(a)

@@ -48,7 +48,7 @@ def check_trial(res: dict, topo) -> list[str]:
         if vm and completed:
             # §6: the owner (policy owner) or the hardware domain (policy dom0) gets it
             want = 0 if res.get("vmce_policy") == "dom0" else e.get("impacted_domain")
-            if vm["domain"] != want:
+            if want is not None and vm["domain"] != want:
                 v.append(f"{tag}: vMCE went to DOM{vm['domain']}, expected DOM{want}")
             gr = vm.get("guest_read")
             if gr and gr.get("bank") is not None:

@@ -42,6 +42,11 @@ class XenLayout:
         self.process_lock = w(3)             # xen-2009-03's mce_process_lock
         self.mced_cpus = w(self.mcefatal_words * 3)  # xen-2009-03 cpumasks
         self.worst = w(2)                    # xen-2009-03 worst severity, cpu
+        self.mce_enter_lock = w(3)           # xen-2009-03 mce_enter_lock (lock, event)
+        self.impact_map = w(self.mcefatal_words)
+        self.mc_local = w(1 + n)             # xen-2009-03 mc_local: in_use, mctc[cpu]+1
+        self.mask_waiting = w(4)             # xen-2009-03: CPUs spinning on each cpumask
+        self.mask_ev = w(2)                  # xen-2009-03: cpumask change event
         # deferred-action log (for the trial result)
         self.action_n = w()
         self.action_log = w(ACTION_RING * 32)   # 256-byte msgpack slots

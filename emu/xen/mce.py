@@ -560,13 +560,7 @@ class XenCpu:
         self.mce_inside_bar.mce_barrier_enter(bcast, yp, check)
         sev_off = self.sirq_severity_off
         if not lmce:
-            yp("atomic")
-            X.store(sev_off, cpu)
-            self.mce_severity_bar.mce_barrier_enter(bcast, yp, check)
-            if not self.tele.mctelem_has_deferred(cpu):
-                yp("atomic")
-                X.store(sev_off, cpu)
-            self.mce_severity_bar.mce_barrier_exit(bcast, yp, check)
+            self.softirq_elect(bcast)
             if self._hooked:   # test seam: the election is written, not yet read
                 self.set_phase("softirq_elected")
         if lmce or self.severity_cpu_get(sev_off) == cpu:
@@ -585,6 +579,18 @@ class XenCpu:
         self.set_phase("idle")
         X.store(self.pc(L.P_DONE_GEN), gen)   # last: the coordinator collects after this
         self.notify_coordinator()
+
+    def softirq_elect(self, bcast: bool) -> None:
+        """The worker election: every CPU writes ``severity_cpu``; after a rendezvous
+        the CPUs without deferred telemetry write it again; the last writer works."""
+        X, cpu, yp, check, off = self.X, self.cpu, self.yp, self.check, self.sirq_severity_off
+        yp("atomic")
+        X.store(off, cpu)
+        self.mce_severity_bar.mce_barrier_enter(bcast, yp, check)
+        if not self.tele.mctelem_has_deferred(cpu):
+            yp("atomic")
+            X.store(off, cpu)
+        self.mce_severity_bar.mce_barrier_exit(bcast, yp, check)
 
     def send_global_virq(self) -> None:
         vmce.send_global_virq(self.R)
@@ -615,17 +621,21 @@ class XenCpu:
             self.tele.mv[base + 2:base + 2 + len(data)] = data
 
     # -- boot (§4.2) ------------------------------------------------------------------------
-    def boot(self) -> None:
-        """intel_init_mce: post-reset logout, bank init; APs come up one at a time."""
-        X, L, cpu = self.X, self.L, self.cpu
-        self.set_phase("boot")
-        self.ev.wait(L.boot_ev, lambda: X.load(L.boot_token) == cpu, slice_s=0.2)
+    def boot_logout(self) -> None:
+        """The post-reset logout (``MCA_RESET``): its record is committed for Dom0."""
         slot, bs = self.mcheck_mca_logout(sev.MCA_RESET, self.mca_allbanks, None)
         if slot is not None:
             if bs.errcnt:
                 self.tele.mctelem_commit(slot)   # non-urgent; Dom0 fetches it later
             else:
                 self.tele.mctelem_dismiss(slot)
+
+    def boot(self) -> None:
+        """intel_init_mce: post-reset logout, bank init; APs come up one at a time."""
+        X, L, cpu = self.X, self.L, self.cpu
+        self.set_phase("boot")
+        self.ev.wait(L.boot_ev, lambda: X.load(L.boot_token) == cpu, slice_s=0.2)
+        self.boot_logout()
         for i in range(self.nbanks):
             if self.banks.read(cpu, i, msr.REG_CTL) == 0:
                 self.banks.write(cpu, i, msr.REG_CTL, msr.U64)

@@ -60,6 +60,7 @@ class Layout:
         self.proc_tail = w(2)
         self.processing_lock = w(2)
         self.dangling = w(2)
+        self.free_head = w(2)     # the pre-60ea3a3ac3 free lists (emu.xen.history)
         self.hdr = w(NENT * HWORDS)
         self.payload = alloc.size
         alloc.size += NENT * PAYLOAD
