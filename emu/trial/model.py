@@ -32,7 +32,10 @@ Nondeterminism is explicit. The owner of a shared clearable bank is whichever CP
 wins ``mce_logout_lock`` (hazard I): pass the observed ``owners`` (:func:`owners_of`)
 to get one prediction; without them the model enumerates every owner assignment and
 returns the set of possible outcomes, marking each field that differs between them
-as uncertain (``compare`` skips uncertain fields).
+as uncertain (``compare`` skips uncertain fields). The timing of a second wave
+(``then``) is enumerated the same way: before MCIP is cleared it shuts the machine
+down, after it it is handled, and between the CPUs' starts of ``mce_softirq`` it
+leaves their softirq rounds uneven, which hangs ``mce_inside_bar``.
 """
 from __future__ import annotations
 
@@ -71,6 +74,11 @@ EINVAL, EPERM = 22, 1
 PRE_CLEAR_PHASES = ("entered", "logout", "barrier_a", "barrier_b", "fatal_check")
 RACY_PHASES = ("barrier_c",)          # some CPUs may have cleared MCIP, others not
 POST_CLEAR_PHASES = ("exit", "softirq", "softirq_worker", "softirq_done")
+# After one of these, some CPUs may have started mce_softirq and others not: a CPU
+# inside it runs it again after the nested #MC (its pending bit was raised while it
+# ran), a CPU that had not started runs it once for both, and the second round waits
+# in mce_inside_bar for CPUs that never come (a variant of hazard D).
+UNEVEN_SOFTIRQ_PHASES = ("exit", "softirq")
 
 _MAX_COMBOS = 1024
 _KEYS = ("cpu", "bank", "status", "addr", "misc", "mcg", "domain")
@@ -386,6 +394,7 @@ class _Run:
         self.committed: set = set()     # insts with a committed record
         self.no_record: set = set()     # insts logged only by CPUs without telemetry
         self.records: list = []         # this wave's deferred records: (cpu, entries)
+        self.uneven = False             # a nested #MC left the CPUs' softirq rounds uneven
 
     def hazard(self, hid: str, text: str) -> None:
         h = {"id": hid, "text": text}
@@ -576,7 +585,9 @@ def _predict(ctx: _Ctx, waves: list, owner_of: dict, choices: dict, broken: set,
                 mode = "shutdown" if run.panic and run.panic.startswith(PANIC_FATAL) else "late"
             else:
                 mode = choices.get("nested", "merged")
-            if mode != "merged":
+            if mode == "hang":
+                run.uneven = True
+            elif mode != "merged":
                 writes += _write_wave(ctx, banks, specs, len(writes))
                 targets_all |= set(_wave_targets(ctx, specs, wv["local"])[0])
                 if mode == "shutdown":
@@ -598,6 +609,18 @@ def _predict(ctx: _Ctx, waves: list, owner_of: dict, choices: dict, broken: set,
                 continue
             break
     outcome = run.outcome
+    if run.uneven:
+        run.hazard("D", "a #MC nested between the CPUs' starts of mce_softirq: the CPUs "
+                        "already in it run it twice, the others once, and the second round "
+                        "waits in mce_inside_bar forever (a variant of hazard D, no barrier "
+                        "timeout; not listed in xen-mca.md §10.2)")
+        if outcome is None:
+            outcome = run.outcome = "hang"
+            # both handlers ran (the banks are as predicted); what the deferred work
+            # did before the hang is not predictable
+            run.uncertain_insts.update(x["inst"] for x in writes)
+        else:
+            run.uncertain_all = True
     if outcome is None:
         results = [a[3] for a in run.actions]
         outcome = "continued" if CONTINUE in results or not results else "recovered"
@@ -691,8 +714,9 @@ def expected(specs, topo, *, ser=True, broadcast=True, local=False, vmce_policy=
     owners, cleared, action, page_offline {mfn, ret, status}, impacted_domain, vmce
     {domain, broadcast, vcpus, gaddr}, vmce_target, note, terminal = vmce / dom0 /
     boot / lost / unseen, uncertain: the fields not predictable), ``boot_log``,
-    ``left_valid``, ``broken_after``, ``crashed``, ``hazards`` ({id, text}: B, C, E,
-    H, I, K), ``owner_dependent``, ``uncertain``, ``notes``.
+    ``left_valid``, ``broken_after``, ``crashed``, ``hazards`` ({id, text}: B, C, D,
+    E, H, I, K of xen-mca.md §10.2; D here is the uneven-softirq variant after a nested
+    #MC), ``owner_dependent``, ``uncertain``, ``notes``.
     """
     if vmce_policy not in ("owner", "dom0"):
         raise UsageError("vmce_policy", f"{vmce_policy!r}: choose owner or dom0")
@@ -758,10 +782,12 @@ def expected(specs, topo, *, ser=True, broadcast=True, local=False, vmce_policy=
                 (cands or seers)
     extra = {}
     if len(waves) > 1:
-        if phase in POST_CLEAR_PHASES:
+        if phase in UNEVEN_SOFTIRQ_PHASES:
+            extra["nested"] = ["merged", "hang"]
+        elif phase in POST_CLEAR_PHASES:
             extra["nested"] = ["merged"]
         else:
-            extra["nested"] = ["shutdown", "merged"]
+            extra["nested"] = ["shutdown", "merged", "hang"]
             if phase not in PRE_CLEAR_PHASES + RACY_PHASES:
                 notes.append(f"after_phase {phase!r}: when the second #MC lands is not "
                              "predictable")
