@@ -277,3 +277,17 @@ def test_families_run_on_a_real_machine_and_agree_with_the_model(emu_machine):
     assert played == 3 * (len(NAMES) - 1) + 1
     assert run.found == []
     assert {"recovered", "continued", "reset"} <= set(run.outcomes)
+
+
+def test_families_import_only_the_standard_library_numpy_and_two_emu_modules():
+    import ast
+    mods = set()
+    for node in ast.walk(ast.parse(Path(F.__file__).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            mods |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            mods |= ({f"emu.hw.{a.name}" for a in node.names} if node.module == "emu.hw"
+                     else {node.module})
+    assert {m for m in mods if m.startswith("emu")} <= {"emu.errors", "emu.hw.msr"}, mods
+    assert all(m.split(".")[0] in sys.stdlib_module_names | {"emu", "numpy", "__future__"}
+               for m in mods), mods
