@@ -316,7 +316,8 @@ class Coordinator(DomainChannels):
             offs = self._trial_words = [
                 L.pc(c, w) for c in range(self.n)
                 for w in (L.P_LOGOUT_N, L.P_REACHED, L.P_T_ENTER, L.P_T_LOGOUT, L.P_T_EXIT,
-                          L.P_T_SOFTIRQ, L.P_SIRQ_ROLE, L.P_T_BARRIER_A)]
+                          L.P_T_SOFTIRQ, L.P_SIRQ_ROLE, L.P_T_BARRIER_A, L.P_T_FATAL,
+                          L.P_T_MCIP)]
         store = X.store
         for off in offs:
             store(off, 0)
@@ -628,7 +629,9 @@ class Coordinator(DomainChannels):
             reached = X.load(L.pc(c, L.P_REACHED))
             stamps = {}
             for name, word in (("entered", L.P_T_ENTER), ("logout_done", L.P_T_LOGOUT),
-                               ("barrier_a", L.P_T_BARRIER_A), ("handler_exit", L.P_T_EXIT),
+                               ("barrier_a", L.P_T_BARRIER_A),
+                               ("fatal_check_done", L.P_T_FATAL), ("mcip_cleared", L.P_T_MCIP),
+                               ("handler_exit", L.P_T_EXIT),
                                ("softirq_done", L.P_T_SOFTIRQ)):
                 t = X.load(L.pc(c, word))
                 stamps[name] = round((t - t0) / 1e3, 1) if t >= t0 else None
@@ -643,6 +646,9 @@ class Coordinator(DomainChannels):
                "errors": errors_out, "boot_log": [],
                "cpus": cpus,
                "latency_us": {"all_entered": lat(L.P_T_ENTER), "logout_done": lat(L.P_T_LOGOUT),
+                              "barrier_a": lat(L.P_T_BARRIER_A),
+                              "fatal_check_done": lat(L.P_T_FATAL),
+                              "mcip_cleared": lat(L.P_T_MCIP),
                               "handler_exit": lat(L.P_T_EXIT),
                               "softirq_done": lat(L.P_T_SOFTIRQ)},
                "telemetry": {"free": self.tele.free_count(), "drops": self.tele.drops()},

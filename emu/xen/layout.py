@@ -62,8 +62,9 @@ class XenLayout:
     (P_PHASE, P_REACHED, P_T_ENTER, P_T_LOGOUT, P_T_EXIT, P_T_SOFTIRQ, P_MC_GEN, P_DONE_GEN,
      P_SOFTIRQ, P_NEST, P_CLEAR_BANKS, P_CURRENT_DOM, P_CURRENT_VCPU, P_PENDING,
      P_LMCE_PENDING, P_HALTED, P_LOGOUT_N, P_PID, P_INTERRUPTED, P_T_SOFTIRQ_START,
-     P_KICK, _P_KICK_SLEEPERS, P_T_BARRIER_A, P_SIRQ_ROLE, P_PROGRESS, P_IDLE_POLL) = range(26)
-    P_LOGOUT = 26
+     P_KICK, _P_KICK_SLEEPERS, P_T_BARRIER_A, P_SIRQ_ROLE, P_PROGRESS, P_IDLE_POLL,
+     P_T_FATAL, P_T_MCIP) = range(28)
+    P_LOGOUT = 28
 
     def pc(self, cpu: int, word: int) -> int:
         return self.pcpu + 8 * (cpu * self.PCPU_WORDS + word)

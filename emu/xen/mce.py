@@ -130,13 +130,17 @@ class XenCpu:
         self._ph_off = self.pc(R.L.P_PHASE)
         self._reached_off = self.pc(R.L.P_REACHED)
         self._progress_off = self.pc(R.L.P_PROGRESS)
-        self._hooked = bool(self.kill_phase or self.stall_phase)
+        # Test hook: busy work (µs) in the handler before the last rendezvous, a
+        # deliberately slowed variant for the bench's --compare.
+        self.extra_work_ns = int(float(self.hooks.get("handler_extra_work_us", 0)) * 1000)
+        self._hooked = bool(self.kill_phase or self.stall_phase or self.extra_work_ns)
         L = R.L
         # This CPU's words on the #MC path, computed once: the path runs in Python,
         # with more CPUs than cores, so every call and lookup here is paid per CPU.
         self._o = SimpleNamespace(
             t_enter=self.pc(L.P_T_ENTER), t_logout=self.pc(L.P_T_LOGOUT),
             t_barrier_a=self.pc(L.P_T_BARRIER_A), t_exit=self.pc(L.P_T_EXIT),
+            t_fatal=self.pc(L.P_T_FATAL), t_mcip=self.pc(L.P_T_MCIP),
             nest=self.pc(L.P_NEST), mc_gen=self.pc(L.P_MC_GEN), trial_gen=L.trial_gen,
             softirq=self.pc(L.P_SOFTIRQ), kick=self.pc(L.P_KICK),
             logout_n=self.pc(L.P_LOGOUT_N), logout=self.pc(L.P_LOGOUT),
@@ -167,6 +171,10 @@ class XenCpu:
             self._phase_hooks(PHASES[p])
 
     def _phase_hooks(self, name: str) -> None:
+        if self.extra_work_ns and name == "barrier_c":
+            end = _monotonic_ns() + self.extra_work_ns
+            while _monotonic_ns() < end:
+                pass
         if self.kill_phase == name and self.cpu in self.kill_cpus:
             import signal
             os.kill(os.getpid(), signal.SIGKILL)   # test hook: die mid-handler
@@ -445,9 +453,11 @@ class XenCpu:
             self.fatal_check()
         bar.mce_barrier_exit(bcast, yp, check)
 
-        phase(PH_BARRIER_C)
+        # fatal_check_done: this CPU has left the rendezvous that closes the fatal check
+        phase(PH_BARRIER_C, o.t_fatal)
         bar.mce_barrier_enter(bcast, yp, check)
         self.clear_mcip()
+        X.store(o.t_mcip, _monotonic_ns())
         bar.mce_barrier_exit(bcast, yp, check)
 
         phase(PH_EXIT, o.t_exit)
