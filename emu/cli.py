@@ -121,10 +121,30 @@ def main(argv=None) -> int:
     lg = sub.add_parser("log", help="render Dom0's JSON Lines log as mcelog-style text")
     lg.add_argument("file", help="a dom0.jsonl written by a run (see dom0_log_path)")
     lg.add_argument("--json", action="store_true", help="pass the JSON records through")
-    b = sub.add_parser("bench", help="handler latency benchmark (see bench/latency.py)")
-    b.add_argument("--cpus", default="4,16,64")
-    b.add_argument("--injections", type=int, default=1000)
-    b.add_argument("--json", action="store_true")
+    b = sub.add_parser("bench", help="latency by phase, CPU count and handler version, with "
+                       "the futex floor and a naive peer design; --compare, --plot")
+    b.add_argument("--cpus", default="4,16,64", help="CPU counts, e.g. 1,2,4,...,256 "
+                   "(topologies chosen for each; default 4,16,64)")
+    b.add_argument("--topology", help="SxCxT list instead of --cpus, e.g. 1x2x2,2x8x2")
+    b.add_argument("--handler", default="seed", help="handler versions, interleaved in one "
+                   "run (default seed)")
+    b.add_argument("--injections", type=int, default=1000, help="per configuration")
+    b.add_argument("--block", type=int, default=20,
+                   help="injections per turn: the versions and baselines take turns")
+    b.add_argument("--guest-every", type=int, default=8,
+                   help="every Nth #MC hits a guest page, for guest_handled (0: none)")
+    b.add_argument("--boots", type=int, default=5, help="boots timed per configuration")
+    b.add_argument("--hook", action="append", help="test hook NAME=VALUE for the CPUs, e.g. "
+                   "handler_extra_work_us=50 (a deliberately slowed variant)")
+    b.add_argument("--no-naive", action="store_true", help="skip the naive peer baseline")
+    b.add_argument("--no-stress", action="store_true", help="skip bench/stress.py")
+    b.add_argument("--json", action="store_true", help="one JSON object per configuration")
+    b.add_argument("--out", help="also write the JSON lines to this file")
+    b.add_argument("--plot", help="write a PNG: latency by CPU count (needs the plot extra)")
+    b.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
+                   help="compare two --out files: ratio, bootstrap interval, verdict")
+    b.add_argument("--min-change", type=float, default=0.02,
+                   help="--compare: smallest change called faster/slower (default 0.02)")
     try:
         a = p.parse_args(argv)
         if a.cmd == "run":
