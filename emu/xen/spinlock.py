@@ -21,13 +21,13 @@ class SpinLock:
 
     def mce_spin_lock(self, cpu: int, yp, check) -> None:
         while True:
-            yp("lock")
+            yp("lock", self.off)
             if self.spin_trylock(cpu):
                 return
             self.ev.wait(self.ev_off, lambda: self.X.load(self.off) == 0, check=check)
 
     def spin_unlock(self, yp) -> None:
-        yp("unlock")
+        yp("unlock", self.off)
         self.X.store(self.off, 0)
         self.ev.bump(self.ev_off, 1)
 
