@@ -90,7 +90,7 @@ def decode(tr: dict) -> list[dict]:
         if site in ("rdmsr", "wrmsr"):
             bank = None if d0 == MCG_BANK else d0
             e.update(bank=bank, reg=d1, msr=msr_name(bank, d1))
-        elif site in ("lock", "unlock"):
+        elif site in ("lock", "unlock", "acquired"):
             e["lock"] = names.get(d0, f"lock@{d0:#x}")
         elif site == "barrier":
             off, step = d0 & 0xFFFFFFFF, d0 >> 32
@@ -113,8 +113,8 @@ def decode(tr: dict) -> list[dict]:
 
 
 def lock_acquisitions(entries: list[dict], lock: str = "mce_logout_lock") -> list[dict]:
-    """Each time a CPU held ``lock``, in order: its last attempt before its release
-    (the attempt that succeeded) and the release. ``attempts``: how many tries."""
+    """Each time a CPU held ``lock``, in order: its acquisition (the entry recorded
+    after its cmpxchg succeeded) and its release. ``attempts``: how many tries."""
     last: dict[int, dict] = {}
     tries: dict[int, int] = {}
     out = []
@@ -123,8 +123,9 @@ def lock_acquisitions(entries: list[dict], lock: str = "mce_logout_lock") -> lis
             continue
         c = e["cpu"]
         if e["site"] == "lock":
-            last[c] = e
             tries[c] = tries.get(c, 0) + 1
+        elif e["site"] == "acquired":
+            last[c] = e
         elif e["site"] == "unlock" and c in last:
             a = last.pop(c)
             out.append({"cpu": c, "acquire": a, "release": e, "attempts": tries.pop(c)})
@@ -169,6 +170,8 @@ def _instant_name(e: dict) -> str:
         return f"wrmsr {e['msr']}" + (" (clear)" if clear else "")
     if s == "lock":
         return f"try {e['lock']}"
+    if s == "acquired":
+        return f"acquire {e['lock']}"
     if s == "unlock":
         return f"release {e['lock']}"
     if s == "barrier":
@@ -210,16 +213,12 @@ def chrome_trace(tr: dict, result: dict | None = None) -> dict:
                         "ts": ts(t), "dur": round(max(0, end - t) / 1e3, 3)})
             if name == "entered" and c not in entered:
                 entered[c] = t
-    # lock acquisitions (the attempt that succeeded) and everything else as instants
-    acq = {a["acquire"]["seq"] for lk in {e["lock"] for e in entries if "lock" in e}
-           for a in lock_acquisitions(entries, lk)}
+    # lock attempts, acquisitions and releases, bank reads and clears, ... as instants
     for e in entries:
         if e["site"] == "phase":
             continue
         args = {k: v for k, v in e.items() if k not in ("cpu", "site", "t_ns")}
         name = _instant_name(e)
-        if e["seq"] in acq:
-            name = f"acquire {e['lock']}"
         evs.append({"name": name, "cat": e["site"], "ph": "i", "s": "t", "pid": e["cpu"] + 1,
                     "tid": 0, "ts": ts(e["t_ns"]), "args": args})
     # the coordinator's events
@@ -340,14 +339,13 @@ def swimlane_png(tr: dict, path: str, result: dict | None = None) -> None:
                            color=PHASE_COLOURS.get(name, "#bbbbbb"), label=lab)
     marks = {"read": ([], [], "|", "k"), "clear": ([], [], "x", "red"),
              "acquire": ([], [], "^", "green"), "release": ([], [], "v", "olive")}
-    acq = {a["acquire"]["seq"] for a in lock_acquisitions(entries)}
     for e in entries:
         lane = y[f"cpu{e['cpu']}"]
         if e["site"] == "rdmsr" and e["bank"] is not None and e["reg"] == msr.REG_STATUS:
             k = "read"
         elif e["site"] == "wrmsr" and e["bank"] is not None and e["reg"] == msr.REG_STATUS:
             k = "clear"
-        elif e["seq"] in acq:
+        elif e["site"] == "acquired":
             k = "acquire"
         elif e["site"] == "unlock":
             k = "release"

@@ -24,7 +24,7 @@ import numpy as np
 
 # Site names; their index is what the trace stores.
 SITES = ("rdmsr", "wrmsr", "lock", "unlock", "barrier", "atomic", "telem", "page", "vmce",
-         "softirq", "phase", "virq")
+         "softirq", "phase", "virq", "acquired")
 SITE = {n: i for i, n in enumerate(SITES)}
 TRACE_WORDS = 6      # seq, cpu, site, t_ns, d0, d1
 

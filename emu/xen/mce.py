@@ -108,6 +108,8 @@ class XenCpu:
         self.nbanks = R.topo.nbanks
         self.mca_allbanks = (1 << self.nbanks) - 1
         self.mce_logout_lock = SpinLock(R, R.L.mce_logout_lock)
+        if yps.trace is not None:
+            self.mce_logout_lock.trace = yps.record
         self.mce_trap_bar = McaBarrier(R, R.L.mce_trap_bar)
         self.mce_inside_bar = McaBarrier(R, R.L.mce_inside_bar)
         self.mce_severity_bar = McaBarrier(R, R.L.mce_severity_bar)

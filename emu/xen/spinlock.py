@@ -15,6 +15,7 @@ class SpinLock:
         self.ev = R.ev
         self.off = off          # lock word
         self.ev_off = off + 8   # event channel (2 words)
+        self.trace = None       # YieldPoints.record on a traced machine: "acquired"
 
     def spin_trylock(self, cpu: int) -> bool:
         return self.X.cmpxchg(self.off, 0, cpu + 1) == 0
@@ -23,6 +24,8 @@ class SpinLock:
         while True:
             yp("lock", self.off)
             if self.spin_trylock(cpu):
+                if self.trace is not None:
+                    self.trace("acquired", self.off)
                 return
             self.ev.wait(self.ev_off, lambda: self.X.load(self.off) == 0, check=check)
 
