@@ -2,9 +2,9 @@
 
 One process per emulated CPU, a ``multiprocess.Barrier`` for the rendezvous, a
 ``multiprocess.Lock`` over a shared bank array (``multiprocess.Array``, raw, the
-lock guards it). The #MC is a signal, as in emu, and its handler does the same
-round as Xen's: rendezvous, logout under the lock (the first CPU to find a shared
-bank's error clears it: the owner), rendezvous, exit. No yield points, no
+lock guards it). The #MC is a signal, as in emu (taken with ``sigwait``), and the
+handler does the same round as Xen's: rendezvous, logout under the lock (the first
+CPU to find a shared bank's error clears it: the owner), rendezvous, exit. No yield points, no
 telemetry, no severity, no softirq, no domains: the baseline of what a textbook
 design costs on this machine, next to emu in the same ``emu bench`` run.
 
@@ -77,10 +77,13 @@ class NaivePeer:
             st[k + 3] = now()
             done.release()
 
-        signal.signal(signal.SIGUSR1, on_mc)
+        # The #MC is SIGUSR1, taken with sigwait (blocked, so none is lost between two
+        # rounds: signal.pause() would miss one that lands just before it).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
         done.release()   # up
         while True:
-            signal.pause()
+            signal.sigwait({signal.SIGUSR1})
+            on_mc()
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> "NaivePeer":

@@ -25,10 +25,17 @@ naive peer's p50 of the same phase (entered, logout, first rendezvous, exit).
 Besides: boot time (``--boots`` fresh boots), USS per CPU process, stress
 throughput (trials/s, from ``bench/stress.py`` when it is there).
 
+The injections are shared among ``--instances`` machine instances per variant,
+booted one after the other: on this VM two instances of the same machine differ by
+up to a third (where the host puts their processes), more than the samples of one
+instance spread. ``VERSION+trace`` in ``--handler``: that version on a tracing
+machine, beside the untraced one (what the trace ring costs).
+
 Results: one JSON object per (topology, handler) with ``schema`` :data:`SCHEMA`,
-its samples included, so that ``--compare OLD NEW`` can bootstrap each figure's
-ratio (as ``pyperf compare_to`` does, with a bootstrap interval of the ratio of
-medians instead of a t-test).
+its samples included (per instance), so that ``--compare OLD NEW`` can bootstrap
+each figure's ratio (as ``pyperf compare_to`` does over its worker processes; here a
+two-level bootstrap, instances then samples, of the ratio of medians instead of a
+t-test).
 """
 from __future__ import annotations
 
@@ -152,9 +159,10 @@ def parse_handlers(s: str) -> list[str]:
     if not out:
         raise UsageError("handler", "no handler version given; e.g. --handler seed")
     for h in out:
-        if h not in HANDLERS:
+        if h.removesuffix("+trace") not in HANDLERS:
             raise UsageError("handler", f"unknown handler version {h!r}; choose from "
-                             f"{', '.join(sorted(HANDLERS))}")
+                             f"{', '.join(sorted(HANDLERS))} (VERSION+trace: on a tracing "
+                             "machine)")
     return out
 
 
@@ -188,14 +196,32 @@ def summary(xs) -> dict | None:
             "n": int(a.size)}
 
 
+def _resampled_medians(groups: list, rounds: int, rng) -> np.ndarray:
+    """Medians of ``rounds`` two-level bootstrap resamples: instances drawn with
+    replacement, then samples within each drawn instance (one group: the plain
+    bootstrap)."""
+    groups = [np.asarray(g, float) for g in groups if len(g)]
+    out = np.empty(rounds)
+    for k in range(rounds):
+        pick = rng.integers(0, len(groups), len(groups)) if len(groups) > 1 else [0]
+        parts = [groups[i][rng.integers(0, groups[i].size, groups[i].size)] for i in pick]
+        out[k] = np.median(np.concatenate(parts))
+    return out
+
+
 def bootstrap_ratio(old, new, rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Ratio of medians new/old and its 95 % bootstrap interval (percentile)."""
-    a, b = np.asarray(old, float), np.asarray(new, float)
+    """Ratio of medians new/old and its 95 % bootstrap interval (percentile).
+    ``old``/``new``: a list of samples, or a list of per-instance lists (then the
+    bootstrap resamples instances too, so the spread between machine instances is
+    in the interval)."""
+    def groups(x):
+        return x if len(x) and isinstance(x[0], (list, tuple, np.ndarray)) else [x]
+    ga, gb = groups(old), groups(new)
     rng = np.random.default_rng(seed)
-    ra = np.median(a[rng.integers(0, a.size, (rounds, a.size))], axis=1)
-    rb = np.median(b[rng.integers(0, b.size, (rounds, b.size))], axis=1)
-    r = rb / ra
-    return (float(np.median(b) / np.median(a)), float(np.percentile(r, 2.5)),
+    r = _resampled_medians(gb, rounds, rng) / _resampled_medians(ga, rounds, rng)
+    flat_a = np.concatenate([np.asarray(g, float) for g in ga])
+    flat_b = np.concatenate([np.asarray(g, float) for g in gb])
+    return (float(np.median(flat_b) / np.median(flat_a)), float(np.percentile(r, 2.5)),
             float(np.percentile(r, 97.5)))
 
 
@@ -268,109 +294,127 @@ def _error(i: int, n: int, guest_k: int | None) -> str:
     return f"cpu={i % n} bank=9 status=0xBD000000004000CF {where} misc=0x86 mcg=0x5"
 
 
+def _boot(topo: str, handler: str, log_dir: str, hooks: dict, trace: bool):
+    from emu.machine import Machine
+    from emu.machine.config import MachineConfig
+    cfg = MachineConfig(topology=topo, handler=handler, trace=trace,
+                        extra={"log_dir": log_dir, "hooks": hooks})
+    return Machine(cfg).start()
+
+
 def measure_topology(topo: str, handlers: list[str], injections: int, block: int = 20,
                      guest_every: int = 8, boots: int = 5, hooks: dict | None = None,
                      naive: bool = True, stress: bool = True, floor_gap_s: float = 0.0002,
+                     settle_s: float = 0.003, instances: int = 3, warmup: int = 5,
                      log=None) -> list[dict]:
     """One topology: every handler's machine, the naive peer and the floor, taking
     turns block by block. Returns one result object per handler (a version named
-    twice: per label, see :func:`variant_labels`)."""
+    twice: per label, see :func:`variant_labels`; ``VERSION+trace``: that version
+    on a tracing machine).
+
+    ``instances``: the injections are shared among this many machine instances of
+    each variant, booted one after the other (all variants side by side each time):
+    two instances of the same machine differ here by up to a third (where the host
+    puts their processes), so a comparison has to see that spread, as pyperf's
+    worker processes let it see a benchmark's (see :func:`compare`). ``warmup``: the
+    first machine checks of each fresh machine (and naive peer) are not counted: the
+    first after a boot run cold."""
     from emu.machine import Machine
-    from emu.machine.config import MachineConfig
     S, C, T = parse_topology(topo)
     n = S * C * T
     hooks = hooks or {}
-    machines: dict = {}
     labels = variant_labels(handlers)
-    version = dict(zip(labels, handlers, strict=True))
-    handlers = labels
-    res = {h: {"samples": {p: [] for p in PHASES}, "outcomes": {}, "boot_ms": []}
-           for h in handlers}
-    naive_samples = {k: [] for k in NAIVE_PHASE.values()}
+    version = {lab: h.removesuffix("+trace") for lab, h in zip(labels, handlers, strict=True)}
+    traced = {lab: h.endswith("+trace") for lab, h in zip(labels, handlers, strict=True)}
+    instances = max(1, min(instances, injections))
+    res = {h: {"samples": {p: [[] for _ in range(instances)] for p in PHASES},
+               "outcomes": {}, "boot_ms": [], "uss": []} for h in labels}
+    naive_samples = {k: [[] for _ in range(instances)] for k in NAIVE_PHASE.values()}
     naive_info: dict = {}
-    floor: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="emu-bench-") as d:
+    floor: list[list[float]] = [[] for _ in range(instances)]
+    NaivePeer = _naive_class() if naive else None
+    if naive and NaivePeer is None:
+        naive_info["note"] = "bench/naive_peer.py absent"
+    done = {h: 0 for h in labels}
+    guest_k = {h: 0 for h in labels}
+    fs = "?"
+    for inst in range(instances):
+        share = injections // instances + (inst < injections % instances)
+        machines: dict = {}
         peer = None
-        try:
-            for h in handlers:
-                cfg = MachineConfig(topology=topo, handler=version[h],
-                                    extra={"log_dir": os.path.join(d, h), "hooks": hooks})
-                t0 = time.monotonic()
-                m = Machine(cfg).start()
-                machines[h] = m
-                res[h]["boot_ms"].append(round(m.boot_info["boot_ms"], 1))
-                res[h]["start_ms"] = round((time.monotonic() - t0) * 1e3, 1)
-                uss = [psutil.Process(p).memory_full_info().uss for p in m.cpu_pids.values()]
-                res[h]["uss_mb_per_cpu"] = round(float(np.median(uss)) / 2**20, 2)
-            NaivePeer = _naive_class() if naive else None
-            if NaivePeer is not None:
-                peer = NaivePeer(n).start()
-                naive_info["uss_mb_per_cpu"] = round(float(np.median(
-                    [psutil.Process(p.pid).memory_full_info().uss for p in peer.procs]))
-                    / 2**20, 2)
-            elif naive:
-                naive_info["note"] = "bench/naive_peer.py absent"
-            turns = [("emu", h) for h in handlers] + \
-                ([("naive", None)] if peer is not None else []) + [("floor", None)]
-            done = {h: 0 for h in handlers}
-            guest_k = {h: 0 for h in handlers}
-            nblocks = -(-injections // block)
-            for b in range(nblocks):
-                k = min(block, injections - b * block)
-                for j in range(len(turns)):
-                    kind, h = turns[(b + j) % len(turns)]
-                    if kind == "floor":
-                        floor += futex_floor(k, floor_gap_s)["samples_us"]
-                    elif kind == "naive":
-                        for _ in range(k):
-                            r = peer.round()
-                            for s in naive_samples:
-                                naive_samples[s].append(r[s])
-                    else:
-                        m, out = machines[h], res[h]
-                        for _ in range(k):
-                            i = done[h]
-                            done[h] += 1
-                            g = guest_every and i % guest_every == guest_every - 1 \
-                                and guest_k[h] < GUEST_PAGES
-                            r = m.inject(_error(i, n, guest_k[h] if g else None))
-                            out["outcomes"][r["outcome"]] = out["outcomes"].get(
-                                r["outcome"], 0) + 1
-                            lat = r["latency_us"]
-                            if g:
-                                guest_k[h] += 1
-                                if lat.get("guest_handled") is not None:
-                                    out["samples"]["guest_handled"].append(lat["guest_handled"])
-                                continue
-                            for p in PHASES[:-1]:
-                                if lat.get(p) is not None:
-                                    out["samples"][p].append(lat[p])
-                if log:
-                    log(f"  {topo}: block {b + 1}/{nblocks}")
-            fs = log_fs(d)
-        finally:
-            for m in machines.values():
-                m.close()
-            if peer is not None:
-                peer.close()
-        # Fresh boots (the suite's own machine counts as the first).
-        for h in handlers:
-            for _ in range(max(0, boots - 1)):
-                with tempfile.TemporaryDirectory(prefix="emu-bench-") as d2, \
-                        Machine(topology=topo, handler=version[h], extra={"log_dir": d2}) as m:
+        with tempfile.TemporaryDirectory(prefix="emu-bench-") as d:
+            try:
+                for h in labels:
+                    t0 = time.monotonic()
+                    m = machines[h] = _boot(topo, version[h], os.path.join(d, h), hooks,
+                                            traced[h])
                     res[h]["boot_ms"].append(round(m.boot_info["boot_ms"], 1))
+                    res[h].setdefault("start_ms", round((time.monotonic() - t0) * 1e3, 1))
+                    res[h]["uss"] += [psutil.Process(p).memory_full_info().uss
+                                      for p in m.cpu_pids.values()]
+                    for w in range(warmup):
+                        m.inject(_error(w, n, None))
+                if NaivePeer is not None:
+                    peer = NaivePeer(n).start()
+                    for _ in range(warmup):
+                        peer.round()
+                    naive_info.setdefault("uss_mb_per_cpu", round(float(np.median(
+                        [psutil.Process(p.pid).memory_full_info().uss for p in peer.procs]))
+                        / 2**20, 2))
+                turns = [("emu", h) for h in labels] + \
+                    ([("naive", None)] if peer is not None else []) + [("floor", None)]
+                nblocks = -(-share // block)
+                for b in range(nblocks):
+                    k = min(block, share - b * block)
+                    for j in range(len(turns)):
+                        kind, h = turns[(b + inst + j) % len(turns)]
+                        # Let the last turn's CPUs finish their idle poll and sleep, so
+                        # that every turn starts alike: its own CPUs asleep, nobody
+                        # else polling.
+                        time.sleep(settle_s)
+                        if kind == "floor":
+                            floor[inst] += futex_floor(k, floor_gap_s)["samples_us"]
+                        elif kind == "naive":
+                            for _ in range(k):
+                                r = peer.round()
+                                for s in naive_samples:
+                                    naive_samples[s][inst].append(r[s])
+                        else:
+                            _inject_block(machines[h], res[h], k, n, inst, done, guest_k, h,
+                                          guest_every)
+                    if log:
+                        log(f"  {topo}: instance {inst + 1}/{instances}, block {b + 1}/{nblocks}")
+                fs = log_fs(d)
+            finally:
+                for m in machines.values():
+                    m.close()
+                if peer is not None:
+                    peer.close()
+    # Fresh boots (the suite's own machines count first).
+    for h in labels:
+        for _ in range(max(0, boots - instances)):
+            with tempfile.TemporaryDirectory(prefix="emu-bench-") as d2, \
+                    Machine(topology=topo, handler=version[h], extra={"log_dir": d2}) as m:
+                res[h]["boot_ms"].append(round(m.boot_info["boot_ms"], 1))
     st = stress_throughput(n) if stress else {"trials_per_s": None, "note": "--no-stress"}
-    fl = summary(floor)
-    nv = {s: summary(v) for s, v in naive_samples.items()} if peer is not None else None
+    flat = lambda xs: [x for part in xs for x in part]   # noqa: E731
+    fl = summary(flat(floor))
+    nv = {s: summary(flat(v)) for s, v in naive_samples.items()} if NaivePeer else None
     out = []
-    for h in handlers:
+    for h in labels:
         r = res[h]
-        phases = {p: summary(v) for p, v in r["samples"].items()}
-        obj = {"schema": SCHEMA, "cpus": n, "topology": topo, "handler": version[h], "label": h,
+        phases = {p: summary(flat(v)) for p, v in r["samples"].items()}
+        obj = {"schema": SCHEMA, "cpus": n, "topology": topo, "handler": version[h],
+               "label": h, "trace": traced[h],
                "injections": injections, "block": block, "guest_every": guest_every,
-               "hooks": hooks, "phases": phases, "samples": r["samples"],
-               "floor": fl, "floor_samples": floor,
-               "naive": nv, "naive_samples": naive_samples if nv else None,
+               "warmup": warmup,
+               "instances": instances, "hooks": hooks, "phases": phases,
+               "samples": {p: flat(v) for p, v in r["samples"].items()},
+               "samples_by_instance": r["samples"],
+               "floor": fl, "floor_samples": flat(floor), "floor_by_instance": floor,
+               "naive": nv,
+               "naive_samples": {s: flat(v) for s, v in naive_samples.items()} if nv else None,
+               "naive_by_instance": naive_samples if nv else None,
                "naive_note": naive_info.get("note"),
                "naive_uss_mb_per_cpu": naive_info.get("uss_mb_per_cpu"),
                "ratio_to_floor": {p: round(s["p50"] / fl["p50"], 2) for p, s in phases.items()
@@ -380,7 +424,8 @@ def measure_topology(topo: str, handlers: list[str], injections: int, block: int
                                   if nv and phases.get(p) and nv.get(q)},
                "boot_ms": {"p50": round(float(np.median(r["boot_ms"])), 1),
                            "max": round(max(r["boot_ms"]), 1), "n": len(r["boot_ms"])},
-               "start_ms": r["start_ms"], "uss_mb_per_cpu": r["uss_mb_per_cpu"],
+               "start_ms": r["start_ms"],
+               "uss_mb_per_cpu": round(float(np.median(r["uss"])) / 2**20, 2),
                "outcomes": r["outcomes"], "dom0_log_fs": fs,
                "stress_trials_per_s": st["trials_per_s"], "stress_note": st["note"],
                "host": {"cores": len(os.sched_getaffinity(0)), "machine": platform.machine(),
@@ -388,6 +433,25 @@ def measure_topology(topo: str, handlers: list[str], injections: int, block: int
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         out.append(obj)
     return out
+
+
+def _inject_block(m, out: dict, k: int, n: int, inst: int, done: dict, guest_k: dict, h: str,
+                  guest_every: int) -> None:
+    for _ in range(k):
+        i = done[h]
+        done[h] += 1
+        g = guest_every and i % guest_every == guest_every - 1 and guest_k[h] < GUEST_PAGES
+        r = m.inject(_error(i, n, guest_k[h] if g else None))
+        out["outcomes"][r["outcome"]] = out["outcomes"].get(r["outcome"], 0) + 1
+        lat = r["latency_us"]
+        if g:
+            guest_k[h] += 1
+            if lat.get("guest_handled") is not None:
+                out["samples"]["guest_handled"][inst].append(lat["guest_handled"])
+            continue
+        for p in PHASES[:-1]:
+            if lat.get(p) is not None:
+                out["samples"][p][inst].append(lat[p])
 
 
 # -- output ------------------------------------------------------------------------------
@@ -514,20 +578,31 @@ def compare(old: list[dict], new: list[dict], min_change: float = 0.02) -> list[
         o = olds.get(key(r))
         if o is None:
             continue
-        figs = [(f"{p} p50", o["samples"].get(p) or [], r["samples"].get(p) or [])
-                for p in PHASES]
-        figs.append(("floor p50", o.get("floor_samples") or [], r.get("floor_samples") or []))
+        def by_inst(x, flat_key, inst_key, sub=None):
+            v = x.get(inst_key)
+            v = (v or {}).get(sub) if sub is not None and v is not None else v
+            if v:
+                return [g for g in v if g]
+            f = x.get(flat_key)
+            f = (f or {}).get(sub) if sub is not None and f is not None else f
+            return [f] if f else []
+        figs = [(f"{p} p50", by_inst(o, "samples", "samples_by_instance", p),
+                 by_inst(r, "samples", "samples_by_instance", p)) for p in PHASES]
+        figs.append(("floor p50", by_inst(o, "floor_samples", "floor_by_instance"),
+                     by_inst(r, "floor_samples", "floor_by_instance")))
         for q in NAIVE_PHASE.values():
-            figs.append((f"naive {q} p50", (o.get("naive_samples") or {}).get(q) or [],
-                         (r.get("naive_samples") or {}).get(q) or []))
+            figs.append((f"naive {q} p50", by_inst(o, "naive_samples", "naive_by_instance", q),
+                         by_inst(r, "naive_samples", "naive_by_instance", q)))
         for name, a, b in figs:
-            if len(a) < 2 or len(b) < 2:
+            na, nb = sum(map(len, a)), sum(map(len, b))
+            if na < 2 or nb < 2:
                 continue
             ratio, lo, hi = bootstrap_ratio(a, b)
             out.append({"cpus": r["cpus"], "topology": r["topology"], "handler": key(r)[1],
-                        "figure": name, "old": round(float(np.median(a)), 1),
-                        "new": round(float(np.median(b)), 1), "ratio": round(ratio, 3),
-                        "ci95": [round(lo, 3), round(hi, 3)], "n": [len(a), len(b)],
+                        "figure": name, "old": round(float(np.median(np.concatenate(a))), 1),
+                        "new": round(float(np.median(np.concatenate(b))), 1),
+                        "ratio": round(ratio, 3), "ci95": [round(lo, 3), round(hi, 3)],
+                        "n": [na, nb], "instances": [len(a), len(b)],
                         "verdict": verdict(lo, hi, ratio, min_change)})
     return out
 
@@ -554,6 +629,8 @@ def main(a) -> int:
     topos = parse_topologies(a.topology) if getattr(a, "topology", None) else \
         [topology_for(n) for n in parse_cpus(a.cpus)]
     handlers = parse_handlers(getattr(a, "handler", None) or "seed")
+    if not isinstance(getattr(a, "instances", 3), int) or getattr(a, "instances", 3) < 1:
+        raise UsageError("instances", f"{a.instances!r}: give at least 1")
     if not isinstance(a.injections, int) or a.injections < 1:
         raise UsageError("injections", f"{a.injections!r}: give at least 1")
     block = getattr(a, "block", 20)
@@ -579,6 +656,8 @@ def main(a) -> int:
     try:
         for topo in topos:
             rs = measure_topology(topo, handlers, a.injections, block=block,
+                                  instances=getattr(a, "instances", 3),
+                                  warmup=getattr(a, "warmup", 5),
                                   guest_every=getattr(a, "guest_every", 8),
                                   boots=getattr(a, "boots", 5), hooks=hooks,
                                   naive=not getattr(a, "no_naive", False),

@@ -175,13 +175,17 @@ def main(argv=None) -> int:
                    "(topologies chosen for each; default 4,16,64)")
     b.add_argument("--topology", help="SxCxT list instead of --cpus, e.g. 1x2x2,2x8x2")
     b.add_argument("--handler", default="seed", help="handler versions, interleaved in one "
-                   "run (default seed)")
+                   "run (default seed); a version twice: an A/A pair; VERSION+trace: traced")
     b.add_argument("--injections", type=int, default=1000, help="per configuration")
     b.add_argument("--block", type=int, default=20,
                    help="injections per turn: the versions and baselines take turns")
     b.add_argument("--guest-every", type=int, default=8,
                    help="every Nth #MC hits a guest page, for guest_handled (0: none)")
     b.add_argument("--boots", type=int, default=5, help="boots timed per configuration")
+    b.add_argument("--warmup", type=int, default=5,
+                   help="machine checks not counted after each boot (default 5)")
+    b.add_argument("--instances", type=int, default=3, help="machine instances per variant, "
+                   "one after the other, sharing the injections (default 3)")
     b.add_argument("--hook", action="append", help="test hook NAME=VALUE for the CPUs, e.g. "
                    "handler_extra_work_us=50 (a deliberately slowed variant)")
     b.add_argument("--no-naive", action="store_true", help="skip the naive peer baseline")

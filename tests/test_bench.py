@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--cpus", "2", "--injections", "30", "--block", "10", "--boots", "1", "--no-stress",
-        "--guest-every", "0"]
+TINY = ["--cpus", "2", "--injections", "30", "--block", "5", "--instances", "3", "--warmup", "3",
+        "--boots", "1", "--no-stress", "--guest-every", "0"]
 
 
 def emu(*args, timeout=240):
@@ -49,7 +49,8 @@ def test_suite_result_shape_plot_and_compare(tmp_path):
     assert r["floor"]["n"] == 30 and r["naive"]["handler_exit"]["n"] == 30
     assert r["ratio_to_floor"]["handler_exit"] > 0 and r["ratio_to_naive"]["handler_exit"] > 0
     assert r["cpus"] == 2 and r["outcomes"] == {"recovered": 30}
-    assert r["boot_ms"]["n"] == 1 and r["uss_mb_per_cpu"] > 0
+    assert r["boot_ms"]["n"] == 3 and r["uss_mb_per_cpu"] > 0   # a boot per instance
+    assert [len(x) for x in r["samples_by_instance"]["handler_exit"]] == [10, 10, 10]
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A/A, interleaved in one run: within noise (at a 10 % smallest change that matters)
     a, b = _split(both, tmp_path)
