@@ -388,8 +388,9 @@ def swimlane_png(tr: dict, path: str, result: dict | None = None) -> None:
 
 
 # -- prose -------------------------------------------------------------------------------
-def explain(tr: dict, result: dict) -> list[str]:
-    """The trial told in a few lines, from the trace and the trial result."""
+def explain(tr: dict, result: dict, max_lock_lines: int = 4) -> list[str]:
+    """The trial told in a few lines, from the trace and the trial result (past
+    ``max_lock_lines`` lock holders, those that found nothing in one line)."""
     entries = decode(tr)
     t0 = tr["t0"]
 
@@ -407,7 +408,12 @@ def explain(tr: dict, result: dict) -> list[str]:
         lines.append("entered: " + ", ".join(f"cpu{c} at {us(t)}" for t, c in ent))
     errors = result.get("errors", [])
     acqs = lock_acquisitions(entries)
+    owners = {c for e in errors for c in e.get("owners", [])}
+    quiet = []   # past the first few: CPUs that found nothing, told in one line
     for k, a in enumerate(acqs):
+        if k >= max_lock_lines and a["cpu"] not in owners:
+            quiet.append(a)
+            continue
         c = a["cpu"]
         lo, hi = a["acquire"]["seq"], a["release"]["seq"]
         held = [e for e in entries if e["cpu"] == c and lo <= e["seq"] <= hi]
@@ -432,6 +438,11 @@ def explain(tr: dict, result: dict) -> list[str]:
         lines.append(f"cpu{c} took mce_logout_lock {o} at {us(a['acquire']['t_ns'])}{tries}"
                      + (", " + ", ".join(parts) if parts else "")
                      + f"; released it at {us(a['release']['t_ns'])}")
+    if quiet:
+        who = ", ".join(f"cpu{q['cpu']}" for q in quiet)
+        lines.append(f"then {len(quiet)} more took it in turn and logged nothing of these "
+                     f"errors: {who} (the last released it at "
+                     f"{us(quiet[-1]['release']['t_ns'])})")
     fatal = [(t, c) for c, rs in runs.items() for name, t, _ in rs if name == "fatal_check"]
     for t, c in fatal:
         sev = [e for e in entries if e.get("word") == "severity_cpu" and e["t_ns"] <= t]
