@@ -28,8 +28,9 @@ throughput (trials/s, from ``bench/stress.py`` when it is there).
 The injections are shared among ``--instances`` machine instances per variant,
 booted one after the other: on this VM two instances of the same machine differ by
 up to a third (where the host puts their processes), more than the samples of one
-instance spread. ``VERSION+trace`` in ``--handler``: that version on a tracing
-machine, beside the untraced one (what the trace ring costs).
+instance spread. Variants in ``--handler``: ``VERSION+trace`` runs that version on
+a tracing machine, beside the untraced one (what the trace ring costs);
+``VERSION+nofsync`` with Dom0's fsync off (what durability costs).
 
 Results: one JSON object per (topology, handler) with ``schema`` :data:`SCHEMA`,
 its samples included (per instance), so that ``--compare OLD NEW`` can bootstrap
@@ -161,11 +162,24 @@ def parse_handlers(s: str) -> list[str]:
     if not out:
         raise UsageError("handler", "no handler version given; e.g. --handler seed")
     for h in out:
-        if h.removesuffix("+trace") not in HANDLERS:
+        if variant_options(h)[0] not in HANDLERS:
             raise UsageError("handler", f"unknown handler version {h!r}; choose from "
                              f"{', '.join(sorted(HANDLERS))} (VERSION+trace: on a tracing "
-                             "machine)")
+                             "machine; VERSION+nofsync: Dom0's fsync off)")
     return out
+
+
+VARIANT_OPTIONS = ("trace", "nofsync")
+
+
+def variant_options(h: str) -> tuple[str, set]:
+    """``seed+trace+nofsync`` -> ("seed", {"trace", "nofsync"})."""
+    name, *opts = h.split("+")
+    bad = set(opts) - set(VARIANT_OPTIONS)
+    if bad:
+        raise UsageError("handler", f"{h!r}: unknown variant option(s) {', '.join(sorted(bad))}; "
+                         f"use +{' +'.join(VARIANT_OPTIONS)}")
+    return name, set(opts)
 
 
 def variant_labels(handlers: list[str]) -> list[str]:
@@ -296,11 +310,12 @@ def _error(i: int, n: int, guest_k: int | None) -> str:
     return f"cpu={i % n} bank=9 status=0xBD000000004000CF {where} misc=0x86 mcg=0x5"
 
 
-def _boot(topo: str, handler: str, log_dir: str, hooks: dict, trace: bool):
+def _boot(topo: str, handler: str, log_dir: str, hooks: dict, opts: set):
     from emu.machine import Machine
     from emu.machine.config import MachineConfig
-    cfg = MachineConfig(topology=topo, handler=handler, trace=trace,
-                        extra={"log_dir": log_dir, "hooks": hooks})
+    cfg = MachineConfig(topology=topo, handler=handler, trace="trace" in opts,
+                        extra={"log_dir": log_dir, "hooks": hooks,
+                               "fsync": "nofsync" not in opts})
     return Machine(cfg).start()
 
 
@@ -311,8 +326,8 @@ def measure_topology(topo: str, handlers: list[str], injections: int, block: int
                      log=None) -> list[dict]:
     """One topology: every handler's machine, the naive peer and the floor, taking
     turns block by block. Returns one result object per handler (a version named
-    twice: per label, see :func:`variant_labels`; ``VERSION+trace``: that version
-    on a tracing machine).
+    twice: per label, see :func:`variant_labels`; ``VERSION+trace``,
+    ``VERSION+nofsync``: see :func:`variant_options`).
 
     ``instances``: the injections are shared among this many machine instances of
     each variant, booted one after the other (all variants side by side each time):
@@ -326,8 +341,9 @@ def measure_topology(topo: str, handlers: list[str], injections: int, block: int
     n = S * C * T
     hooks = hooks or {}
     labels = variant_labels(handlers)
-    version = {lab: h.removesuffix("+trace") for lab, h in zip(labels, handlers, strict=True)}
-    traced = {lab: h.endswith("+trace") for lab, h in zip(labels, handlers, strict=True)}
+    opts = {lab: variant_options(h) for lab, h in zip(labels, handlers, strict=True)}
+    version = {lab: o[0] for lab, o in opts.items()}
+    opts = {lab: o[1] for lab, o in opts.items()}
     instances = max(1, min(instances, injections))
     res = {h: {"samples": {p: [[] for _ in range(instances)] for p in PHASES},
                "outcomes": {}, "boot_ms": [], "uss": []} for h in labels}
@@ -349,7 +365,7 @@ def measure_topology(topo: str, handlers: list[str], injections: int, block: int
                 for h in labels:
                     t0 = time.monotonic()
                     m = machines[h] = _boot(topo, version[h], os.path.join(d, h), hooks,
-                                            traced[h])
+                                            opts[h])
                     res[h]["boot_ms"].append(round(m.boot_info["boot_ms"], 1))
                     res[h].setdefault("start_ms", round((time.monotonic() - t0) * 1e3, 1))
                     res[h]["uss"] += [psutil.Process(p).memory_full_info().uss
@@ -407,7 +423,7 @@ def measure_topology(topo: str, handlers: list[str], injections: int, block: int
         r = res[h]
         phases = {p: summary(flat(v)) for p, v in r["samples"].items()}
         obj = {"schema": SCHEMA, "cpus": n, "topology": topo, "handler": version[h],
-               "label": h, "trace": traced[h],
+               "label": h, "trace": "trace" in opts[h], "dom0_fsync": "nofsync" not in opts[h],
                "injections": injections, "block": block, "guest_every": guest_every,
                "warmup": warmup,
                "instances": instances, "hooks": hooks, "phases": phases,

@@ -70,6 +70,7 @@ def test_suite_result_shape_plot_and_compare(tmp_path):
 
 @pytest.mark.parametrize("args, field", [
     (["--handler", "xen-1999"], "handler"),
+    (["--handler", "seed+fast"], "handler"),
     (["--cpus", "0"], "cpus"),
     (["--cpus", "4,lots"], "cpus"),
     (["--topology", "2x2"], "topology"),
@@ -95,3 +96,16 @@ def test_naive_peer_round_has_one_owner_that_cleared():
             r = peer.round()
             assert r["cleared"] and r["owner"] in (0, 1, 2), r
             assert 0 < r["entered"] <= r["barrier_a"] <= r["logout_done"] <= r["handler_exit"]
+
+
+def test_variants_traced_and_without_fsync_run_beside_the_plain_one(tmp_path):
+    p = emu("bench", "--cpus", "2", "--injections", "6", "--block", "3", "--instances", "1",
+            "--warmup", "1", "--boots", "1", "--no-stress", "--no-naive", "--guest-every", "0",
+            "--handler", "seed,seed+trace,seed+nofsync", "--json")
+    assert p.returncode == 0, p.stderr
+    rs = {r["label"]: r for r in map(json.loads, p.stdout.splitlines())}
+    assert set(rs) == {"seed", "seed+trace", "seed+nofsync"}
+    assert rs["seed+trace"]["trace"] and not rs["seed"]["trace"]
+    assert not rs["seed+nofsync"]["dom0_fsync"] and rs["seed"]["dom0_fsync"]
+    assert all(r["handler"] == "seed" and r["phases"]["handler_exit"]["n"] == 6
+               for r in rs.values())
