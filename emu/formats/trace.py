@@ -449,6 +449,11 @@ def explain(tr: dict, result: dict, max_lock_lines: int = 4) -> list[str]:
         last = sev[-1]["cpu"] if sev else None
         lines.append(f"cpu{c} ran the fatal check at {us(t)}"
                      + (" (severity_cpu: the last CPU to write it)" if last == c else ""))
+    for c, rs in runs.items():
+        for name, t, _ in rs:
+            if name == "panic":
+                lines.append(f"cpu{c} panicked at {us(t)}: {result.get('panic') or '?'}; "
+                             "the others halted and the reset controller reset the machine")
     ex = sorted((t, c) for c, rs in runs.items() for name, t, _ in rs if name == "exit")
     if ex:
         lines.append(f"all left the handler by {us(ex[-1][0])} (cpu{ex[-1][1]} last)")
