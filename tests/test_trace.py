@@ -124,6 +124,12 @@ def test_cli_trace_png_and_explain(tmp_path):
     assert "read bank 8 empty" in p.stdout
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert T.validate(json.loads(js.read_text())) == []
+    out = tmp_path / "emu-trace.json"
+    p = subprocess.run([sys.executable, "-m", "emu", "trace", "--out", str(out), "--log-dir",
+                        str(tmp_path), "--error", SRAO_MEM], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "cleared it: owner" in p.stdout and T.validate(json.loads(out.read_text())) == []
     p = subprocess.run([sys.executable, "-m", "emu", "run", "--trace", "/nonexistent-dir/t.json"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert p.returncode == 2 and "error: trace:" in p.stderr
