@@ -12,7 +12,7 @@ from __future__ import annotations
 from emu.hw import msr
 from emu.xen import severity as sev
 from emu.xen.barrier import McaBarrier
-from emu.xen.mce import PH, PH_BARRIER_C, McaSummary, XenCpu
+from emu.xen.mce import PH, PH_BARRIER_C, McaSummary, XenCpu, _monotonic_ns
 
 PH_CLEARBANKS, PH_BARRIER_EXIT_WAIT, PH_SOFTIRQ_ELECT = (
     PH[n] for n in ("clearbanks", "barrier_exit_wait", "softirq_elect"))
@@ -22,7 +22,7 @@ class _NoLock:
     """A lock that is not taken."""
 
     def mce_spin_lock(self, cpu, yp, check) -> None:
-        yp("lock")
+        yp("lock")   # (the yield point stays: only the lock is gone)
 
     def spin_unlock(self, yp) -> None:
         yp("unlock")
@@ -61,7 +61,7 @@ class BarrierNoGeneration(McaBarrier):
         if not wait:
             return
         X, load, online = self.X, self.X.load, self.online
-        yp("barrier")
+        yp("barrier", self._tr[1])
         if X.fetch_add(self._val, 1) + 1 == load(online):
             self.ev.bump(self._ev_in)
             return
@@ -71,7 +71,7 @@ class BarrierNoGeneration(McaBarrier):
         if not wait:
             return
         X, load = self.X, self.X.load
-        yp("barrier")
+        yp("barrier", self._tr[3])
         if X.fetch_sub(self._val, 1) - 1 == 0:
             self.ev.bump(self._ev_out)
             return
@@ -106,11 +106,12 @@ class McipOneCpu(XenCpu):
 
     def barrier_c_step(self, bs: McaSummary, bcast: bool) -> None:
         yp, check, bar = self.yp, self.check, self.mce_trap_bar
-        self._phase(PH_BARRIER_C)
+        self._phase(PH_BARRIER_C, self._o.t_fatal)
         bar.mce_barrier_enter(bcast, yp, check)
         if self._checker:
             self._checker = False
             self.clear_mcip()
+        self.X.store(self._o.t_mcip, _monotonic_ns())
         bar.mce_barrier_exit(bcast, yp, check)
 
 
@@ -135,10 +136,10 @@ class SoftirqPlainStore(XenCpu):
     version = "softirq-plain-store"
 
     def softirq_elect(self, bcast: bool) -> None:
-        X, cpu, yp = self.X, self.cpu, self.yp
+        X, cpu, yp, off = self.X, self.cpu, self.yp, self.sirq_severity_off
         self._phase(PH_SOFTIRQ_ELECT)
-        yp("atomic")
-        X.store(self.sirq_severity_off, cpu)
+        yp("atomic", off, cpu)
+        X.store(off, cpu)
         if not self.tele.mctelem_has_deferred(cpu):
-            yp("atomic")
-            X.store(self.sirq_severity_off, cpu)
+            yp("atomic", off, cpu)
+            X.store(off, cpu)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from emu.hw import msr
 from emu.hw.atomic import signed
 from emu.xen import severity as sev
-from emu.xen.mce import PH_BARRIER_B, PH_FATAL_CHECK, McaSummary, XenCpu
+from emu.xen.mce import PH_BARRIER_B, PH_FATAL_CHECK, McaSummary, XenCpu, _monotonic_ns
 from emu.xen.mctelem import (
     COMMITTED,
     FREE,
@@ -58,7 +58,7 @@ class NoBarrierMcipSync(XenCpu):
 
     def fatal_check(self) -> None:
         X, L = self.X, self.L
-        self.yp("atomic")
+        self.yp("atomic", L.found_error)
         if not X.load(L.found_error):
             self.mc_panic("MCE: No CPU found valid MCE, need reset")
         fatal = self.fatal_cpus()
@@ -74,15 +74,17 @@ class NoBarrierMcipSync(XenCpu):
             self._phase(PH_FATAL_CHECK)
             self.fatal_check()
         # mce_barrier_last: "ingen == gen" reads one word twice, so only val counts.
-        yp("barrier")
+        yp("barrier", bar._tr[1])
         if bcast and X.load(bar._val) == 1:
             X.store(self.L.found_error, 0)   # "Choose one CPU to clear error finding flag"
         bar.mce_barrier_exit(bcast, yp, check)
 
     def barrier_c_step(self, bs: McaSummary, bcast: bool) -> None:
         # "There is a small chance that more than 1 CPU will end up doing this"
+        self.X.store(self._o.t_fatal, _monotonic_ns())
         if bs.errcnt:
             self.clear_mcip()
+        self.X.store(self._o.t_mcip, _monotonic_ns())
 
 
 # -- 011899a2e0 ------------------------------------------------------------------------
@@ -112,7 +114,7 @@ class StaleSeverityCpu(XenCpu):
 
     def fatal_check(self) -> None:
         X, L = self.X, self.L
-        self.yp("atomic")
+        self.yp("atomic", L.found_error)
         if not X.load(L.found_error):
             self.mc_panic("MCE: No CPU found valid MCE, need reset")
         fatal = self.fatal_cpus()

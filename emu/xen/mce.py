@@ -87,6 +87,10 @@ _new_tuple = tuple.__new__
 _monotonic_ns = time.monotonic_ns
 _pack_log = struct.Struct(f"<{LOG_WORDS}Q").pack_into
 VAL = msr.MCi_STATUS_VAL
+# Yield-point details (the trace's d0, d1): bank and register; MCG registers as bank
+# MCG_BANK with their MCG_K_* index.
+MCG_BANK = 0xFF
+R_STATUS, R_ADDR, R_MISC = msr.REG_STATUS, msr.REG_ADDR, msr.REG_MISC
 
 
 class XenCpu:
@@ -112,6 +116,8 @@ class XenCpu:
         self.nbanks = R.topo.nbanks
         self.mca_allbanks = (1 << self.nbanks) - 1
         self.mce_logout_lock = SpinLock(R, R.L.mce_logout_lock)
+        if yps.trace is not None:
+            self.mce_logout_lock.trace = yps.record
         self.mce_trap_bar = McaBarrier(R, R.L.mce_trap_bar)
         self.mce_inside_bar = McaBarrier(R, R.L.mce_inside_bar)
         self.mce_severity_bar = McaBarrier(R, R.L.mce_severity_bar)
@@ -143,13 +149,23 @@ class XenCpu:
         self._ph_off = self.pc(R.L.P_PHASE)
         self._reached_off = self.pc(R.L.P_REACHED)
         self._progress_off = self.pc(R.L.P_PROGRESS)
-        self._hooked = bool(self.kill_phase or self.stall_phase or self._stalls)
+        # Test hook: busy work (µs) in the handler before the last rendezvous, a
+        # deliberately slowed variant for the bench's --compare.
+        self.extra_work_ns = int(float(self.hooks.get("handler_extra_work_us", 0)) * 1000)
+        # Tracing: every phase change is also a trace entry (through the hook branch
+        # the untraced path already takes, so it costs nothing there).
+        self._tracing = yps.trace is not None
+        self._hooked = bool(self.kill_phase or self.stall_phase or self.extra_work_ns
+                            or self._tracing or self._stalls)
+        # Test hooks (not tracing): the seed reports its hook-only phases
+        self._seams = bool(self.kill_phase or self.stall_phase or self._stalls)
         L = R.L
         # This CPU's words on the #MC path, computed once: the path runs in Python,
         # with more CPUs than cores, so every call and lookup here is paid per CPU.
         self._o = SimpleNamespace(
             t_enter=self.pc(L.P_T_ENTER), t_logout=self.pc(L.P_T_LOGOUT),
             t_barrier_a=self.pc(L.P_T_BARRIER_A), t_exit=self.pc(L.P_T_EXIT),
+            t_fatal=self.pc(L.P_T_FATAL), t_mcip=self.pc(L.P_T_MCIP),
             nest=self.pc(L.P_NEST), mc_gen=self.pc(L.P_MC_GEN), trial_gen=L.trial_gen,
             softirq=self.pc(L.P_SOFTIRQ), kick=self.pc(L.P_KICK),
             logout_n=self.pc(L.P_LOGOUT_N), logout=self.pc(L.P_LOGOUT),
@@ -180,6 +196,12 @@ class XenCpu:
             self._phase_hooks(PHASES[p])
 
     def _phase_hooks(self, name: str) -> None:
+        if self._tracing:
+            self.yps.record("phase", PH[name])
+        if self.extra_work_ns and name == "barrier_c":
+            end = _monotonic_ns() + self.extra_work_ns
+            while _monotonic_ns() < end:
+                pass
         if self.kill_phase == name and self.cpu in self.kill_cpus:
             import signal
             os.kill(os.getpid(), signal.SIGKILL)   # test hook: die mid-handler
@@ -219,16 +241,16 @@ class XenCpu:
     # -- MSR access (every one is a yield point) ---------------------------------------
     def rd_mcg_status(self) -> int:
         """Xen's ``mca_rdmsr(MSR_IA32_MCG_STATUS)``, by offset."""
-        self.yp("rdmsr")
+        self.yp("rdmsr", MCG_BANK, MCG_K_STATUS)
         return self._HW.load(self._mcg_status_off)
 
     def rd_bank(self, i: int, reg: int) -> int:
         """Xen's ``mca_rdmsr(MSR_IA32_MCx_<reg>(i))``, by offset."""
-        self.yp("rdmsr")
+        self.yp("rdmsr", i, reg)
         return self._HW.load(self._boff[i][reg])
 
     def wr_bank(self, i: int, reg: int, value: int) -> None:
-        self.yp("wrmsr")
+        self.yp("wrmsr", i, reg)
         self._HW.store(self._boff[i][reg], value)
 
     # -- panic -------------------------------------------------------------------------
@@ -291,7 +313,7 @@ class XenCpu:
         scan = self._status_offs if bankmask == self.mca_allbanks else \
             [(i, off) for i, off in self._status_offs if bankmask >> i & 1]
         for i, status_off in scan:
-            yp("rdmsr")
+            yp("rdmsr", i, R_STATUS)
             status = load(status_off)
             if not status & VAL:
                 continue
@@ -307,10 +329,10 @@ class XenCpu:
                 recover = sev.intel_recoverable_scan(status, ser)
             addr = misc = 0
             if status & msr.MCi_STATUS_ADDRV:
-                yp("rdmsr")
+                yp("rdmsr", i, R_ADDR)
                 addr = load(boff[i][msr.REG_ADDR])
             if status & msr.MCi_STATUS_MISCV:
-                yp("rdmsr")
+                yp("rdmsr", i, R_MISC)
                 misc = load(boff[i][msr.REG_MISC])
             domid = DOMID_INVALID
             if who in (sev.MCA_POLLER, sev.MCA_CMCI_HANDLER) and msr.addr_is_physical(status, misc):
@@ -377,15 +399,15 @@ class XenCpu:
             self._cleared
         for i in clear_bank:
             off = boff[i]
-            yp("rdmsr")
+            yp("rdmsr", i, R_STATUS)
             status = load(off[msr.REG_STATUS])
             if status & msr.MCi_STATUS_ADDRV:
-                yp("wrmsr")
+                yp("wrmsr", i, R_ADDR)
                 store(off[msr.REG_ADDR], 0)
             if status & msr.MCi_STATUS_MISCV:
-                yp("wrmsr")
+                yp("wrmsr", i, R_MISC)
                 store(off[msr.REG_MISC], 0)
-            yp("wrmsr")
+            yp("wrmsr", i, R_STATUS)
             store(off[msr.REG_STATUS], 0)
             cleared.add(i)
 
@@ -432,9 +454,9 @@ class XenCpu:
         if bs.errcnt:
             if bs.pcc or (bs.uc and not bs.recoverable):
                 self.fatal_set(cpu)
-            yp("atomic")
+            yp("atomic", o.found_error, 1)
             X.store(o.found_error, 1)
-            yp("atomic")
+            yp("atomic", o.severity_cpu, cpu)
             self.set_severity_cpu(bs)
             self.mcheck_mca_clearbanks(clear_bank)
         elif slot is not None:
@@ -447,7 +469,7 @@ class XenCpu:
             # worker after two more rendezvous), so doing it after the unlock changes
             # nothing another CPU can see, and keeps the serialised section short.
             self.tele.write(slot, self.mctelem_payload())
-            yp("telem")
+            yp("telem", slot)
             if bs.uc or bs.pcc:
                 self.tele.mctelem_defer(slot, cpu, lmce)
             else:
@@ -477,10 +499,12 @@ class XenCpu:
 
     def barrier_c_step(self, bs: McaSummary, bcast: bool) -> None:
         """The third rendezvous: every CPU clears its own MCIP inside it."""
-        yp, check, bar = self.yp, self.check, self.mce_trap_bar
-        self._phase(PH_BARRIER_C)
+        X, yp, check, bar = self.X, self.yp, self.check, self.mce_trap_bar
+        # fatal_check_done: this CPU has left the rendezvous that closes the fatal check
+        self._phase(PH_BARRIER_C, self._o.t_fatal)
         bar.mce_barrier_enter(bcast, yp, check)
         self.clear_mcip()
+        X.store(self._o.t_mcip, _monotonic_ns())
         bar.mce_barrier_exit(bcast, yp, check)
 
     # Steps the handler versions and broken variants override ------------------------------
@@ -489,7 +513,7 @@ class XenCpu:
 
     def fatal_check(self) -> None:
         X, L = self.X, self.L
-        self.yp("atomic")
+        self.yp("atomic", L.found_error)
         if not X.load(L.found_error):
             self.mc_panic("MCE: No CPU found valid MCE, need reset")
         fatal = self.fatal_cpus()
@@ -501,7 +525,7 @@ class XenCpu:
     def clear_mcip(self) -> None:
         gstatus = self.rd_mcg_status()
         if gstatus & msr.MCG_STATUS_MCIP:
-            self.yp("wrmsr")
+            self.yp("wrmsr", MCG_BANK, MCG_K_STATUS)
             self._HW.store(self._mcg_status_off, 0)
 
     def raise_softirq(self) -> None:
@@ -561,7 +585,7 @@ class XenCpu:
         sev_off = self.sirq_severity_off
         if not lmce:
             self.softirq_elect(bcast)
-            if self._hooked:   # test seam: the election is written, not yet read
+            if self._seams:   # test seam: the election is written, not yet read
                 self.set_phase("softirq_elected")
         if lmce or self.severity_cpu_get(sev_off) == cpu:
             self.set_phase("softirq_worker")
@@ -570,7 +594,7 @@ class XenCpu:
                 self.tele.mctelem_process_deferred(cpu, self.mce_delayed_action, True)
             else:
                 for w in range(X.load(L.online)):
-                    yp("softirq")
+                    yp("softirq", w)
                     self.tele.mctelem_process_deferred(w, self.mce_delayed_action, False)
             self.send_global_virq()
         self.mce_inside_bar.mce_barrier_exit(bcast, yp, check)
@@ -584,15 +608,17 @@ class XenCpu:
         """The worker election: every CPU writes ``severity_cpu``; after a rendezvous
         the CPUs without deferred telemetry write it again; the last writer works."""
         X, cpu, yp, check, off = self.X, self.cpu, self.yp, self.check, self.sirq_severity_off
-        yp("atomic")
+        yp("atomic", off, cpu)
         X.store(off, cpu)
         self.mce_severity_bar.mce_barrier_enter(bcast, yp, check)
         if not self.tele.mctelem_has_deferred(cpu):
-            yp("atomic")
+            yp("atomic", off, cpu)
             X.store(off, cpu)
         self.mce_severity_bar.mce_barrier_exit(bcast, yp, check)
 
     def send_global_virq(self) -> None:
+        if self._tracing:
+            self.yps.record("virq")
         vmce.send_global_virq(self.R)
 
     def mce_delayed_action(self, slot: int) -> bool:
