@@ -349,6 +349,12 @@ class Coordinator(DomainChannels, TraceRecorder):
             maddrs.append(addr)
         written = [(e, addr, self.banks.hw_report(e.cpu, e.bank, e.status, addr, e.misc))
                    for e, addr in zip(errs, maddrs, strict=True)]
+        # What the #MC's handler finds in each bank instance: the wave's last write
+        # into it (a later error in the same bank merges with an earlier one).
+        found = {self.topo.inst[e.cpu][e.bank]: w["status"] for e, _, w in written
+                 if w["written"]}
+        for e, _, w in written:
+            w["found"] = found.get(self.topo.inst[e.cpu][e.bank], e.status)
         cpu0 = raise_cpu if raise_cpu is not None else errs[0].cpu
         targets = [cpu0] if local or not self.cfg.mce_broadcast else list(range(self.n))
         dflt = msr.MCG_STATUS_MCIP | msr.MCG_STATUS_RIPV
@@ -659,7 +665,7 @@ class Coordinator(DomainChannels, TraceRecorder):
                     "owners": sorted({x["cpu"] for x in logged}),
                     "cleared": any(x["cleared"] for x in logged),
                     "clearable": sev.intel_need_clearbank_scan(
-                        sev.MCA_MCE_SCAN, w.get("status", e.status), self.cfg.ser),
+                        sev.MCA_MCE_SCAN, w.get("found", e.status), self.cfg.ser),
                     "sharers": topo.sharers(e.cpu, e.bank),
                     "action": sev.mcer_name(acts[0]["result"]) if acts else None}
             if acts:
