@@ -312,3 +312,25 @@ def test_run_every_handler_and_a_bad_name(capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "unknown handler 'no-such-version'" in err
     assert all(n in err for n in HANDLERS)
+
+
+def test_find_races_smoke(tmp_path):
+    """bench/find_races.py at tiny sizes: a JSON report with a row per version asked."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "races.json"
+    p = subprocess.run(
+        [sys.executable, str(root / "bench" / "find_races.py"), "--versions",
+         "mcip-one-cpu,freelist-aba", "--seeds", "1", "--max-trials", "2", "--repeat", "1",
+         "--out", str(out)], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(root)))
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    rows = {r["version"]: r for r in res["versions"]}
+    assert rows["mcip-one-cpu"]["found_seeds"] == 1 and rows["mcip-one-cpu"]["trials_max"] == 1
+    assert rows["mcip-one-cpu"]["reproduced"] == 1
+    assert rows["freelist-aba"]["level"] == "unit" and rows["freelist-aba"]["reproduced"] == 1
+    assert "mcip-one-cpu | multi | 1/1" in p.stdout
