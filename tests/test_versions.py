@@ -71,6 +71,46 @@ def test_xen_2009_03_lost_wakeup_hangs(emu_machine, phase, stalled):
         assert _has(r, "hang: the handler stopped making progress")
 
 
+def test_xen_2009_03_mced_cleared_under_a_trap_spinner_hangs(emu_machine):
+    """H3: an error CPU delayed before its mced_cpus spin in #MC context finds the mask
+    already cleared by the worker's softirq, and spins with MCIP set."""
+    hooks = {"stall_phase": "mced_wait", "stall_cpus": [1], "stall_s": 0.1}
+    errs = ["cpu=0 bank=1 status=0xBD000000004000CF addr=0x180020 misc=0x86 mcg=0x5",
+            "cpu=1 bank=2 status=0x9400000000000151"]
+    for h in ("xen-2009-03", "seed"):
+        m = emu_machine(handler=h, bank_scopes=THREAD, vmce_policy="dom0", watchdog_s=0.5,
+                        extra={"hooks": hooks})
+        r = m.inject(errs)
+        if h == "seed":
+            assert r["outcome"] == "recovered" and r["violations"] == []
+            continue
+        assert r["outcome"] == "hang"
+        snap = {s["cpu"]: s["phase"] for s in r["snapshot"]}
+        assert snap[1] == "mced_wait" and snap[0] == "softirq_finish"
+        assert _has(r, "hang: the handler stopped making progress")
+
+
+def test_xen_2009_03_second_mc_while_the_buffer_is_in_use_panics(emu_machine):
+    """One CPU (no MCIP left set): a #MC during mce_actions finds mc_local.in_use."""
+    hooks = {"stall_phase": "softirq_actions", "stall_s": 0.3}
+    then = {"errors": ["cpu=0 bank=2 status=0xBD000000004000CF addr=0x182000 misc=0x86"],
+            "after_phase": "softirq_actions"}
+    r = emu_machine(handler="xen-2009-03", topology="1x1x1", vmce_policy="dom0",
+                    extra={"hooks": hooks}).inject(SRAO_CORE, then=then)
+    assert r["outcome"] == "reset" and "Local buffer is being processed" in r["panic"]
+
+
+def test_xen_2009_03_mc_with_no_error_panics_and_vmce_goes_to_dom0(emu_machine):
+    m = emu_machine(handler="xen-2009-03", bank_scopes=THREAD, vmce_policy="owner")
+    r = m.inject("cpu=0 bank=1 status=0xBD000000004000CF addr=0x1000 misc=0x86 mcg=0x5 "
+                 "domain=1")
+    assert r["errors"][0]["vmce"]["domain"] == 0   # 2009: Dom0 only, whoever owns the page
+    assert _has(r, "vMCE went to DOM0, expected DOM1")
+    assert m.inject([], raise_cpu=0)["outcome"] == "shutdown"   # MCIP left set by trial 1
+    r = m.inject([], raise_cpu=0)
+    assert r["outcome"] == "reset" and "not found severity_cpu" in r["panic"]
+
+
 def test_xen_2009_03_fatal_log_lost(emu_machine):
     """PCC with EN=0 passes round 1, round 2 clears it, then "worst=3" panics: the
     bank is empty at reboot; a UC+EN+PCC bank stays, but its boot record is dismissed."""
@@ -334,3 +374,49 @@ def test_find_races_smoke(tmp_path):
     assert rows["mcip-one-cpu"]["reproduced"] == 1
     assert rows["freelist-aba"]["level"] == "unit" and rows["freelist-aba"]["reproduced"] == 1
     assert "mcip-one-cpu | multi | 1/1" in p.stdout
+
+
+# -- the oracle's new checks, on synthetic results (pure) -------------------------------
+def _res(outcome, **kw):
+    cpu = {"cpu": 0, "phases": ["entered", "softirq_done"], "mcip_after": False,
+           "softirq_worker": False, "logged": 1, "records": 1, "guest_mode": False,
+           "mcg_in": 0x5}
+    r = {"outcome": outcome, "local": False, "targets": [0, 1], "errors": [], "boot_log": [],
+         "cpus": [dict(cpu), dict(cpu, cpu=1)], "waves": 1}
+    r.update(kw)
+    return r
+
+
+def test_oracle_hang_shutdown_and_hazard_c():
+    from emu.trial.oracle import check_trial
+    snap = [{"cpu": 0, "phase": "softirq_finish"}, {"cpu": 1, "phase": "idle"}]
+    assert check_trial(_res("hang", snapshot=snap), None)
+    assert check_trial(_res("hang", snapshot=snap, hang_expected=True), None) == []
+    lmce = [{"cpu": 0, "phase": "softirq"}, {"cpu": 1, "phase": "idle"}]   # hazard C
+    assert check_trial(_res("hang", snapshot=lmce, local=True), None) == []
+    assert check_trial(_res("hang", snapshot=lmce), None)
+    inside = {"wave": 2, "cpu": 1, "left_handler": False}   # the SDM's nested shutdown
+    assert check_trial(_res("shutdown", shutdown=inside), None) == []
+    left = dict(inside, left_handler=True)
+    assert check_trial(_res("shutdown", shutdown=left), None)
+
+
+def test_oracle_workers_stale_check_and_ripv():
+    from emu.trial.oracle import check_trial
+    r = _res("recovered")
+    assert check_trial(r, None) == []
+    r["cpus"][0]["softirq_worker"] = r["cpus"][1]["softirq_worker"] = True
+    assert check_trial(r, None) == ["softirq workers [0, 1] for one broadcast #MC "
+                                    "(expected exactly one)"]
+    assert check_trial(dict(r, waves=2), None) == []   # one per wave
+    r = _res("reset")
+    r["cpus"][1].update(phases=["entered", "fatal_check"], logged=0)
+    assert [v for v in check_trial(r, None) if "stale severity_cpu" in v]
+    assert check_trial(dict(r, local=True), None) == []   # the LMCE CPU checks itself
+    r = _res("continued")
+    r["cpus"][0]["mcg_in"] = 0x4
+    assert [v for v in check_trial(r, None) if "RIPV=0" in v]
+    r["cpus"][0]["records"] = 0        # no record, no urgent check: hazard K, not this
+    assert check_trial(r, None) == []
+    r["cpus"][0].update(records=1, mcg_in=0x6, guest_mode=True)   # EIPV in a guest
+    assert check_trial(r, None) == []

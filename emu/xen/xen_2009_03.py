@@ -45,7 +45,7 @@ import time
 from emu.hw import msr
 from emu.hw.atomic import signed
 from emu.xen import severity as sev
-from emu.xen.mce import PH, PH_EXIT, PH_LOGOUT, McaSummary, XenCpu
+from emu.xen.mce import PH, PH_EXIT, PH_LOGOUT, McaSummary, XenCpu, _monotonic_ns
 from emu.xen.spinlock import SpinLock
 
 CLEAR_GRACE_S = 0.02
@@ -135,6 +135,7 @@ class Xen200903(XenCpu):
         self.scanned.cpu_set(cpu)
         self._phase(PH_ROUND1_WAIT)
         self.scanned.spin_until_full()
+        X.store(o.t_barrier_a, _monotonic_ns())   # (the bench's "left 1st rendezvous")
         if X.load(self._in_use):
             self.mc_panic("MCE: Local buffer is being processed, can't handle new MCE!\n")
         # round 2, serialised (udelay(1) between tries; no panic check)
@@ -151,6 +152,7 @@ class Xen200903(XenCpu):
             X.store(self._mctc(cpu), 0)
             self.mced.cpu_set(cpu)
             self.mce_enter_lock.spin_unlock(yp)
+            X.store(o.t_logout, _monotonic_ns())
             self._flush_logout(logged, cleared)
             self._phase(PH_EXIT, o.t_exit)
             self.raise_softirq()
@@ -161,15 +163,18 @@ class Xen200903(XenCpu):
         self.set_severity_cpu(bs)
         self.mced.cpu_set(cpu)
         self.mce_enter_lock.spin_unlock(yp)
+        X.store(o.t_logout, _monotonic_ns())
         self._flush_logout(logged, cleared)
         self._phase(PH_MCED_WAIT)
         self.mced.spin_until_full()               # "Wait for all cpus Leave Critical"
+        X.store(o.t_fatal, _monotonic_ns())
         if slot is None:
             # x86_mcinfo_dump(mctelem_dataptr(NULL)): a page fault in #MC context
             self.mc_panic("MCE: page fault in #MC handler (x86_mcinfo_dump of a NULL entry)")
         yp("atomic")
         if X.cmpxchg(self.L.process_lock, 0, 1) == 0:   # "Pick one CPU to clear MCIP"
             self.clear_mcip()
+            X.store(o.t_mcip, _monotonic_ns())
             if X.load(self._worst) >= 3:
                 self.mc_panic("worst=3 should have caused RESET")
         self._phase(PH_EXIT, o.t_exit)
@@ -246,6 +251,10 @@ class Xen200903(XenCpu):
             for b in rec["b"]:
                 bank = {"status": b[1], "addr": b[2], "misc": b[3], "domid": 0}
                 info = {"note": "no recovery action (2009-03: vMCE to Dom0 only)"}
+                if msr.addr_is_physical(b[1], b[3]):   # for the result: whose page it was
+                    d = self.pages.owner(b[2] >> 12)
+                    if d < 0x7FF0:
+                        info["impacted_domain"] = d
                 if self.vmce.fill_vmsr_data(bank, 0, rec["g"]["mc_gstatus"], 0) == 0:
                     last = (info, b)
                 log.append((b, sev.MCER_CONTINUE, info))
