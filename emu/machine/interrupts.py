@@ -8,8 +8,9 @@ regions, banks, telemetry, ``_poll``, ``_logouts`` and ``_dom0_entry``).
   counted in STATUS 52:38), then every CMCI that silicon raises goes, as an interrupt,
   to the online CPUs sharing the bank instance (all of them at once, after the
   writes). Xen's ``cmci_interrupt`` on each logs and clears the banks it owns.
-- **Poll trial** (``via=poll``, or :meth:`poll` with no error): the same writes (a
-  CMCI bank still raises its CMCI), then one round of Xen's polling timer at once.
+- **Poll trial** (``via=poll``, or :meth:`poll` with no error): the same writes, then
+  one round of Xen's polling timer at once; a CMCI bank still raises its CMCI, sent
+  once the round has begun (the error landed while the poller runs).
 - **CPU offline** (``cpu_down``): CPU_DYING on the CPU (it releases its banks), the
   errors given are reported meanwhile (nobody owns the bank: no CMCI), then CPU_DEAD
   (every online CPU rediscovers and logs what its new banks hold). **Online**: the
@@ -144,8 +145,13 @@ class IrqPaths:
         t_inject = time.monotonic_ns()
         written = self._report(errs)
         targets = sorted({c for *_, ci in written for c in ci["cpus"]})
+        k = None
+        if via == "poll":
+            # The poll round first, the CMCIs once it runs: the two paths then cross
+            # as when an error lands while the poller is at work (3e15c37e68).
+            k = self._request_poll()
+            self._wait_cond(lambda: X.load(L.poll_started) >= k, wd)
         t0 = self._send_interrupts(targets, VEC_CMCI) if targets else time.monotonic_ns()
-        k = self._request_poll() if via == "poll" else None
 
         def done():
             return all(X.load(L.pc(c, L.P_CMCI_N)) > n0[c] for c in targets) and \

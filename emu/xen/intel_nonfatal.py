@@ -51,7 +51,11 @@ class IntelNonfatal:
         others = [c for c in self.online_cpus() if c != self.cpu]
         X.store(L.call_pending, len(others))
         self.send_ipi(others, fn_bit)
-        local()
+        self.local_irq_save()     # on_selected_cpus runs the local call with IRQs off
+        try:
+            local()
+        finally:
+            self.local_irq_restore()
         if wait:
             self.ev.wait(L.call_ev, lambda: X.load(L.call_pending) == 0, check=self.check)
 
@@ -60,6 +64,7 @@ class IntelNonfatal:
         from emu.xen.mce_intel import FN_POLL
         X, L = self.X, self.L
         gen = X.load(L.poll_req)
+        X.store(L.poll_started, gen)
         self.on_each_cpu(FN_POLL, self.mce_checkregs, wait=True)
         base = int(self.R.cfg.poll_period_s * 1e9)
         if base:

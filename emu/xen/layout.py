@@ -51,6 +51,7 @@ class XenLayout:
         self.poll_adjust = w()               # its racy `adjust` count
         self.poll_req = w()                  # a poll asked for now (gen); CPU 0 runs it
         self.poll_done = w()                 # the gen of the last poll round completed
+        self.poll_started = w()              # the gen of the last poll round begun
         self.poll_rounds = w()
         # deferred-action log (for the trial result)
         self.action_n = w()
