@@ -304,7 +304,7 @@ class Coordinator(DomainChannels, IrqPaths):
             isinstance(e, str) for e in errors) else None
         hit = self._spec_cache.get(key) if key is not None else None
         if hit is None:
-            hit = validate_errors(errors, self.n, self.topo.nbanks, self.domids)
+            hit = validate_errors(errors, self.n, self.topo.nbanks, self.domids, self.cfg.ser)
             if key is not None:
                 if len(self._spec_cache) >= 4096:
                     self._spec_cache.clear()

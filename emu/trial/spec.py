@@ -87,7 +87,11 @@ def parse_error(spec, index: int = 0) -> dict:
     return out
 
 
-def validate_errors(specs, ncpus: int, nbanks: int, domids=None) -> list[ErrorSpec]:
+def validate_errors(specs, ncpus: int, nbanks: int, domids=None,
+                    ser: bool = True) -> list[ErrorSpec]:
+    """Parse and range-check ``specs``. ``ser``: MCG_SER_P, which decides which errors
+    can arrive without a #MC (``via=cmci``/``poll``: corrected and UCNA only)."""
+    from emu.xen import severity as sev
     errs = []
     for i, spec in enumerate(specs):
         d = parse_error(spec, i)
@@ -110,7 +114,18 @@ def validate_errors(specs, ncpus: int, nbanks: int, domids=None) -> list[ErrorSp
         if "domain" in d and d.get("addr", 0) >> 12 >= DOM_PAGES:
             raise UsageError(f"{where}.addr", f"{d['addr']:#x} is beyond the domain's memory; "
                              f"a guest-physical address is below {DOM_PAGES << 12:#x}")
+        via = d.get("via", "mce")
+        if via != "mce":
+            cls = sev.intel_check_mce_type(d["status"], ser)
+            if cls not in (sev.CORRECTED, sev.UCNA):
+                raise UsageError(f"{where}.via", f"{d['status']:#x} is {cls}: silicon signals "
+                                 f"it by #MC, not by {'CMCI' if via == 'cmci' else 'polling'}; "
+                                 "use via=mce (only corrected and UCNA errors arrive this way)")
         errs.append(ErrorSpec(**d))
+    vias = sorted({e.via for e in errs})
+    if len(vias) > 1:
+        raise UsageError("error.via", f"{', '.join(vias)}: one trial's errors arrive one way; "
+                         "give every error the same via")
     if not errs:
         raise UsageError("error", "no error given")
     return errs
