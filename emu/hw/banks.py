@@ -124,10 +124,14 @@ class Banks:
         return False, f"corrected-error count {after} does not cross the threshold {thr}"
 
     def warm_reset(self) -> None:
-        """A reset clears MCG_STATUS (MCIP) on every CPU; bank contents are sticky."""
+        """A reset clears MCG_STATUS (MCIP) on every CPU and every MCi_CTL2 (§1.2:
+        zero after reset, so the CMCI owners are chosen anew); the error registers
+        (STATUS, ADDR, MISC) are sticky."""
         for c in range(self.topo.ncpus):
             self.HW.store(self.L.mcg_reg(c, MCG_K_STATUS), 0)
             self.HW.store(self.L.mcg_reg(c, MCG_K_EXT_CTL), 0)
+        for k in range(self.topo.ninst):
+            self.HW.store(self._base + 8 * (k * msr.NREGS + msr.REG_CTL2), 0)
 
     def hw_report(self, cpu: int, bank: int, status: int, addr: int, misc: int,
                   count: bool = False) -> dict:
