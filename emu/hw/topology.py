@@ -4,7 +4,8 @@ Modelled: CPU numbering as APIC-like ``cpu = (socket * cores + core) * threads +
 thread``; every bank has a *scope* (``thread``, ``core`` or ``package``) that decides
 which CPUs see one register set (a bank *instance*).
 
-Not modelled: NUMA, CPU hotplug, per-CPU bank counts.
+Not modelled: NUMA, per-CPU bank counts. (CPU offline/online is Xen's, at the MCA
+level: :mod:`emu.xen.mce_intel`.)
 """
 from __future__ import annotations
 

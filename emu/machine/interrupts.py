@@ -213,6 +213,13 @@ class IrqPaths:
                "dom0_log_path": self.dom0_log_path,
                "dom0": {"restarts": self.dom0_restarts, "exits": list(self.dom0_exits),
                         "refused": self.refused}}
+        for e in errors_out:
+            if e["logs"] > 1 and e["cmci_owner"] is None and \
+                    all(x["source"] == "poll" for x in e["logged_by"]):
+                res["hazards"].append({
+                    "kind": "H", "cpus": e["owners"], "bank": e["bank"],
+                    "detail": "pollers on every sharer read this non-CMCI bank before any "
+                              "cleared it (polling takes no lock): duplicate records"})
         if outcome == "hang":
             res["snapshot"] = self._snapshot()
         res["violations"] = check_trial(res, self.topo)
