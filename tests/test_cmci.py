@@ -277,3 +277,22 @@ def test_cmci_bench_smoke(tmp_path):
     (r,) = json.loads(p.stdout)
     assert r["violations"] == 0 and r["cmci_dom0_logged"]["n"] == 2
     assert r["mce_dom0_logged"]["p50_us"] > 0
+
+
+def test_the_injectors_front_ends_reach_cmci_and_the_poller(emu_machine):
+    """xen-mceinj -t 2 (CMCI_UCNA_LLC) runs as via=cmci; mce-inject's POLL as via=poll."""
+    from emu.formats import mce_inject as mi
+    from emu.formats import xen_mceinj as xm
+    plan = xm.parse(["-t", "2", "-c", "1"])
+    assert plan.runnable and plan.expected.path == "CMCI" and plan.expected.outcome == "logged"
+    m = emu_machine(bank_scopes="0-3:core,4-7:package,8:thread,9:package", cmci_banks="0-7,9")
+    r = m.inject(plan.spec, local=plan.emu_local)
+    e = r["errors"][0]
+    assert r["violations"] == [] and e["logs"] == 1 and e["cleared"] == plan.expected.bank_cleared
+    assert [d["count"] for d in e["dom0_log"]] == [1]
+    (inj,) = mi.plan(mi.parse("CPU 3 BANK 8 STATUS CORRECTED 0x134 POLL"))
+    assert inj.runnable and inj.emu_local is False
+    r = m.inject(list(inj.specs), local=inj.emu_local)
+    e = r["errors"][0]
+    assert (e["via"], e["polled_by"], r["violations"]) == ("poll", [3], [])
+    assert e["terminal"] == "logged once by Dom0 as a poll record"
