@@ -71,19 +71,24 @@ class IntelCmci:
         if self._irq_off or self.X.load(self._o.nest):
             self._irq_pending = True
             return
-        self._irq_pending = False
-        self._irq_off += 1
-        try:
-            while True:
-                irr = self.HW.xchg(self._irr_off, 0)
-                if not irr:
-                    break
-                if irr & VEC_CMCI:
-                    self.cmci_interrupt()
-                if irr & VEC_CALL:
-                    self.smp_call_function_interrupt()
-        finally:
-            self._irq_off -= 1
+        while True:
+            self._irq_pending = False
+            self._irq_off += 1
+            try:
+                while True:
+                    irr = self.HW.xchg(self._irr_off, 0)
+                    if not irr:
+                        break
+                    if irr & VEC_CMCI:
+                        self.cmci_interrupt()
+                    if irr & VEC_CALL:
+                        self.smp_call_function_interrupt()
+            finally:
+                self._irq_off -= 1
+            # A signal between the last IRR read and here found interrupts off: its
+            # vector waits in the IRR, so take it now.
+            if not self._irq_pending:
+                return
 
     def local_irq_save(self) -> None:
         self._irq_off += 1
