@@ -281,8 +281,7 @@ def test_cmci_bench_smoke(tmp_path):
 
 def test_the_injectors_front_ends_reach_cmci_and_the_poller(emu_machine):
     """xen-mceinj -t 2 (CMCI_UCNA_LLC) runs as via=cmci; mce-inject's POLL as via=poll."""
-    from emu.formats import mce_inject as mi
-    from emu.formats import xen_mceinj as xm
+    from emu.formats import mce_inject as mi, xen_mceinj as xm
     plan = xm.parse(["-t", "2", "-c", "1"])
     assert plan.runnable and plan.expected.path == "CMCI" and plan.expected.outcome == "logged"
     m = emu_machine(bank_scopes="0-3:core,4-7:package,8:thread,9:package", cmci_banks="0-7,9")
