@@ -604,7 +604,7 @@ class Coordinator(DomainChannels, IrqPaths):
             acts = [a for a in actions if topo.inst[a["cpu"]][a["bank"]] == inst]
             cls = sev.intel_check_mce_type(e.status, self.cfg.ser)
             item = {"cpu": e.cpu, "bank": e.bank, "status": msr.hexs(e.status),
-                    "addr": msr.hexs(maddr), "misc": msr.hexs(e.misc),
+                    "addr": msr.hexs(maddr), "misc": msr.hexs(e.misc), "via": "mce",
                     "class": cls,
                     "written": w["written"], "kept": w["kept"],
                     "bank_status": msr.hexs(w.get("status", 0)),

@@ -202,6 +202,7 @@ class IrqPaths:
                "cpus": [{"cpu": c, **self._cpu_masks(c), "phases": [], "mcip_after": False}
                         for c in range(self.n)],
                "ownership": self._ownership(),
+               "poll_period_ms": X.load(L.poll_period_ns) / 1e6,
                "latency_us": {"raise": round((t0 - t_inject) / 1e3, 1),
                               "cmci_done": self._lat_max(L.P_T_CMCI, targets, t0),
                               "dom0_logged": (round((max(t_logged) - t0) / 1e3, 1)
