@@ -110,6 +110,8 @@ def test_xen_mceinj_type2_ucna_llc_cases_pass(emu_machine, case):
 
 def test_every_cmci_bank_has_exactly_one_owner_over_boots_and_rediscoveries_with_chaos(
         emu_machine):
+    """Boots bring CPUs up one at a time; CPU_DEAD's rediscovery runs on every CPU at
+    once (chaos perturbs the yield points once their stream is seeded per trial)."""
     for seed in range(4):
         m = emu_machine(topology="1x2x2", bank_scopes=SCOPES_PRIVATE, cmci_banks="0-7",
                         chaos=0.5, seed=seed)

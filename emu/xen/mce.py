@@ -617,10 +617,6 @@ class XenCpu(IntelCmci, IntelNonfatal):
         X, L, cpu = self.X, self.L, self.cpu
         self.set_phase("boot")
         self.ev.wait(L.boot_ev, lambda: X.load(L.boot_token) == cpu, slice_s=0.2)
-        if self.yps.chaos > 0 and getattr(self.yps, "_rng", True) is None:
-            # Chaos at boot (CMCI ownership races) needs the perturbation stream.
-            import numpy as np
-            self.yps.reseed(np.random.SeedSequence([self.cfg.seed, cpu, os.getpid()]))
         self._booting = True
         self.intel_init_mce()
         self.intel_init_cmci()
