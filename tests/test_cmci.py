@@ -230,7 +230,8 @@ def test_lmce_hazards_are_reached_and_reported(emu_machine, name):
         h = r["hazards"][0]
         assert h["cpu"] == 2 and 2 in r["errors"][1]["owners"]   # it had found one
     else:
-        assert r["outcome"] == "hang" and r["hazards"][0]["cpus"] == [1]
+        assert r["outcome"] == "hang" and r["hazards"][0]["cpus"] == sc["stuck"]
+        assert r["hazards"][0]["mirror"] == (name == "lmce_pending_then_broadcast")
     # The machine is usable after the reset.
     r = m.inject("cpu=0 bank=8 status=0xBD000000004000CF addr=0x180020 misc=0x86 mcg=0x5")
     assert r["outcome"] == "recovered" and r["hazards"] == []

@@ -358,9 +358,17 @@ class IrqPaths:
                                       "reset on the wrong premise"})
         if res["outcome"] == "hang" and local:
             stuck = [s["cpu"] for s in res.get("snapshot") or [] if s["phase"] == "softirq"]
-            if stuck:
-                out.append({"kind": "C", "cpus": stuck, "lmce": True,
+            lmce_cpu = res["errors"][0]["cpu"] if res["errors"] else None
+            if stuck and lmce_cpu in stuck:
+                out.append({"kind": "C", "cpus": stuck, "lmce": True, "mirror": False,
                             "detail": "the LMCE deferred nothing (lmce_pending empty), so "
                                       "mce_softirq ran with bcast true and waits in "
                                       "mce_inside_bar for every online CPU, which never come"})
+            elif stuck:
+                out.append({"kind": "C", "cpus": stuck, "lmce": True, "mirror": True,
+                            "lmce_cpu": lmce_cpu,
+                            "detail": f"CPU {lmce_cpu} still had its LMCE in lmce_pending when a "
+                                      "broadcast #MC came in which it found no error: it ran "
+                                      "its softirq as LMCE and never entered mce_inside_bar, "
+                                      "where the other CPUs wait for it"})
         return out
