@@ -54,6 +54,7 @@ def test_ucna_and_ce_via_cmci_on_a_shared_bank_are_logged_once_by_the_owner(emu_
     line = [x for x in _dom0_lines(r) if x["id"] == e["dom0_log"][0]["id"]]
     assert len(line) == 1 and line[0]["source"] == "cmci" and line[0]["cls"] == "nonurgent"
     assert line[0]["global"]["mc_flags"] & 0x20          # MC_FLAG_CMCI
+    assert int(line[0]["banks"][0]["ctrl2"], 16) & msr.CMCI_EN and line[0]["banks"][0]["tsc"]
 
     # A corrected error counts: one is below the threshold (2), and stays in the bank.
     r = m.inject(CE.format(cpu=3, bank=9, via="cmci"))

@@ -309,7 +309,11 @@ class XenCpu(IntelCmci, IntelNonfatal):
                 domid = self.pages.owner(addr >> 12)
             if slot is not None:
                 if mcinfo_fits(len(banks_rec) + 1):
-                    banks_rec.append([i, status, addr, misc, domid])
+                    if who == sev.MCA_CMCI_HANDLER:   # mc_ctrl2 and mc_tsc, CMCI only
+                        banks_rec.append([i, status, addr, misc, domid,
+                                          load(boff[i][msr.REG_CTL2]), _monotonic_ns()])
+                    else:
+                        banks_rec.append([i, status, addr, misc, domid])
                 else:
                     flags |= MCINFO_FLAGS_UNCOMPLETE
             pend.append((who, i, status, addr, misc, rid))

@@ -24,8 +24,9 @@ Modelled (xen-mca.md §1.3 item 2, §4.4, §10.1 item 1):
 
 ``dom0_vmce_enabled()`` is true once Dom0 runs (it always binds VIRQ_MCA); during
 boot it is false and a record is dismissed, as Xen does ("dump and dismiss").
-Not modelled: the CMCI record's CTL2 and TSC fields, the CMCI LVT itself (vector
-allocation, masking), CMCI storms, the threshold printk.
+A CMCI record's bank entries carry ``mc_ctrl2`` and ``mc_tsc`` (the TSC as the
+host's monotonic clock). Not modelled: the CMCI LVT itself (vector allocation,
+masking), CMCI storms, the threshold printk.
 """
 from __future__ import annotations
 
