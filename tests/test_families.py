@@ -14,9 +14,10 @@ import pytest
 from emu.campaign import families as F
 from emu.campaign.families import FAMILIES, Scenario, parse_mix, scenario_for
 from emu.errors import UsageError
-from emu.hw.platform import MachineConfig, Topology
-from emu.scenario import parse_error, validate_errors
+from emu.hw.topology import Topology
+from emu.machine.config import MachineConfig
 from emu.trial.model import clearable, compare, expected, no_record_cpus_of, owners_of
+from emu.trial.spec import parse_error, validate_errors
 from emu.xen.mce import PHASES
 
 CFG = MachineConfig().validate()                     # 1x2x2, 10 banks, 0-3:core,4-9:package
@@ -89,7 +90,7 @@ def test_same_seed_and_trial_same_scenario():
 
 def test_same_scenario_in_a_fresh_process():
     code = ("import json, sys; from emu.campaign.families import scenario_for; "
-            "from emu.hw.platform import MachineConfig, Topology; "
+            "from emu.hw.topology import Topology; from emu.machine.config import MachineConfig; "
             "t = Topology(MachineConfig().validate()); "
             f"print(json.dumps([scenario_for(s, i, {MIX!r}, t).to_dict() for s, i in {CASES!r}]))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,

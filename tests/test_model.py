@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import FATAL, SRAO_MEM, UCNA, VECTORS
 
-from emu.hw.platform import MachineConfig, Topology
+from emu.hw.topology import Topology
+from emu.machine.config import MachineConfig
 from emu.trial import model as M
 from emu.trial.model import compare, expected, owners_of
 

@@ -257,14 +257,15 @@ def _num(field: str, v) -> int:
 
 def normalize_spec(spec, index: int = 0) -> dict:
     """A spec dict (cpu, bank, status, addr, misc, mcg, domain) from a dict, an object
-    with those attributes (emu.scenario.ErrorSpec) or an ``emu run --error`` string."""
+    with those attributes (emu.trial.spec.ErrorSpec) or an ``emu run --error`` string."""
     where = f"error[{index}]"
     if isinstance(spec, str):
         d = {}
         for tok in spec.replace(",", " ").split():
             k, eq, v = tok.partition("=")
             if not eq or k.strip().lower() not in _KEYS:
-                raise UsageError(where, f"{tok!r} is not key=value with a key of {', '.join(_KEYS)}")
+                raise UsageError(where, f"{tok!r} is not key=value with a key of "
+                                 f"{', '.join(_KEYS)}")
             d[k.strip().lower()] = v
     elif isinstance(spec, dict):
         d = dict(spec)
@@ -497,7 +498,7 @@ class _Run:
             return True
         for k, (c, ents) in enumerate(sorted(self.records)):
             worst = NOERROR
-            for bank, inst, st, ad, mi in ents:
+            for _bank, inst, st, ad, mi in ents:
                 preset, mem = deferred_preset(st, ctx.ser)
                 r, info = preset, {}
                 if mem:
@@ -661,7 +662,7 @@ def _predict(ctx: _Ctx, waves: list, owner_of: dict, choices: dict, broken: set,
                            "vmce", "vmce_target"] if inst in run.uncertain_insts else [])
         errors.append(e)
     boot_log, left = [], []
-    for inst, v in sorted(banks.items(), key=lambda kv: (kv[1][3], kv[0])):
+    for _inst, v in sorted(banks.items(), key=lambda kv: (kv[1][3], kv[0])):
         if not v[0] & VAL:
             continue
         if reset:
@@ -746,7 +747,7 @@ def expected(specs, topo, *, ser=True, broadcast=True, local=False, vmce_policy=
     observed: dict = {}
     per_wave = []
     idx = 0
-    for w, wv in enumerate(waves):
+    for wv in waves:
         wi = _write_wave(ctx, banks, wv["specs"], idx)
         idx += len(wv["specs"])
         for x in wi:
@@ -804,8 +805,9 @@ def expected(specs, topo, *, ser=True, broadcast=True, local=False, vmce_policy=
     preds = []
     by_timing: dict = {}
     for combo in itertools.islice(itertools.product(*dims), _MAX_COMBOS):
-        p = _predict(ctx, waves, dict(zip(keys, combo[:len(keys)])),
-                     dict(zip(xkeys, combo[len(keys):])), set(broken_mfns), stale_banks)
+        p = _predict(ctx, waves, dict(zip(keys, combo[:len(keys)], strict=True)),
+                     dict(zip(xkeys, combo[len(keys):], strict=True)), set(broken_mfns),
+                     stale_banks)
         preds.append(p)
         by_timing.setdefault(combo[len(keys):], set()).add(p["outcome"])
     exp = _merge(preds)
@@ -921,7 +923,7 @@ def compare(exp: dict, result: dict) -> list[str]:
     if len(res_errs) != len(exp["errors"]):
         d.append(f"errors: result has {len(res_errs)}, model {len(exp['errors'])}")
         return d
-    for k, (e, r) in enumerate(zip(exp["errors"], res_errs)):
+    for k, (e, r) in enumerate(zip(exp["errors"], res_errs, strict=True)):
         d += _compare_error(k, e, r, definite, out)
     return d
 

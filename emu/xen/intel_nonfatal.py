@@ -39,7 +39,7 @@ class IntelNonfatal:
         slot, bs = self.mcheck_mca_logout(sev.MCA_POLLER, self._mask(L.P_POLL_MASK), None)
         if bs.errcnt and slot is not None:
             a = X.load(L.poll_adjust)   # adjust++: not atomic in Xen
-            self.yp("atomic")
+            self.yp("atomic", L.poll_adjust, a + 1)
             X.store(L.poll_adjust, a + 1)
         self._commit_nonurgent(slot, bs)
         X.fetch_add(self.pc(L.P_POLL_N), 1)

@@ -160,24 +160,24 @@ class IntelCmci:
 
     def do_cmci_discover(self, i: int) -> bool:
         L, yp, cpu = self.L, self.yp, self.cpu
-        yp("rdmsr")
+        yp("rdmsr", i, msr.REG_CTL2)
         val = self.banks.read(cpu, i, msr.REG_CTL2)
         if val & msr.CMCI_EN:            # some other CPU already owns this bank
             self._mask_set(L.P_BANKS_OWNED, i, False)
         else:
             if self.cmci_threshold:
-                yp("wrmsr")
+                yp("wrmsr", i, msr.REG_CTL2)
                 self.banks.wrmsr_ctl2(cpu, i, val | msr.CMCI_EN | msr.CMCI_THRESHOLD_MASK)
-                yp("rdmsr")
+                yp("rdmsr", i, msr.REG_CTL2)
                 val = self.banks.read(cpu, i, msr.REG_CTL2)
             if not val & msr.CMCI_EN:
                 # This bank does not support CMCI: the polling timer has to handle it.
                 self._mask_set(L.P_NO_CMCI, i, True)
-                yp("wrmsr")
+                yp("wrmsr", i, msr.REG_CTL2)
                 self.banks.wrmsr_ctl2(cpu, i, val & ~msr.CMCI_THRESHOLD_MASK)
                 return False
             threshold = min(self.cmci_threshold, val & msr.CMCI_THRESHOLD_MASK)
-            yp("wrmsr")
+            yp("wrmsr", i, msr.REG_CTL2)
             self.banks.wrmsr_ctl2(cpu, i, (val & ~msr.CMCI_THRESHOLD_MASK) | msr.CMCI_EN
                                   | threshold)
             self._mask_set(L.P_BANKS_OWNED, i, True)
@@ -208,10 +208,10 @@ class IntelCmci:
         for i in range(self.nbanks):
             if not owned >> i & 1:
                 continue
-            self.yp("rdmsr")
+            self.yp("rdmsr", i, msr.REG_CTL2)
             val = self.banks.read(cpu, i, msr.REG_CTL2)
             if val & (msr.CMCI_EN | msr.CMCI_THRESHOLD_MASK):
-                self.yp("wrmsr")
+                self.yp("wrmsr", i, msr.REG_CTL2)
                 self.banks.wrmsr_ctl2(cpu, i, val & ~(msr.CMCI_EN | msr.CMCI_THRESHOLD_MASK))
             self._mask_set(L.P_BANKS_OWNED, i, False)
 
