@@ -141,6 +141,8 @@ class IrqPaths:
         self.trial_gen += 1
         gen = self.trial_gen
         self._reset_trial_state(gen)
+        if self.tev is not None:
+            self._trace_reset()
         n0 = {c: X.load(L.pc(c, L.P_CMCI_N)) for c in range(self.n)}
         t_inject = time.monotonic_ns()
         written = self._report(errs)
@@ -157,6 +159,9 @@ class IrqPaths:
             return all(X.load(L.pc(c, L.P_CMCI_N)) > n0[c] for c in targets) and \
                 (k is None or X.load(L.poll_done) >= k)
         outcome = "continued" if self._wait_cond(done, wd) else "hang"
+        if self.tev is not None:
+            self._trace_ring = self._read_trace_ring()
+            self._trace_ring.update(t0=t0, trial=gen)
         logouts = [x for c in range(self.n) for x in self._logouts(c)
                    if x["who"] in ("MCA_CMCI_HANDLER", "MCA_POLLER") and x["gen"] == gen]
         rids = {x["record_id"] for x in logouts if x["record_id"]}
