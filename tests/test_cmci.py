@@ -316,3 +316,14 @@ def test_unlocked_polling_of_a_shared_non_cmci_bank_is_hazard_h(emu_machine):
     (h,) = hit["hazards"]
     assert h["kind"] == "H" and h["bank"] == 9 and len(h["cpus"]) >= 2
     assert {x["source"] for x in hit["errors"][0]["logged_by"]} == {"poll"}
+
+
+def test_a_cmci_trial_is_traced(emu_machine):
+    m = emu_machine(trace=True)
+    r = m.inject(UCNA_LLC.format(cpu=2))
+    tr = m.trace()
+    owner = r["errors"][0]["cmci_owner"]
+    sites = tr["sites"]
+    # the owner's logout read bank 9's STATUS (a yield point with its bank as detail)
+    assert any(e[1] == owner and sites[e[2]] == "rdmsr" and e[4] == 9 for e in tr["entries"])
+    assert tr["trial"] == r["trial"]
