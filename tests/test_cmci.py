@@ -183,6 +183,8 @@ def test_the_poller_logs_a_corrected_error_in_a_non_cmci_bank_once(emu_machine):
     e = r["errors"][0]
     assert e["logs"] == 0 and "3e15c37e68" in e["terminal"] and r["violations"] == []
     assert m.poll()["logouts"] == []
+    r = m.inject("cpu=3 bank=9 status=0x9000000000000134", via="poll")   # the keyword form
+    assert r["errors"][0]["via"] == "poll" and r["errors"][0]["polled_by"] == [3]
 
 
 def test_the_polling_timer_finds_what_no_cmci_reports(emu_machine):

@@ -95,17 +95,21 @@ class Machine:
         raise cls(payload["message"])
 
     def inject(self, errors, local: bool = False, timeout_s: float | None = None,
-               then: dict | None = None) -> dict:
+               then: dict | None = None, via: str | None = None) -> dict:
         """Write ``errors`` into their banks, raise one #MC, return the trial result.
 
         Errors with ``via=cmci`` are reported by silicon and raise the CMCIs their banks
-        ask for; ``via=poll`` adds one poll round at once (see :meth:`poll`).
+        ask for; ``via=poll`` adds one poll round at once (see :meth:`poll`). ``via``
+        here gives that key to every error that has none.
 
         ``then={"errors": [...], "after_phase": "barrier_b", "local": False}`` raises
         a second #MC once a first-wave CPU has reached that handler phase.
         """
         if isinstance(errors, (str, dict)):
             errors = [errors]
+        if via is not None:
+            errors = [dict(e, via=e.get("via", via)) if isinstance(e, dict) else
+                      e if "via=" in str(e).lower() else f"{e} via={via}" for e in errors]
         if then and isinstance(then.get("errors"), (str, dict)):
             then = dict(then, errors=[then["errors"]])
         return self._call("trial", {"errors": list(errors), "local": local,
