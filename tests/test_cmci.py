@@ -318,6 +318,8 @@ def test_unlocked_polling_of_a_shared_non_cmci_bank_is_hazard_h(emu_machine):
     (h,) = hit["hazards"]
     assert h["kind"] == "H" and h["bank"] == 9 and len(h["cpus"]) >= 2
     assert {x["source"] for x in hit["errors"][0]["logged_by"]} == {"poll"}
+    # today's Xen behaves so: a hazard, not a violation of the seed's invariants
+    assert hit["violations"] == []
 
 
 def test_a_cmci_trial_is_traced(emu_machine):

@@ -61,9 +61,16 @@ def check_trial(res: dict, topo) -> list[str]:
 def _check_irq_error(tag: str, e: dict, completed: bool) -> list[str]:
     """An error that arrived by CMCI or polling (§4.3, §4.4): one the CMCI owner or a
     poller was bound to see is logged once, by one CPU, and Dom0 logs that record once;
-    Xen takes no recovery action and injects no vMCE."""
+    Xen takes no recovery action and injects no vMCE. Pollers on every sharer of a
+    non-CMCI bank logging it more than once is what today's Xen does (no lock): the
+    trial reports it as hazard H, not as a violation. Dom0 logging one record twice is
+    always a violation."""
     v = []
-    if e.get("logs", 0) > 1:
+    hazard_h = e.get("cmci_owner") is None and all(
+        x["source"] == "poll" for x in e.get("logged_by", []))
+    if e.get("logs", 0) > 1 and hazard_h:
+        pass   # today's Xen: unlocked polling of a shared non-CMCI bank (hazard H, not ours)
+    elif e.get("logs", 0) > 1:
         v.append(f"{tag}: logged {e['logs']} times via " + ", ".join(
             f"cpu{x['cpu']} {x['source']}" for x in e.get("logged_by", []))
             + " (expected once)")
