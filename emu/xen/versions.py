@@ -106,6 +106,12 @@ HANDLERS: dict[str, str | Version] = {
         "softirq worker elected by a plain store without mce_severity_bar",
         "broken variant (the election of xen-mca.md §2.5)",
         "several softirq workers for one broadcast #MC", "memory", "broken"),
+    # (emu/xen/no_3e15c37e68.py, with the CMCI model: xen-mca.md §10.1 item 4)
+    "no-3e15c37e68": Version(
+        "emu.xen.no_3e15c37e68:XenCpuNo3e15c37e68",
+        "CMCI banks still polled: the poller and the CMCI owner cross",
+        "before 3e15c37e68 (2009-04-06)",
+        "a CMCI bank's corrected error logged twice (CMCI and poll records)", "cmci"),
 }
 
 
