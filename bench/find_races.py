@@ -13,11 +13,12 @@ The campaign engine (``emu stress``, issue 10) is not on main yet: this script r
 a small loop of its own over :meth:`emu.machine.Machine.inject` with the stress
 generator's families (:func:`emu.campaign.families.scenario_for`, trial ``i`` of seed
 ``S`` rebuilt from ``(S, i)`` alone), one machine per campaign, without perturbation
-(``chaos`` is inert in a booted machine on main). Two families are defined here,
+(``chaos`` is inert in a booted machine on main). Three families are defined here,
 for versions no stress family reaches yet: ``nested_lmce`` (the ``nested`` family
 with its second wave an LMCE, as ``011899a2e0``'s race needs) and ``spurious`` (the
 ``owner_race`` family with every other trial a #MC with no valid bank,
-``raise_cpu``, as ``6a2c6a6842``'s needs). ``no-eipv-check`` runs the ``ripv``
+``raise_cpu``, as ``6a2c6a6842``'s needs), and ``cmci`` for ``no-3e15c37e68`` (two
+corrected errors in a CMCI core bank with a poll round, as tests/test_cmci.py does). ``no-eipv-check`` runs the ``ripv``
 family with CPUs 0 and 1 in a guest's context (hook ``current``);
 ``shared-severity-cpu`` holds every CPU 5 ms once the softirq election is written
 (hook ``stalls``), the window a perturbing campaign would have to hit by chance.
@@ -74,6 +75,9 @@ def _scenario(family: str, seed: int, i: int, topo) -> tuple[Scenario, dict]:
         scn = scenario_for(seed, i, "nested", topo)
         scn.then = dict(scn.then, local=True, after_phase="softirq")
         return scn, {}
+    if family == "cmci":   # two CEs cross a CMCI core bank's threshold in a poll round
+        ce = f"cpu={(seed + i) % topo.ncpus} bank=2 status=0x9000000000000134 via=poll"
+        return Scenario("cmci", (ce, ce), note="CMCI and poll cross"), {}
     if family == "spurious":
         if i % 2:
             return Scenario("spurious", (), note="a #MC with no valid bank"), {
