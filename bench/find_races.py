@@ -18,8 +18,9 @@ for versions no stress family reaches yet: ``nested_lmce`` (the ``nested`` famil
 with its second wave an LMCE, as ``011899a2e0``'s race needs) and ``spurious`` (the
 ``owner_race`` family with every other trial a #MC with no valid bank,
 ``raise_cpu``, as ``6a2c6a6842``'s needs), and ``cmci`` for ``no-3e15c37e68`` (two
-corrected errors in a CMCI core bank with a poll round, as tests/test_cmci.py does). ``no-eipv-check`` runs the ``ripv``
-family with CPUs 0 and 1 in a guest's context (hook ``current``);
+corrected errors in a CMCI core bank with a poll round, as tests/test_cmci.py does).
+``no-eipv-check`` runs the ``ripv`` family with CPUs 0 and 1 in a guest's context
+(hook ``current``);
 ``shared-severity-cpu`` holds every CPU 5 ms once the softirq election is written
 (hook ``stalls``), the window a perturbing campaign would have to hit by chance.
 

@@ -58,7 +58,7 @@ def test_mcip_left_set_then_shutdown(emu_machine, handler):
                                            ("softirq_finish", "softirq_finish")])  # H2
 def test_xen_2009_03_lost_wakeup_hangs(emu_machine, phase, stalled):
     """A CPU that reaches a cpumask after it was cleared spins forever."""
-    hooks = {"stall_phase": phase, "stall_cpus": [2], "stall_s": 0.1}
+    hooks = {"stall_phase": phase, "stall_cpus": [2], "stall_s": 0.2}
     for h in ("xen-2009-03", "seed"):
         m = emu_machine(handler=h, bank_scopes=THREAD, vmce_policy="dom0", watchdog_s=0.5,
                         extra={"hooks": hooks})
@@ -74,7 +74,7 @@ def test_xen_2009_03_lost_wakeup_hangs(emu_machine, phase, stalled):
 def test_xen_2009_03_mced_cleared_under_a_trap_spinner_hangs(emu_machine):
     """H3: an error CPU delayed before its mced_cpus spin in #MC context finds the mask
     already cleared by the worker's softirq, and spins with MCIP set."""
-    hooks = {"stall_phase": "mced_wait", "stall_cpus": [1], "stall_s": 0.1}
+    hooks = {"stall_phase": "mced_wait", "stall_cpus": [1], "stall_s": 0.2}
     errs = ["cpu=0 bank=1 status=0xBD000000004000CF addr=0x180020 misc=0x86 mcg=0x5",
             "cpu=1 bank=2 status=0x9400000000000151"]
     for h in ("xen-2009-03", "seed"):
@@ -143,6 +143,26 @@ def test_shared_severity_cpu_loses_the_record(emu_machine):
         assert r["errors"][0]["action"] is None
         assert r["errors"][0]["lost"] == "record reserved but never committed"
         assert _has(r, "error[0] cpu0/bank1: record reserved but never committed")
+
+
+def test_shared_severity_cpu_skips_the_fatal_check(emu_machine):
+    """011899a2e0's other case (non-broadcast, two stalls at once): a softirq's write
+    of the shared severity_cpu lands between a trap handler's write and its test, and
+    the unrecoverable UCNA (OVER=1) continues instead of resetting."""
+    hooks = {"stalls": [{"phase": "softirq", "cpus": [1], "s": 0.2},
+                        {"phase": "barrier_b", "cpus": [0], "s": 0.4}]}
+    then = {"errors": ["cpu=0 bank=2 status=0xFC20000080000136 addr=0x180020 misc=0x86"],
+            "after_phase": "softirq"}
+    for h in ("shared-severity-cpu", "seed"):
+        m = emu_machine(handler=h, mce_broadcast=False, bank_scopes=THREAD,
+                        extra={"hooks": hooks})
+        r = m.inject("cpu=1 bank=2 status=0x9400000000000151", then=then)
+        if h == "seed":
+            assert r["outcome"] == "reset" and "Fatal error happened on CPUs 0" in r["panic"]
+            assert r["violations"] == []
+            continue
+        assert r["outcome"] == "continued"
+        assert _has(r, "error[1] cpu0/bank2: unrecoverable ucna error logged in #MC")
 
 
 def test_stale_severity_cpu_panics_on_a_mc_with_no_error(emu_machine):

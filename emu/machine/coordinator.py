@@ -687,6 +687,9 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                         sev.MCA_MCE_SCAN, w.get("found", e.status), self.cfg.ser),
                     "sharers": topo.sharers(e.cpu, e.bank),
                     "action": sev.mcer_name(acts[0]["result"]) if acts else None}
+            found = w.get("found", e.status)
+            item["recoverable"] = not found & msr.MCi_STATUS_UC or \
+                sev.intel_recoverable_scan(found, self.cfg.ser)
             if acts:
                 info = acts[0]["info"]
                 if "mfn" in info:

@@ -2,7 +2,8 @@
 
 A violation is a *finding* about the emulated handler, never an emu bug.
 
-Besides the per-error checks: a record reserved and never committed on a completed
+Besides the per-error checks (now also: an unrecoverable error logged in #MC on a
+completed trial): a record reserved and never committed on a completed
 trial (lost until some later #MC), a hang the test hooks do not explain, a #MC that
 shuts the processor down because an earlier handler left MCIP set, the fatal check
 run by a CPU that found no error in this #MC (a stale ``severity_cpu``), more or
@@ -37,6 +38,10 @@ def check_trial(res: dict, topo) -> list[str]:
             elif broadcast and completed and sorted(e["owners"]) != sorted(took):
                 v.append(f"{tag}: non-clearable error logged by {e['owners']}, "
                          f"expected every sharer {took}")
+        if completed and e["owners"] and e.get("recoverable") is False \
+                and e["class"] != "fatal":
+            v.append(f"{tag}: unrecoverable {e['class']} error logged in #MC but outcome "
+                     f"{outcome!r}: the fatal check did not run (expected reset)")
         if e["class"] == "fatal" and e["clearable"] is False:
             if outcome not in ("reset", "shutdown", "hang", "cpu_died"):
                 v.append(f"{tag}: fatal error but outcome {outcome!r} (expected reset)")

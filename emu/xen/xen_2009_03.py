@@ -27,10 +27,11 @@ Modelled (``32e8dd573b:xen/arch/x86/cpu/mcheck/mce_intel.c``, ``mce.c``):
 The cpumask spins re-read the live mask in every iteration (no generation, nothing
 latched), so a CPU that arrives after a mask was cleared spins forever (the
 lost-wakeup hangs). One emulation choice, documented: a CPU about to clear a mask
-first lets the CPUs *already spinning* on it see its last value (bounded by
-``CLEAR_GRACE_S``). On silicon every spinner re-reads within nanoseconds; here a
-spinner is a process that may be descheduled. A CPU not yet spinning (delayed before
-its spin, e.g. by a stall hook) gets no grace: that is the race.
+first lets the CPUs spinning on it (from their ``cpu_set``, which Xen follows with
+the spin at once) see its last value, for at most ``CLEAR_GRACE_S``. On silicon every
+spinner re-reads within nanoseconds; here a spinner is a process that may be
+descheduled. A CPU held longer than that (a stall hook, an SMI, a long console
+write) or not yet spinning (H1: its softirq has not started) misses it: the race.
 
 Not modelled: the raw-vs-interposed MSR difference, ``add_taint``, the console
 dump, Dom0's vMCE re-injection on ``iret`` (one bank reaches Dom0's vCPU0: the last
@@ -48,7 +49,7 @@ from emu.xen import severity as sev
 from emu.xen.mce import PH, PH_EXIT, PH_LOGOUT, McaSummary, XenCpu, _monotonic_ns
 from emu.xen.spinlock import SpinLock
 
-CLEAR_GRACE_S = 0.02
+CLEAR_GRACE_S = 0.05
 PH_ROUND1_WAIT, PH_MCED_WAIT, PH_SOFTIRQ_ACTIONS, PH_SOFTIRQ_FINISH = (
     PH[n] for n in ("round1_wait", "mced_wait", "softirq_actions", "softirq_finish"))
 SCANNED, MCED, FINISHED = range(3)
@@ -67,9 +68,16 @@ class Cpumask:
         self.waiting = L.mask_waiting + 8 * k
         self.ev_off = L.mask_ev
 
-    def cpu_set(self, cpu: int) -> None:
+    def cpu_set(self, cpu: int, spin: bool = False) -> None:
+        """``spin``: this CPU spins on the mask next (Xen: right after a ``wmb()``), so
+        it counts as spinning from now on (see ``cpus_clear``)."""
+        if spin:
+            self.X.fetch_add(self.waiting, 1)
         self.X.fetch_or(self.off + 8 * (cpu // 64), 1 << (cpu % 64))
         self.ev.bump(self.ev_off)
+
+    def will_spin(self) -> None:
+        self.X.fetch_add(self.waiting, 1)
 
     def weight(self) -> int:
         load = self.X.load
@@ -81,9 +89,9 @@ class Cpumask:
                 if load(self.off + 8 * w) >> (c % 64) & 1]
 
     def spin_until_full(self) -> None:
-        """``while (cpus_weight(mask) < num_online_cpus()) cpu_relax();``"""
+        """``while (cpus_weight(mask) < num_online_cpus()) cpu_relax();`` (the caller
+        has counted itself as spinning: ``cpu_set(spin=True)`` or ``will_spin``)."""
         X, load = self.X, self.X.load
-        X.fetch_add(self.waiting, 1)
         try:
             self.ev.wait(self.ev_off, lambda: self.weight() >= load(self.online))
         finally:
@@ -132,7 +140,7 @@ class Xen200903(XenCpu):
     def mcheck_cmn_handler(self) -> None:
         X, cpu, yp, o = self.X, self.cpu, self.yp, self._o
         self.severity_scan()
-        self.scanned.cpu_set(cpu)
+        self.scanned.cpu_set(cpu, spin=True)
         self._phase(PH_ROUND1_WAIT)
         self.scanned.spin_until_full()
         X.store(o.t_barrier_a, _monotonic_ns())   # (the bench's "left 1st rendezvous")
@@ -161,7 +169,7 @@ class Xen200903(XenCpu):
             self.tele.write(slot, self.mctelem_payload())
             X.store(self._mctc(cpu), slot + 1)
         self.set_severity_cpu(bs)
-        self.mced.cpu_set(cpu)
+        self.mced.cpu_set(cpu, spin=True)
         self.mce_enter_lock.spin_unlock(yp)
         X.store(o.t_logout, _monotonic_ns())
         self._flush_logout(logged, cleared)
@@ -201,6 +209,7 @@ class Xen200903(XenCpu):
         X, L, cpu, yp = self.X, self.L, self.cpu, self.yp
         gen = X.load(self.pc(L.P_MC_GEN))
         self.stamp(L.P_T_SOFTIRQ_START)
+        self.mced.will_spin()
         self.set_phase("softirq")
         self.mced.spin_until_full()
         worker = signed(X.load(self._sevcpu))
@@ -221,7 +230,7 @@ class Xen200903(XenCpu):
             self.mced.cpus_clear(yp)
             for c in range(self.topo.ncpus + 1):   # memset(&mc_local, 0, ...)
                 X.store(self._in_use + 8 * c, 0)
-        self.finished.cpu_set(cpu)
+        self.finished.cpu_set(cpu, spin=True)
         self._phase(PH_SOFTIRQ_FINISH)
         self.finished.spin_until_full()
         self.finished.cpus_clear(yp)              # every leaver
