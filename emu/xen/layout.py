@@ -16,7 +16,7 @@ TRACE_RING = 4096       # yield-point trace entries
 
 
 class XenLayout:
-    def __init__(self, ncpus: int, memory_pages: int):
+    def __init__(self, ncpus: int, memory_pages: int, sched_words: int = 0):
         n = self.ncpus = ncpus
         x = Alloc()
         w = x.words
@@ -55,6 +55,8 @@ class XenLayout:
         self.tele = mctelem.Layout(x, n)
         self.pages = page_alloc.Layout(x, memory_pages)
         self.vm = vmce.Layout(x)
+        # the controlled scheduler's section (emu.machine.sched), sized by the config
+        self.sched = x.words(sched_words) if sched_words else 0
         x.page_align()
         self.size = x.size
 
