@@ -382,7 +382,7 @@ class Sched:
                 want = self._plan[s]
                 if want in E:
                     q = want
-                elif kind == K_REPLAY and not load(g[G_DIVERGED]):
+                elif not load(g[G_DIVERGED]):
                     X.store(g[G_DIVERGED], s + 1)
                     X.store(g[G_DIV_WHY], DIV_NOT_ENABLED << 16 | want)
             elif kind == K_REPLAY and not load(g[G_DIVERGED]):
