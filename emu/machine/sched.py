@@ -320,6 +320,10 @@ class Sched:
     def _switch(self, q: int) -> None:
         if q >= 0:
             self._hand(q)
+        else:
+            # Nobody can run (deadlock) or a reset stops the schedule: give the turn to
+            # no one and sleep until the reset controller kills this process.
+            self.X.store(self.g[G_TURN], NONE)
         self._await_turn()
 
     def _await_turn(self) -> None:
