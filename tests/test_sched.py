@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 import pytest
-
 import sched_variants
+
 from emu import Machine, UsageError
 from emu.campaign.controlled import explore, preemptions, search, shrink
 from emu.machine.sched import decode_token, encode_token, parse_strategy
