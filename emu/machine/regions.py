@@ -29,8 +29,8 @@ class Regions:
         self.topo = Topology(cfg)
         self.HL = HwLayout(self.topo)
         n = self.topo.ncpus
-        controlled = getattr(cfg, "sched", "os") == "controlled"
-        self.L = XenLayout(n, cfg.memory_pages,
+        controlled = cfg.sched == "controlled"
+        self.L = XenLayout(n, cfg.memory_pages, bool(cfg.trace),
                            SchedLayout.nwords(n, cfg.sched_steps) if controlled else 0)
         # The controlled scheduler's words (None: the OS schedules the processes).
         self.S = SchedLayout(self.L.sched, n, cfg.sched_steps) if controlled else None

@@ -221,6 +221,7 @@ class Sched:
         self.halt_ev = R.L.halt_ev
         self.reset_req = R.L.reset_req
         self.on = False
+        self._rec = None
         self.epoch = 0
         self.parts: list[int] = []
         self.g = [S.gw(k) for k in range(G_WORDS)]
@@ -232,24 +233,29 @@ class Sched:
         """Take over the yield points and the waits of this process (before the handler
         object is built: it captures ``yps.yp``). Instance attributes: the uncontrolled
         classes keep their code and cost."""
+        # A traced machine records each yield point once the process passes it (after
+        # the scheduler let it run), so the ring shows the schedule's order.
+        self._rec = yps.yp if yps.trace is not None else None
         yps.yp = self.yp
         self.ev.wait = self.wait
         self.ev.spin_ns = 0        # McaBarrier skips its spin phase
 
     # -- scheduling points ------------------------------------------------------------
-    def yp(self, site: str) -> None:
+    def yp(self, site: str, d0: int = 0, d1: int = 0) -> None:
         if not self.on:
             # Only a yield point joins (the #MC path's first): a wait may be the idle
             # loop's, entered after the coordinator marked the next trial's targets.
             self._join(site)
-            return
-        X, my = self.X, self.my
-        X.store(my[C_STATE], READY)
-        X.store(my[C_SITE], SITE.get(site, 255))
-        q = self.choose(self.cpu)
-        if q != self.cpu:
-            self._switch(q)
-        X.store(my[C_STATE], RUNNING)
+        else:
+            X, my = self.X, self.my
+            X.store(my[C_STATE], READY)
+            X.store(my[C_SITE], SITE.get(site, 255))
+            q = self.choose(self.cpu)
+            if q != self.cpu:
+                self._switch(q)
+            X.store(my[C_STATE], RUNNING)
+        if self._rec is not None:
+            self._rec(site, d0, d1)
 
     def wait(self, off: int, cond, timeout_s=None, slice_s: float = 0.05, check=None,
              spin_ns=None) -> bool:
