@@ -218,3 +218,15 @@ def test_token_roundtrip_and_rle():
     tok = encode_token(h, plan)
     assert tok.startswith("emu1.") and len(tok) < 200
     assert decode_token(tok) == (h, plan)
+
+
+def test_bench_script_smoke():
+    p = subprocess.run([sys.executable, "bench/controlled.py", "--cpus", "2", "--trials", "1",
+                        "--block", "1", "--strategies", "pct:2", "--json"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert set(r["modes"]) == {"os", "chaos:0.2", "controlled:pct:2"}
+    assert r["modes"]["controlled:pct:2"]["steps_p50"] > 0
+    assert r["yield_points_per_trial"] > 0
