@@ -190,3 +190,52 @@ def shrink(m, token: str, max_trials: int = 500) -> dict:
             "preemptions": preemptions(s["choices"], s["enabled"], s["current"]),
             "steps": s["steps"], "token": s["token"], "replay": s["replay"],
             "outcome": best["outcome"], "violations": best["violations"]}
+
+
+# -- from chaos to controlled ---------------------------------------------------------------
+RECORD_SITES = ("phase", "virq", "acquired")   # trace records that are not yield points
+
+
+def schedule_from_trace(trace: dict) -> list[int]:
+    """A traced trial's (``Machine.trace()``) observed order of yield-point passages:
+    one CPU per passage, in ring order."""
+    sites = trace["sites"]
+    skip = {sites.index(s) for s in RECORD_SITES if s in sites}
+    return [e[1] for e in sorted(trace["entries"]) if e[2] not in skip]
+
+
+def from_trace(m, trace: dict, errors, local: bool = False) -> dict:
+    """Run ``errors`` on controlled machine ``m`` following a traced trial's observed
+    order (strategy ``follow``); the result's ``sched.follow`` says how much of the
+    order it could follow (``misses``: entries whose CPU was waiting when they came).
+    Its token replays the controlled run exactly."""
+    plan = schedule_from_trace(trace)
+    return m.inject(errors, local=local, schedule={"kind": "follow", "plan": plan,
+                                                   "name": "from-trace", "seed": 0})
+
+
+def chaos_to_controlled(config: dict, errors, trials: int, local: bool = False) -> dict:
+    """Run ``trials`` traced trials with the host scheduling (``config``: MachineConfig
+    fields, e.g. ``chaos``), and every finding's observed order under controlled
+    scheduling on the same machine: how often the controlled run shows the same
+    violations (``reproduced``), with the tokens of those that did."""
+    from emu.machine import Machine
+    chaos_cfg = dict(config, sched="os", trace=True)
+    ctl_cfg = {k: v for k, v in config.items() if k not in ("chaos", "trace")}
+    ctl_cfg["sched"] = "controlled"
+    found = []
+    with Machine(**chaos_cfg) as m:
+        for _ in range(trials):
+            res = m.inject(errors, local=local)
+            if _finding(res):
+                found.append((res["violations"], res["outcome"], m.trace()))
+    rep = []
+    with Machine(**ctl_cfg) as m:
+        for viol, outcome, tr in found:
+            r = from_trace(m, tr, errors, local)
+            rep.append({"chaos": viol, "controlled": r["violations"],
+                        "reproduced": r["violations"] == viol and r["outcome"] == outcome,
+                        "misses": r["sched"]["follow"]["misses"], "token": r["sched"]["token"]})
+    n = sum(x["reproduced"] for x in rep)
+    return {"chaos_trials": trials, "chaos_findings": len(found), "reproduced": n,
+            "rate": round(n / len(found), 3) if found else None, "runs": rep}

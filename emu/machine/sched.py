@@ -29,6 +29,9 @@ Strategies (pure functions of the shared state and the step index):
   longer than the record, marks the trial ``diverged`` (step and reason) and goes on
   with the default choice.
 - ``prefix`` (the DFS explorer's): the given decisions, then the default.
+- ``follow`` (from a chaos trace): the observed order of yield-point passages, one
+  CPU per entry; an entry is consumed when its CPU passes a yield point; a CPU that
+  cannot run (it waits) when its entry comes gets the default instead (a *miss*).
 - default (non-preemptive): the running process if enabled, else the lowest enabled.
 
 Participants are the trial's target CPUs, from their first yield point after the #MC
@@ -54,9 +57,9 @@ from emu.hw.futex import Events, futex_wait, futex_wake
 from emu.hw.yieldpoint import SITE, SITES
 
 STRATEGIES = ("random", "pct:D", "replay:TOKEN", "dfs:P")
-K_DEFAULT, K_RANDOM, K_PCT, K_REPLAY, K_PREFIX = 0, 1, 2, 3, 4
+K_DEFAULT, K_RANDOM, K_PCT, K_REPLAY, K_PREFIX, K_FOLLOW = 0, 1, 2, 3, 4, 5
 KIND_NAME = {K_DEFAULT: "default", K_RANDOM: "random", K_PCT: "pct", K_REPLAY: "replay",
-             K_PREFIX: "prefix"}
+             K_PREFIX: "prefix", K_FOLLOW: "follow"}
 IDLE, READY, BLOCKED, RUNNING, LEFT = 0, 1, 2, 3, 4
 STATE_NAME = ("idle", "ready", "blocked", "running", "left")
 OVER_NONE, OVER_DONE, OVER_RESET, OVER_DEADLOCK = 0, 1, 2, 3
@@ -68,8 +71,8 @@ M64 = (1 << 64) - 1
 
 # global words
 (G_TURN, G_STEP, G_ARRIVED, G_EXPECT, G_EPOCH, G_KIND, G_SEED, G_NPLAN, G_OVER,
- G_DIVERGED, G_DEPTH, G_MINPRIO, G_SPINS, G_DIV_WHY) = range(14)
-G_CP = 14                       # MAX_DEPTH change points
+ G_DIVERGED, G_DEPTH, G_MINPRIO, G_SPINS, G_DIV_WHY, G_FPTR, G_FMISS) = range(16)
+G_CP = 16                       # MAX_DEPTH change points
 G_WORDS = G_CP + MAX_DEPTH
 # per-CPU words
 (C_STATE, C_SITE, C_BOFF, C_BSEEN, C_TW, C_TSLEEP, C_PRIO, C_PART) = range(8)
@@ -398,6 +401,16 @@ class Sched:
             elif kind == K_REPLAY and not load(g[G_DIVERGED]):
                 X.store(g[G_DIVERGED], s + 1)
                 X.store(g[G_DIV_WHY], DIV_PAST_END << 16)
+        elif kind == K_FOLLOW:
+            j = load(g[G_FPTR])
+            if j < load(g[G_NPLAN]):
+                want = self._plan[j]
+                if want in E:
+                    q = want
+                    if load(self.cw[q][C_STATE]) == READY:
+                        X.store(g[G_FPTR], j + 1)   # it passes its yield point now
+                else:
+                    X.fetch_add(g[G_FMISS], 1)   # it waits here: the default runs
         if q < 0:
             q = cur if cur in E else E[0]     # the default: non-preemptive
         if s < self.S.nsteps:
@@ -431,7 +444,7 @@ class SchedControl:
         X.store(S.gw(G_TURN), NONE)
         X.store(S.gw(G_EXPECT), len(targets))
         kind = {"default": K_DEFAULT, "random": K_RANDOM, "pct": K_PCT, "replay": K_REPLAY,
-                "prefix": K_PREFIX}[spec["kind"]]
+                "prefix": K_PREFIX, "follow": K_FOLLOW}[spec["kind"]]
         X.store(S.gw(G_KIND), kind)
         seed = int(spec.get("seed", 0)) & M64
         X.store(S.gw(G_SEED), seed)
@@ -516,6 +529,10 @@ class SchedControl:
                "trace_digest": trace_digest(trace), "spins": X.load(S.gw(G_SPINS)),
                "over": ("running", "done", "reset", "deadlock")[X.load(S.gw(G_OVER))],
                "diverged": None}
+        if self.spec.get("kind") == "follow":
+            out["follow"] = {"entries": X.load(S.gw(G_NPLAN)),
+                             "followed": X.load(S.gw(G_FPTR)),
+                             "misses": X.load(S.gw(G_FMISS))}
         if self.spec.get("kind") == "pct":
             out["pct"] = {"depth": self.spec["depth"], "k": self.spec["k"]}
         if div:
