@@ -248,3 +248,18 @@ def test_chaos_findings_from_trace_under_controlled(variants):
             again = m.replay(x["token"])
             assert again["sched"]["replay_verdict"] == "reproduced"
             assert again["violations"] == x["controlled"]
+
+
+def test_detection_table_columns_per_strategy(variants):
+    from emu.campaign.controlled import detection_table
+    cfg = {k: v for k, v in SMALL.items() if k != "sched"}
+    rows = detection_table(["unlocked_logout", "barrier_nogen"], [SRAO0],
+                           dict(cfg, watchdog_s=0.5), trials=60)
+    print("\ndetection (trials, seconds to the first finding):")
+    for r in rows:
+        print("  " + r["handler"] + ": " + ", ".join(
+            f"{k} {v['trials']} ({v['seconds']} s)" for k, v in r.items() if k != "handler"))
+    for r in rows:
+        assert set(r) == {"handler", "os", "random", "pct:2", "pct:3", "dfs:1"}
+        for k in ("pct:2", "pct:3", "dfs:1"):
+            assert r[k]["trials"] is not None, (r["handler"], k)

@@ -36,7 +36,8 @@ def preemptions(choices: list[int], enabled: list[int], current: list[int]) -> i
 
 
 def _finding(res: dict) -> bool:
-    return bool(res["violations"]) or res["outcome"] == "deadlock"
+    """A violation, a deadlock, or (host-scheduled) a hang: what a detection counts."""
+    return bool(res["violations"]) or res["outcome"] in ("deadlock", "hang")
 
 
 def _summary(res: dict) -> dict:
@@ -46,11 +47,12 @@ def _summary(res: dict) -> dict:
 
 
 def explore(m, errors, bound: int, local: bool = False, limit: int | None = None,
-            keep: int = 3, progress=None) -> dict:
+            keep: int = 3, progress=None, stop_at_first: bool = False) -> dict:
     """Every schedule of ``errors`` on controlled machine ``m`` with at most ``bound``
     preemptions. Returns ``schedules`` (the count), ``outcomes`` and ``owners``
     (histograms over all schedules), ``findings`` (how many) and the first ``keep`` of
-    them with their replay commands, ``complete`` (False if ``limit`` stopped it)."""
+    them with their replay commands, ``first_finding_schedule`` (1-based), ``complete``
+    (False if ``limit`` or ``stop_at_first`` stopped it)."""
     if m.config.sched != "controlled":
         raise UsageError("sched", "dfs needs a controlled machine (sched='controlled')")
     if m.config.topology and _ncpus(m) > 64:
@@ -64,6 +66,7 @@ def explore(m, errors, bound: int, local: bool = False, limit: int | None = None
     found: list[dict] = []
     nfound = 0
     longest = 0
+    first_at = None
     while stack:
         if limit is not None and n >= limit:
             break
@@ -84,8 +87,11 @@ def explore(m, errors, bound: int, local: bool = False, limit: int | None = None
         longest = max(longest, sc["steps"])
         if _finding(res):
             nfound += 1
+            first_at = first_at or n
             if len(found) < keep:
                 found.append(_summary(res))
+            if stop_at_first:
+                break
         ch, en, cur = sc["choices"], sc["enabled"], sc["current"]
         used = preemptions(ch[:len(prefix)], en, cur)
         kids = []
@@ -100,7 +106,8 @@ def explore(m, errors, bound: int, local: bool = False, limit: int | None = None
             progress(n, len(stack))
     return {"strategy": f"dfs:{bound}", "schedules": n, "complete": not stack,
             "outcomes": dict(outcomes), "owners": dict(owners), "findings": nfound,
-            "first_findings": found, "longest_steps": longest,
+            "first_findings": found, "first_finding_schedule": first_at,
+            "longest_steps": longest,
             "seconds": round(time.monotonic() - t0, 3)}
 
 
@@ -239,3 +246,39 @@ def chaos_to_controlled(config: dict, errors, trials: int, local: bool = False) 
     n = sum(x["reproduced"] for x in rep)
     return {"chaos_trials": trials, "chaos_findings": len(found), "reproduced": n,
             "rate": round(n / len(found), 3) if found else None, "runs": rep}
+
+
+def detection_table(handlers: list[str], errors, config: dict, trials: int = 200,
+                    strategies=("random", "pct:2", "pct:3", "dfs:1"), local: bool = False,
+                    seed: int = 1) -> list[dict]:
+    """Per handler: trials (schedules, for dfs) and seconds to the first finding, for
+    host scheduling (``os``; with ``config["chaos"]`` when the chaos issue's per-trial
+    perturbation is in) and each controlled strategy. None: nothing found within
+    ``trials``."""
+    from emu.machine import Machine
+    rows = []
+    for h in handlers:
+        row = {"handler": h}
+        t0 = time.monotonic()
+        with Machine(**dict(config, handler=h, sched="os")) as m:
+            first = None
+            for i in range(1, trials + 1):
+                if _finding(m.inject(errors, local=local)):
+                    first = i
+                    break
+        row["os"] = {"trials": first, "seconds": round(time.monotonic() - t0, 3)}
+        ctl = {k: v for k, v in config.items() if k != "chaos"}
+        with Machine(**dict(ctl, handler=h, sched="controlled")) as m:
+            for st in strategies:
+                t0 = time.monotonic()
+                if st.startswith("dfs:"):
+                    r = explore(m, errors, int(st[4:]), local=local, limit=trials, keep=0,
+                                stop_at_first=True)
+                    row[st] = {"trials": r["first_finding_schedule"],
+                               "seconds": round(time.monotonic() - t0, 3)
+                               if r["first_finding_schedule"] else None}
+                    continue
+                r = search(m, errors, st, trials, local=local, seed=seed)
+                row[st] = {"trials": r["first_finding_trial"], "seconds": r["seconds_to_first"]}
+        rows.append(row)
+    return rows
