@@ -263,3 +263,21 @@ def test_detection_table_columns_per_strategy(variants):
         assert set(r) == {"handler", "os", "random", "pct:2", "pct:3", "dfs:1"}
         for k in ("pct:2", "pct:3", "dfs:1"):
             assert r[k]["trials"] is not None, (r["handler"], k)
+
+
+def test_replay_restores_the_banks_the_trial_began_with():
+    """A UCNA is logged by every sharer and left in its bank: later trials start from
+    different banks. The token carries the banks as they were, and a replay restores
+    them, so it reproduces whatever ran in between."""
+    ucna = "cpu=1 bank=0 status=0xBC20000080000136 addr=0x180040 misc=0x86 mcg=0x5"
+    with Machine(**SMALL) as m:
+        rec = m.inject(ucna, schedule="pct:3", schedule_seed=4)
+        m.inject(ucna)
+        m.inject(SRAO0)
+        runs = [m.replay(rec["sched"]["token"]) for _ in range(5)]
+        plain = m.inject(ucna, schedule={"kind": "prefix", "seed": 0, "name": "x",
+                                         "plan": rec["sched"]["choices"]})
+    assert rec["sched"]["banks_before"] == []
+    assert {r["sched"]["replay_verdict"] for r in runs} == {"reproduced"}
+    # without the restore, the banks left by earlier trials change the run
+    assert plain["sched"]["banks_before"] != []

@@ -67,12 +67,16 @@ def explore(m, errors, bound: int, local: bool = False, limit: int | None = None
     nfound = 0
     longest = 0
     first_at = None
+    banks = None      # every schedule starts from the banks the first one found
     while stack:
         if limit is not None and n >= limit:
             break
         prefix = stack.pop()
         res = m.inject(errors, local=local, schedule={"kind": "prefix", "plan": prefix,
-                                                       "name": f"dfs:{bound}", "seed": 0})
+                                                       "name": f"dfs:{bound}", "seed": 0,
+                                                       "banks": banks})
+        if banks is None:
+            banks = res["sched"]["banks_before"]
         n += 1
         sc = res["sched"]
         if sc["diverged"]:
@@ -162,6 +166,7 @@ def shrink(m, token: str, max_trials: int = 500) -> dict:
         raise UsageError("schedule", "the token's run shows no finding here: nothing to "
                          "shrink")
     want = {"outcome": base["outcome"], "violations": bool(base["violations"])}
+    banks = header.get("banks") or []
     best = base
     trials = 1
     improved = True
@@ -175,7 +180,8 @@ def shrink(m, token: str, max_trials: int = 500) -> dict:
             # keep everything before i, then let the default run: preemption i and all
             # later deviations go
             res = m.inject(errors, local=local, schedule={
-                "kind": "prefix", "plan": ch[:i], "name": "shrink", "seed": 0})
+                "kind": "prefix", "plan": ch[:i], "name": "shrink", "seed": 0,
+                "banks": banks})
             trials += 1
             if _finding(res) and res["outcome"] == want["outcome"]:
                 best, improved = res, True
@@ -183,7 +189,8 @@ def shrink(m, token: str, max_trials: int = 500) -> dict:
             # or drop only this one preemption: the prefix with the default choice at i
             alt = ch[:i] + [cur[i]]
             res = m.inject(errors, local=local, schedule={
-                "kind": "prefix", "plan": alt + ch[i + 1:], "name": "shrink", "seed": 0})
+                "kind": "prefix", "plan": alt + ch[i + 1:], "name": "shrink", "seed": 0,
+                "banks": banks})
             trials += 1
             if not res["sched"]["diverged"] and _finding(res) and \
                     res["outcome"] == want["outcome"]:

@@ -388,6 +388,11 @@ class Coordinator(DomainChannels, TraceRecorder):
         self.rung_late: list[int] = []
         if self.tev is not None:
             self._trace_reset()
+        banks_before = None
+        if self.sched is not None:
+            if schedule and schedule.get("banks") is not None:
+                self.sched.restore_banks(schedule["banks"])   # a replay: the recorded input
+            banks_before = self.sched.bank_state()
         errs, written, targets, mcg = self._inject(first, local)
         fds = self._poll_fds()
         if self.sched is not None:
@@ -430,6 +435,7 @@ class Coordinator(DomainChannels, TraceRecorder):
         res["rung_late"] = sorted(set(self.rung_late))
         if self.sched is not None:
             res["sched"] = self.sched.result()
+            res["sched"]["banks_before"] = banks_before
         # The ring's timing follows handler times that did not need it.
         if res["latency_us"]["handler_exit"] is not None and not self.rung_late:
             self._handler_us.append(res["latency_us"]["handler_exit"])

@@ -54,6 +54,7 @@ import zlib
 
 from emu.errors import UsageError
 from emu.hw.futex import Events, futex_wait, futex_wake
+from emu.hw.msr import NREGS, REG_ADDR, REG_MISC, REG_STATUS
 from emu.hw.yieldpoint import SITE, SITES
 
 STRATEGIES = ("random", "pct:D", "replay:TOKEN", "dfs:P")
@@ -68,6 +69,7 @@ NONE = 0xFFFF                   # no process (turn before the first choice; no c
 MAX_DEPTH = 16                  # PCT's D
 PRIO_BIAS = 1 << 40             # priorities are stored biased (drops go below zero)
 M64 = (1 << 64) - 1
+_DATA_REGS = (REG_STATUS, REG_ADDR, REG_MISC)
 
 # global words
 (G_TURN, G_STEP, G_ARRIVED, G_EXPECT, G_EPOCH, G_KIND, G_SEED, G_NPLAN, G_OVER,
@@ -489,6 +491,29 @@ class SchedControl:
     def over(self) -> int:
         return self.X.load(self.S.gw(G_OVER))
 
+    # The banks before the #MC are part of a trial's input (earlier trials leave errors
+    # the handler does not clear, and logout logs whatever is valid): a token carries
+    # their non-zero STATUS/ADDR/MISC words, and a replay puts them back first.
+    def bank_state(self) -> list[list[int]]:
+        HW, base = self.R.HW, self.R.HL.banks
+        out = []
+        for k in range(self.R.topo.ninst * NREGS):
+            if k % NREGS in _DATA_REGS:
+                v = HW.load(base + 8 * k)
+                if v:
+                    out.append([k, v])
+        return out
+
+    def restore_banks(self, state) -> None:
+        HW, base = self.R.HW, self.R.HL.banks
+        for k in range(self.R.topo.ninst * NREGS):
+            if k % NREGS in _DATA_REGS:
+                HW.store(base + 8 * k, 0)
+        for k, v in state:
+            if not (0 <= int(k) < self.R.topo.ninst * NREGS and k % NREGS in _DATA_REGS):
+                raise UsageError("schedule", "the token's bank state does not fit this machine")
+            HW.store(base + 8 * int(k), int(v) & M64)
+
     def deadlock(self, phases) -> dict:
         """Who waits on what (names resolved), for the finding."""
         X, S = self.X, self.S
@@ -571,6 +596,7 @@ def controlled_record(res: dict, cfg, errors, local: bool) -> None:
     header = {"emu": __version__, "handler": cfg.handler, "machine": machine_header(cfg),
               "strategy": sc["strategy"], "seed": sc.get("seed"),
               "scenario": {"errors": list(errors), "local": bool(local)},
+              "banks": sc.get("banks_before") or [],
               "expect": summary(res)}
     if sc["log_full"]:
         sc["token"] = None
@@ -612,7 +638,8 @@ def resolve(cfg, schedule, seed: int | None, k: int | None, errors, local: bool)
                              f"{want.get('errors')} (local={want.get('local')}); give those, "
                              "or use emu replay --schedule TOKEN")
         return {"kind": "replay", "plan": plan, "seed": header.get("seed"),
-                "name": "replay", "expect": header.get("expect")}
+                "name": "replay", "expect": header.get("expect"),
+                "banks": header.get("banks") or []}
     raise UsageError("strategy", f"{schedule!r} explores many trials, not one: use "
                      "emu run --sched controlled --strategy dfs:P, or "
                      "emu.campaign.controlled.explore()")
