@@ -205,6 +205,9 @@ def test_refusals():
         with pytest.raises(UsageError) as ei:
             m.inject(SRAO0, schedule="dfs:1")
         assert ei.value.field == "strategy"
+        with pytest.raises(UsageError) as ei:
+            m.inject("cpu=0 bank=0 status=0x9C00000000000135 via=cmci")
+        assert ei.value.field == "error.via" and "controlled" in str(ei.value)
         assert m.inject(SRAO0)["outcome"] == "recovered"    # unharmed
     with Machine(topology="1x1x2", guests=0) as m:
         with pytest.raises(UsageError) as ei:
