@@ -153,6 +153,8 @@ def test_cli_replay_exit_codes():
     assert hand.returncode == 2 and "handler 'seed'" in hand.stderr
     run_other = _cli("run", "--sched", "controlled", "--strategy", "replay:" + tok)
     assert run_other.returncode == 2 and "different machine" in run_other.stderr
+    noshrink = _cli("replay", "--schedule", tok, "--shrink")
+    assert noshrink.returncode == 2 and "nothing to shrink" in noshrink.stderr
     damaged = _cli("replay", "--schedule", tok[:-12])
     assert damaged.returncode == 2 and "damaged" in damaged.stderr
     dfs = _cli("run", *args, "--strategy", "dfs:1")
