@@ -15,7 +15,8 @@ bank, broadcast.
 Reported per mode: trial wall time (p50/p90, ``Machine.inject`` round trip),
 ``softirq_done`` (raise to the last CPU's softirq end; the handler's part), and for
 controlled: steps per trial, steps/s (steps over ``softirq_done``), trials/s (1 / wall).
-Cost per yield point: (mode's p50 softirq_done - os p50) / yield points per trial,
+Cost per yield point: (mode's p50 softirq_done - os p50) / yield points per trial
+(and, for controlled, the same against chaos),
 where the yield points per trial are counted from a controlled run's trace (its steps
 that are not a pick from a wait), which is the same handler path chaos perturbs.
 Target: a 4-CPU trial under controlled in <= 10 ms (wall p50).
@@ -93,6 +94,10 @@ def run(cpus: int, trials: int, block: int, chaos: float, strategies: list[str])
         if k != "os" and ypt and h:
             row["us_per_yield_point_vs_os"] = round(
                 (statistics.median(h) - base) * 1e3 / ypt, 2)
+        ch = samples[f"chaos:{chaos}"]["softirq_ms"]
+        if k.startswith("controlled") and ypt and h and ch:
+            row["us_per_yield_point_vs_chaos"] = round(
+                (statistics.median(h) - statistics.median(ch)) * 1e3 / ypt, 2)
         out["modes"][k] = row
     ctl = [r for k, r in out["modes"].items() if k.startswith("controlled")]
     if cpus == 4 and ctl:
@@ -134,6 +139,8 @@ def main(argv=None) -> int:
                 extra = f"  steps {m['steps_p50']}  steps/s {m['steps_per_s']}"
             if "us_per_yield_point_vs_os" in m:
                 extra += f"  µs/yield point vs os {m['us_per_yield_point_vs_os']}"
+            if "us_per_yield_point_vs_chaos" in m:
+                extra += f", vs chaos {m['us_per_yield_point_vs_chaos']}"
             print(f"  {k:22s} wall p50 {m['wall_ms_p50']} ms (p90 {m['wall_ms_p90']})  "
                   f"softirq_done p50 {m['softirq_done_ms_p50']} ms  "
                   f"trials/s {m['trials_per_s']}{extra}")
