@@ -194,6 +194,9 @@ def test_refusals():
         Machine(sched="controlled", chaos=0.1)
     assert ei.value.field == "chaos"
     with pytest.raises(UsageError) as ei:
+        Machine(sched="controlled", poll_period_s=0.5)
+    assert ei.value.field == "poll-period"
+    with pytest.raises(UsageError) as ei:
         Machine(sched="fifo")
     assert ei.value.field == "sched"
     for bad in ("pct", "pct:0", "dfs:x", "replay:", "lottery"):

@@ -68,6 +68,10 @@ class MachineConfig:
         if self.sched == "controlled" and float(self.chaos) > 0:
             raise UsageError("chaos", "chaos perturbs the host's scheduling; under --sched "
                              "controlled the strategy decides every step: drop --chaos")
+        if self.sched == "controlled" and self.poll_period_s:
+            raise UsageError("poll-period", "the polling timer fires on the host's clock, "
+                             "not at a scheduled step: give 0 under --sched controlled "
+                             "(Machine.poll() between trials still works)")
         if isinstance(self.sched_steps, bool) or not isinstance(self.sched_steps, int) \
                 or not 64 <= self.sched_steps <= 1 << 20:
             raise UsageError("sched-steps", f"{self.sched_steps!r}: give 64..1048576")
