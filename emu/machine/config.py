@@ -68,10 +68,6 @@ class MachineConfig:
         if self.sched == "controlled" and float(self.chaos) > 0:
             raise UsageError("chaos", "chaos perturbs the host's scheduling; under --sched "
                              "controlled the strategy decides every step: drop --chaos")
-        if self.sched == "controlled" and self.poll_period_s:
-            raise UsageError("poll-period", "the polling timer fires on the host's clock, "
-                             "not at a scheduled step: give 0 under --sched controlled "
-                             "(Machine.poll() between trials still works)")
         if isinstance(self.sched_steps, bool) or not isinstance(self.sched_steps, int) \
                 or not 64 <= self.sched_steps <= 1 << 20:
             raise UsageError("sched-steps", f"{self.sched_steps!r}: give 64..1048576")
@@ -99,6 +95,10 @@ class MachineConfig:
                              "[0.001, 3600], or 0 for no polling timer")
         if self.vmce_policy not in VMCE_POLICIES:
             raise UsageError("vmce-policy", f"{self.vmce_policy!r}: choose owner or dom0")
+        if self.sched == "controlled" and self.poll_period_s:
+            raise UsageError("poll-period", "the polling timer fires on the host's clock, "
+                             "not at a scheduled step: give 0 under --sched controlled "
+                             "(Machine.poll() between trials still works)")
         return self
 
     @property
