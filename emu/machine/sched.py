@@ -242,6 +242,9 @@ class Sched:
         # the scheduler let it run), so the ring shows the schedule's order.
         self._rec = yps.yp if yps.trace is not None else None
         yps.yp = self.yp
+        # Yield points that reconfigure per trial (chaos, issue 11) re-pick their ``yp``
+        # in ``_set_mode``: under controlled it stays the scheduler's.
+        yps._set_mode = lambda: setattr(yps, "yp", self.yp)
         self.ev.wait = self.wait
         self.ev.spin_ns = 0        # McaBarrier skips its spin phase
 
