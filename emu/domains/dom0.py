@@ -291,12 +291,29 @@ class Dom0Logger:
             raise UsageError("hooks.die_at", f"{die_at!r}: choose one of {', '.join(DIE_POINTS)}")
         self.die_at = die_at
         self.die_count = int(self.hooks.get("die_count", 1))
+        self._boot_die = (self.die_at, self.die_count)
 
     def _maybe_die(self, point: str) -> None:
         if self.die_at == point and self.fetched == self.die_count:
             os._exit(9)                  # as if SIGKILLed: no flush, no cleanup
 
+    def _trial_ctl(self, ctl: dict) -> None:
+        """A notification carried a trial's control: reseed this process's yield
+        points (:meth:`Channel.apply_ctl`) and arm the trial's fault, ``"die": [point,
+        n]``: die at ``point`` of the n-th record fetched from now on (a trial without
+        one gets the boot's die hook back)."""
+        if not self.ch.apply_ctl(ctl, 0):
+            return
+        die = ctl.get("die")
+        if isinstance(die, (list, tuple)) and len(die) == 2 and die[0] in DIE_POINTS \
+                and isinstance(die[1], int):
+            self.die_at, self.die_count = die[0], self.fetched + die[1]
+        else:
+            self.die_at, self.die_count = self._boot_die
+
     def handle(self, name: str, args: dict) -> None:
+        if "ctl" in args:
+            self._trial_ctl(args["ctl"])
         if name == "virq":
             self.need_drain = True
         elif name == "vmce":
@@ -335,6 +352,9 @@ class Dom0Logger:
                 if not self._log_one(cls, item):
                     break
                 self._service_between_records()
+        report = self.ch.perturb_report()
+        if report is not None:
+            self.ch.send("perturbed", report)   # this trial's counts, after the drain
 
     def _log_one(self, cls: str, item: dict) -> bool:
         rid = item["id"]
@@ -343,6 +363,7 @@ class Dom0Logger:
         if rid in self.log:
             self.duplicates += 1         # written before a crash, never acked: ack only
         else:
+            self.ch.yp("log")
             line = log_line(item, self.cpuid)
             if self.die_at == "mid_write" and self.fetched == self.die_count:
                 data = _dump(line)
@@ -362,7 +383,9 @@ class Dom0Logger:
             self.ack_failures += 1
             return False
         self._maybe_die("after_ack")
-        self.ch.send("logged", {"ids": [rid]})
+        report = self.ch.perturb_report()
+        self.ch.send("logged", {"ids": [rid]} if report is None else
+                     {"ids": [rid], "yp": report})
         return True
 
     def run(self) -> None:

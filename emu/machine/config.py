@@ -31,6 +31,7 @@ class MachineConfig:
     watchdog_s: float = 2.0
     seed: int = 0
     chaos: float = 0.0            # probability of a perturbation at a yield point
+    starve: float = 0.05          # with chaos on: probability a trial starves one process
     trace: bool = False
     atomic_backend: str | None = None
     memory_pages: int = 16384     # 64 MiB of 4 KiB machine pages
@@ -54,6 +55,9 @@ class MachineConfig:
             raise UsageError("watchdog", f"{self.watchdog_s!r}: give seconds in (0, 3600]")
         if not (0.0 <= float(self.chaos) <= 1.0):
             raise UsageError("chaos", f"{self.chaos!r}: give a probability in [0, 1]")
+        if isinstance(self.starve, bool) or not isinstance(self.starve, (int, float)) \
+                or not 0.0 <= float(self.starve) <= 1.0:
+            raise UsageError("starve", f"{self.starve!r}: give a probability in [0, 1]")
         if not 1024 <= self.memory_pages <= 1 << 22:
             raise UsageError("memory-pages", f"{self.memory_pages!r}: give 1024..4194304 pages")
         room = min(MAX_DOMS, (self.memory_pages - DOM_BASE) // DOM_PAGES) - 1

@@ -95,18 +95,44 @@ class Machine:
         raise cls(payload["message"])
 
     def inject(self, errors, local: bool = False, timeout_s: float | None = None,
-               then: dict | None = None) -> dict:
+               then: dict | None = None, *, seed=None, chaos: float | None = None,
+               starve: float | None = None, fault: dict | None = None,
+               raise_cpu: int | None = None, wait_dom0: bool = True) -> dict:
         """Write ``errors`` into their banks, raise one #MC, return the trial result.
 
         ``then={"errors": [...], "after_phase": "barrier_b", "local": False}`` raises
         a second #MC once a first-wave CPU has reached that handler phase.
+
+        Per trial (see :mod:`emu.machine.chaos`):
+
+        * ``seed=(S, i)``: the trial seed every process's perturbation (and the
+          starvation plan) is drawn from; default ``(machine seed, trial number)``.
+          In the result as ``trial_seed`` and ``perturbation.seed``.
+        * ``chaos=p``: perturbation probability per yield point (default the
+          machine's ``chaos``).
+        * ``starve=q``: probability that one seeded victim process is starved
+          (default the machine's ``starve`` when chaos is on, else 0).
+        * ``fault={...}``: one fault (kill_cpu, stall_cpu, kill_dom0, pause_dom0)
+          with its expected outcome, reported as ``result["fault"]``.
+        * ``raise_cpu=N``: raise the #MC on CPU N (broadcast unless ``local``); with
+          ``errors=[]`` no bank is written at all (a #MC with no valid bank).
+        * ``wait_dom0=False``: return once Xen's part and the guests are done, without
+          waiting for Dom0 to log the records (their ``dom0_log`` shows
+          ``pending``); see :meth:`dom0_drain` and :meth:`dom0_log_counts`.
         """
         if isinstance(errors, (str, dict)):
             errors = [errors]
         if then and isinstance(then.get("errors"), (str, dict)):
             then = dict(then, errors=[then["errors"]])
-        return self._call("trial", {"errors": list(errors), "local": local,
-                                    "timeout_s": timeout_s, "then": then})
+        args = {"errors": list(errors), "local": local, "timeout_s": timeout_s, "then": then}
+        # Only what was given travels (the default trial costs no more than before).
+        for k, v in (("seed", seed), ("chaos", chaos), ("starve", starve), ("fault", fault),
+                     ("raise_cpu", raise_cpu)):
+            if v is not None:
+                args[k] = list(v) if k == "seed" and isinstance(v, tuple) else v
+        if not wait_dom0:
+            args["wait_dom0"] = False
+        return self._call("trial", args)
 
     def check(self, result: dict) -> dict:
         """Raise :class:`Finding` if the trial violated an invariant."""
@@ -142,6 +168,12 @@ class Machine:
         Xen committed; the status, with ``drained`` true if it did."""
         return self._call("dom0", {"op": "drain", "timeout_s": timeout_s},
                           timeout=timeout_s + 120.0)
+
+    def dom0_log_counts(self) -> dict[int, int]:
+        """Record id -> how many times it is in Dom0's durable log (complete lines),
+        read from the log file itself: after :meth:`dom0_drain`, a campaign that did
+        not wait for Dom0 checks exactly-once logging with it (every count 1)."""
+        return {int(k): int(v) for k, v in self._call("dom0", {"op": "log_counts"}).items()}
 
     def snapshot(self) -> dict:
         return self._call("snapshot", {})

@@ -14,6 +14,11 @@ enter-waiters, ``ingen`` for exit-waiters), since a late waiter may leave throug
 the generation test, exactly as a slow spinner does in Xen. Enter- and exit-waiters
 sleep on separate event channels, so one phase's steps never wake the other's
 sleepers.
+
+Emulator bookkeeping (not Xen): ``mce_barrier_enter(..., arr=off)`` stores, at word
+``off``, 1 + the value ``val`` had when this CPU incremented it: the CPU's place in
+the arrival order of this use of the barrier (one store; the trial result's
+``arrivals``).
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ class McaBarrier:
         self._val, self._in, self._out = off + VAL, off + INGEN, off + OUTGEN
         self._ev_in, self._ev_out = off + EV_IN, off + EV_OUT
 
-    def mce_barrier_enter(self, wait: bool, yp, check) -> None:
+    def mce_barrier_enter(self, wait: bool, yp, check, arr: int = 0) -> None:
         if not wait:
             return
         X, ev = self.X, self.ev
@@ -51,9 +56,14 @@ class McaBarrier:
         ev.bump(self._ev_out)
         gen = X.load(self._out)
         yp("barrier")
-        if X.fetch_add(self._val, 1) + 1 == X.load(self.online):
+        v = X.fetch_add(self._val, 1) + 1
+        if v == X.load(self.online):
             ev.bump(self._ev_in)
+            if arr:
+                X.store(arr, v)   # after the wake-up: the waiters need not wait for it
             return   # the last one in: the wait condition holds already
+        if arr:
+            X.store(arr, v)
         # while (val != num_online_cpus() && outgen == gen)
         self._wait(self._ev_in, self.online, self._out, gen, check)
 

@@ -30,7 +30,8 @@ from emu.hw import msr
 from emu.hw.atomic import signed
 from emu.hw.banks import Banks
 from emu.hw.region import MCG_K_CAP, MCG_K_STATUS
-from emu.xen import mcaction, severity as sev, vmce
+from emu.hw.yieldpoint import SPAWN_CPU, process_seed
+from emu.xen import layout as xl, mcaction, severity as sev, vmce
 from emu.xen.barrier import McaBarrier
 from emu.xen.layout import ACTION_RING, LOGOUT_RING
 from emu.xen.mctelem import (
@@ -114,6 +115,10 @@ class XenCpu:
         self.stall_cpus = set(self.hooks.get("stall_cpus") or range(R.topo.ncpus))
         self.kill_phase = self.hooks.get("kill_phase")
         self.kill_cpus = set(self.hooks.get("kill_cpus") or range(R.topo.ncpus))
+        # The boot's test hooks, which a trial without a fault of its own restores.
+        self._boot_hooks = (self.kill_phase, self.kill_cpus, self.stall_phase, self.stall_s,
+                            self.stall_cpus)
+        self._ctl_seen = 0   # the trial control generation this CPU last applied
         # Precomputed offsets: the #MC path runs in Python, so every lookup counts.
         self._pc0 = R.L.pc(cpu, 0)
         self._boff = [[self.banks.off(cpu, i, r) for r in range(msr.NREGS)]
@@ -142,7 +147,10 @@ class XenCpu:
             logout_n=self.pc(L.P_LOGOUT_N), logout=self.pc(L.P_LOGOUT),
             cur_dom=self.pc(L.P_CURRENT_DOM), cur_vcpu=self.pc(L.P_CURRENT_VCPU),
             mcg_cap=R.HL.mcg_reg(cpu, MCG_K_CAP), found_error=L.found_error,
-            severity_cpu=L.severity_cpu)
+            severity_cpu=L.severity_cpu, ctl_gen=L.ctl_gen)
+        # Arrival-order words (emulator bookkeeping), per xl.ARRIVALS entry.
+        (self._arr_a, self._arr_b, self._arr_c, self._arr_inside,
+         self._arr_severity) = (self.pc(L.P_ARRIVE + k) for k in range(len(xl.ARRIVALS)))
         self._urgent = (None, None)  # (slot, record) kept from logout for the urgent action
         self.vmce = vmce.Vmce(R)
         self.mcaction = mcaction.McAction(self)
@@ -390,11 +398,46 @@ class XenCpu:
         X, o = self.X, self._o
         X.fetch_add(o.nest, 1)
         X.store(o.mc_gen, X.load(o.trial_gen))
+        g = X.load(o.ctl_gen)   # the trial's perturbation and fault: moved rarely
+        if g != self._ctl_seen:
+            self._trial_ctl(g)
         self._phase(PH_ENTERED, o.t_enter)
         try:
             self.mcheck_cmn_handler()
         finally:
             X.fetch_sub(o.nest, 1)
+
+    def _trial_ctl(self, g: int) -> None:
+        """Emulator control, not Xen: apply the trial's perturbation and fault that the
+        coordinator wrote in the control block (:mod:`emu.machine.chaos`). Reseeds this
+        CPU's yield points from ``SeedSequence([S, i], spawn_key=(SPAWN_CPU, cpu))``,
+        arms its starvation point if it is the victim, and its per-trial fault hooks
+        (a trial without a fault gets the boot's hooks back)."""
+        self._ctl_seen = g
+        load, c, cpu = self.X.load, self.L.ctl, self.cpu
+        flags = load(c + 8 * xl.CTL_FLAGS)
+        yps = self.yps
+        if flags & xl.CTL_F_PERTURB:
+            chaos = struct.unpack("<d", load(c + 8 * xl.CTL_CHAOS).to_bytes(8, "little"))[0]
+            seed, trial = load(c + 8 * xl.CTL_SEED), load(c + 8 * xl.CTL_TRIAL)
+            starve = load(c + 8 * xl.CTL_STARVE_K) - 1 \
+                if load(c + 8 * xl.CTL_STARVE_CPU) == cpu + 1 else -1
+            yps.configure(chaos, process_seed(seed, trial, (SPAWN_CPU, cpu)) if chaos > 0
+                          else None, starve, load(c + 8 * xl.CTL_STARVE_NS) / 1e9)
+        elif yps.active or yps.count or yps.points:
+            yps.configure(0.0, None)
+        self.yp = yps.yp
+        (self.kill_phase, self.kill_cpus, self.stall_phase, self.stall_s,
+         self.stall_cpus) = self._boot_hooks
+        if flags & xl.CTL_F_FAULT and load(c + 8 * xl.CTL_FAULT_CPU) == cpu:
+            kind = load(c + 8 * xl.CTL_FAULT)
+            phase = PHASES[load(c + 8 * xl.CTL_FAULT_PHASE)]
+            if kind == xl.FAULT_KILL_CPU:
+                self.kill_phase, self.kill_cpus = phase, {cpu}
+            elif kind == xl.FAULT_STALL_CPU:
+                self.stall_phase, self.stall_cpus = phase, {cpu}
+                self.stall_s = load(c + 8 * xl.CTL_FAULT_NS) / 1e9
+        self._hooked = bool(self.kill_phase or self.stall_phase)
 
     def mcheck_cmn_handler(self) -> None:
         X, cpu, yp, check, o, phase = self.X, self.cpu, self.yp, self.check, self._o, self._phase
@@ -432,21 +475,21 @@ class XenCpu:
                 self.tele.mctelem_commit(slot)
 
         phase(PH_BARRIER_A, o.t_logout)
-        bar.mce_barrier_enter(bcast, yp, check)
+        bar.mce_barrier_enter(bcast, yp, check, self._arr_a)
         X.store(o.t_barrier_a, _monotonic_ns())
         if slot is not None and self.mce_urgent_action(slot) < 0:
             self.fatal_set(cpu)
         bar.mce_barrier_exit(bcast, yp, check)
 
         phase(PH_BARRIER_B)
-        bar.mce_barrier_enter(bcast, yp, check)
+        bar.mce_barrier_enter(bcast, yp, check, self._arr_b)
         if lmce or signed(X.load(o.severity_cpu)) == cpu:
             phase(PH_FATAL_CHECK)
             self.fatal_check()
         bar.mce_barrier_exit(bcast, yp, check)
 
         phase(PH_BARRIER_C)
-        bar.mce_barrier_enter(bcast, yp, check)
+        bar.mce_barrier_enter(bcast, yp, check, self._arr_c)
         self.clear_mcip()
         bar.mce_barrier_exit(bcast, yp, check)
 
@@ -527,11 +570,11 @@ class XenCpu:
         self.set_phase("softirq")
         lmce = self.tele.mctelem_has_deferred_lmce(cpu)
         bcast = self.mce_broadcast and not lmce
-        self.mce_inside_bar.mce_barrier_enter(bcast, yp, check)
+        self.mce_inside_bar.mce_barrier_enter(bcast, yp, check, self._arr_inside)
         if not lmce:
             yp("atomic")
             X.store(L.sirq_severity_cpu, cpu)
-            self.mce_severity_bar.mce_barrier_enter(bcast, yp, check)
+            self.mce_severity_bar.mce_barrier_enter(bcast, yp, check, self._arr_severity)
             if not self.tele.mctelem_has_deferred(cpu):
                 yp("atomic")
                 X.store(L.sirq_severity_cpu, cpu)
