@@ -21,7 +21,11 @@ def _machine_args(p):
     p.add_argument("--handler", default="seed", help="handler version (default seed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chaos", type=float, default=0.0,
-                   help="perturbation probability per yield point")
+                   help="perturbation probability per yield point (each trial reseeds from "
+                        "its trial seed (--seed, trial))")
+    p.add_argument("--starve", type=float, default=0.05,
+                   help="with chaos on: probability per trial that one seeded process is "
+                        "starved 10 µs-100 ms at a seeded yield point (default 0.05)")
     p.add_argument("--watchdog", type=float, default=2.0, help="hang bound in seconds (default 2)")
     p.add_argument("--no-ser", action="store_true", help="clear MCG_CAP.SER_P")
     p.add_argument("--no-pin", action="store_true",
@@ -41,7 +45,8 @@ def _config(a):
     from emu.machine.config import MachineConfig
     extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) else {}
     return MachineConfig(topology=a.topology, nbanks=a.banks, bank_scopes=a.bank_scopes,
-                         handler=a.handler, seed=a.seed, chaos=a.chaos, watchdog_s=a.watchdog,
+                         handler=a.handler, seed=a.seed, chaos=a.chaos, starve=a.starve,
+                         watchdog_s=a.watchdog,
                          ser=not a.no_ser, pin_cpus=not a.no_pin, guests=a.guests,
                          memory_pages=a.memory_pages, guest_vcpus=a.guest_vcpus,
                          vmce_policy=a.vmce_policy, idle_poll_us=a.idle_poll_us,
@@ -51,6 +56,18 @@ def _config(a):
 def _print_trial(res: dict, out) -> None:
     print(f"outcome: {res['outcome']}   resets: {res['resets']}   trial {res['trial']} "
           f"({res['handler']}, {res['topology']})", file=out)
+    if res.get("raise_cpu") is not None and not res["errors"]:
+        print(f"  #MC raised on cpu{res['raise_cpu']} ({'LMCE' if res['local'] else 'broadcast'})"
+              " with no valid bank", file=out)
+    pt = res.get("perturbation") or {}
+    if pt.get("chaos") or (pt.get("starvation") or {}).get("armed"):
+        n = pt["counts"]
+        st = pt["starvation"]
+        print(f"  perturbation: trial seed {pt['seed']}, chaos {pt['chaos']:g}: "
+              + ", ".join(f"{k} {v}" for k, v in n.items())
+              + (f"; starved {st['victim']} {st['s'] * 1e3:.3g} ms at yield point {st['point']}"
+                 f" ({'at ' + str(st.get('site')) if st['happened'] else 'not reached'})"
+                 if st.get("armed") else ""), file=out)
     for e in res["errors"]:
         line = (f"  cpu{e['cpu']} bank{e['bank']} {e['status']} {e['class']}: owners {e['owners']}"
                 f"{' cleared' if e['cleared'] else ' not cleared'}, action {e['action']}")
@@ -94,14 +111,18 @@ def cmd_run(a) -> int:
     cfg = _config(a)
     from emu.hw.topology import Topology
     topo = Topology(cfg)
-    errors = a.error or DEMO
-    validate_errors(errors, topo.ncpus, topo.nbanks, cfg.domids)   # nothing runs on bad input
+    if a.raise_cpu is not None and not 0 <= a.raise_cpu < topo.ncpus:
+        raise UsageError("raise", f"{a.raise_cpu}: give a CPU 0..{topo.ncpus - 1}")
+    # --raise without --error: a #MC with no valid bank (nothing is written)
+    errors = a.error or ([] if a.raise_cpu is not None else DEMO)
+    if errors:
+        validate_errors(errors, topo.ncpus, topo.nbanks, cfg.domids)   # nothing runs on bad input
     with Machine(cfg) as m:
-        res = m.inject(errors, local=a.local)
+        res = m.inject(errors, local=a.local, raise_cpu=a.raise_cpu)
     if a.json:
         print(json.dumps(res, sort_keys=True))
     else:
-        if not a.error:
+        if not a.error and a.raise_cpu is None:
             print("demonstration: Xen's srao_mem case (bank 8, 0xBD000000004000CF) "
                   "on a free page", file=sys.stdout)
         _print_trial(res, sys.stdout)
@@ -114,7 +135,11 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="boot a machine, inject errors, print the outcome")
     _machine_args(r)
     r.add_argument("--error", action="append", help='"cpu=N bank=N status=0x.. [addr= misc= mcg=]"')
-    r.add_argument("--local", action="store_true", help="deliver as LMCE to the first error's CPU")
+    r.add_argument("--local", action="store_true",
+                   help="deliver as LMCE to the first error's CPU (or the --raise CPU)")
+    r.add_argument("--raise", dest="raise_cpu", type=int, metavar="CPU",
+                   help="raise the #MC on CPU (broadcast unless --local); without --error, no "
+                        "bank is written: a #MC with no valid bank")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument("--log-dir", help="run directory for Dom0's log (default: a new one under "
                    "$TMPDIR/emu-runs)")

@@ -132,6 +132,10 @@ class Coordinator(DomainChannels):
         R, X, L = self.R, self.R.X, self.R.L
         self.boots += 1
         R.reinit_xen()
+        # mce.c: static atomic_t severity_cpu = ATOMIC_INIT(-1). Zeroed memory would make
+        # CPU 0 the trap handler's severity_cpu until the first fatal check resets it
+        # (a broadcast #MC with no valid bank then panicked on a fresh machine).
+        X.store(L.severity_cpu, -1 & msr.U64)
         # Xen memory (the control block) is new, and so are the CPU and domain
         # processes: nothing is armed; a fault or plan of the trial does not carry over.
         self._ctl_active = False
