@@ -15,9 +15,13 @@ Channel protocol (msgpack arrays ``[1, cmd, args]``; replies ``[ok, value]``):
 
 * requests: ``fetch {"cls"}`` → ``[True, None]`` (NODATA) or ``[True, {"id", "cls",
   "source", "record"}]``; ``ack {"cls", "id"}`` → ``[True, bool]``; ``rdmsr``/``wrmsr``
-  (the #MC handler, see :mod:`emu.domains.guest`); ``logged {"ids"}``, ``handled {...}`` and
-  ``paused {}`` (the answer to a ``pause`` notification) (no reply).
-* notifications: ``virq``, ``vmce {"vcpus"}``, ``quit``, ``pause``, ``resume``.
+  (the #MC handler, see :mod:`emu.domains.guest`); ``logged {"ids", "dup"?, "yp"?}``
+  (``dup``: the record was already in the log, acked only), ``handled {...}``,
+  ``perturbed {"gen", "n", "points", "starved"}`` (this trial's perturbation counts,
+  after a drain) and ``paused {}`` (the answer to a ``pause`` notification) (no reply).
+* notifications: ``virq``, ``vmce {"vcpus"}``, ``quit``, ``pause``, ``resume``; any may
+  carry the trial's control, ``"ctl": {"gen", "seed", "chaos", "starve"?, "die"?}``
+  (``die: [point, n]``: a per-trial kill_dom0 fault), applied once per trial.
 
 :func:`render_log` is ``emu log FILE``: mcelog ``--ascii`` text per bank record
 (:func:`emu.domains.mcelog.format_record`), or the JSON lines with ``--json``.
@@ -360,7 +364,8 @@ class Dom0Logger:
         rid = item["id"]
         self.fetched += 1
         self._maybe_die("before_write")
-        if rid in self.log:
+        dup = rid in self.log
+        if dup:
             self.duplicates += 1         # written before a crash, never acked: ack only
         else:
             self.ch.yp("log")
@@ -383,9 +388,13 @@ class Dom0Logger:
             self.ack_failures += 1
             return False
         self._maybe_die("after_ack")
+        # "dup": it was already in the log (the machine counted it from the file when
+        # the Dom0 that wrote it died): acked now, not logged a second time.
+        msg = {"ids": [rid], "dup": True} if dup else {"ids": [rid]}
         report = self.ch.perturb_report()
-        self.ch.send("logged", {"ids": [rid]} if report is None else
-                     {"ids": [rid], "yp": report})
+        if report is not None:
+            msg["yp"] = report
+        self.ch.send("logged", msg)
         return True
 
     def run(self) -> None:

@@ -329,9 +329,11 @@ class DomainChannels:
             if "yp" in args:
                 self._note_perturb(0, args["yp"])
             now = time.monotonic_ns()
+            dup = bool(args.get("dup"))
             for rid in args.get("ids", []):
                 ent = self.logged.setdefault(int(rid), [0, now])
-                ent[0] += 1
+                # A duplicate was counted from the durable log when its writer died.
+                ent[0] = max(ent[0], 1) if dup else ent[0] + 1
                 self._acked_unlogged.discard(int(rid))
                 self._rid_origin.pop(int(rid), None)
         elif cmd == "paused":

@@ -302,8 +302,13 @@ class Coordinator(DomainChannels):
         for k in range(min(X.load(L.action_n), ACTION_RING)):
             base = L.action_log + 256 * k
             ln = int.from_bytes(mv[base:base + 2], "little")
-            w, src, bank, status, r, rid, info = msgpack.unpackb(bytes(mv[base + 2:base + 2 + ln]),
-                                                                 strict_map_key=False)
+            if not ln:
+                continue   # reserved, still being written (a reset ended the trial first)
+            try:
+                w, src, bank, status, r, rid, info = msgpack.unpackb(
+                    bytes(mv[base + 2:base + 2 + ln]), strict_map_key=False)
+            except (ValueError, msgpack.ExtraData):
+                continue   # torn the same way: its writer was still at it
             out.append({"worker": w, "cpu": src, "bank": bank, "status": status, "result": r,
                         "record_id": rid, "info": info})
         return out

@@ -621,8 +621,11 @@ class XenCpu:
                 return
             data = msgpack.packb([self.cpu, rec["cpu"], b[0], b[1], r, rid, info or {}])
             base = L.action_log + 256 * k
-            self.tele.mv[base:base + 2] = len(data).to_bytes(2, "little")
+            # Length 0, the data, then its length: a reader that comes early (a trial
+            # ended by a reset while this worker still logs) sees 0, not a torn entry.
+            self.tele.mv[base:base + 2] = b"\0\0"
             self.tele.mv[base + 2:base + 2 + len(data)] = data
+            self.tele.mv[base:base + 2] = len(data).to_bytes(2, "little")
 
     # -- boot (§4.2) ------------------------------------------------------------------------
     def boot(self) -> None:
