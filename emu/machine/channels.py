@@ -376,6 +376,7 @@ class DomainChannels:
         if op == "log_counts":
             return self._log_file_counts() or {}
         if op == "pause":
+            self._resume_at = None   # the operator's pause outlasts a pause_dom0 fault's
             self._dom0_pause()
         elif op == "resume":
             self.dom0_paused = False

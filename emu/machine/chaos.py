@@ -33,7 +33,29 @@ The victim, point and time depend on ``(S, i)`` alone (and the process list), no
   is notified of this trial (``D``: before_write, mid_write, after_write,
   after_ack) → ``"logged_once"``: restarted, it logs every record exactly once.
 * ``{"kind": "pause_dom0", "s": t}``: Dom0 is paused (it fetches nothing) from just
-  before the raise for ``t`` s, then resumed → ``"logged_once"``.
+  before the raise for ``t`` s, then resumed → ``"logged_once"`` (not if the operator
+  had paused it: then nothing happens).
+
+A fault lasts one trial. **Result fields** (see :meth:`emu.machine.Machine.inject`):
+
+* ``trial_seed``: ``[S, i]``; ``trial`` stays the machine's trial number.
+* ``perturbation``: ``{"seed": [S, i], "chaos": p, "counts": {"cpu0": n, ..., "dom0":
+  n, "dom1": n}, "points": {...}, "starvation": {...}}``. ``counts``: perturbations
+  taken in this trial by each process (0 for one that did not run or was not
+  perturbed; a domain's as it had reported them when the result was built);
+  ``points``: yield points it passed (counted only when it perturbs). ``starvation``:
+  ``{"p", "armed"}``, and when ``p > 0`` also ``victim`` ("cpu2", "dom0", ...),
+  ``point``, ``s`` (after the cap), ``s_drawn``, ``cap_s``, ``happened`` (the victim
+  reached its point) and ``site`` (the yield point's site name).
+* ``fault``: None, or the normalised spec with ``expected``, ``happened`` (the CPU
+  reached the phase; Dom0 died in the trial; the pause took effect) and ``held`` (the
+  expected outcome was seen: outcome ``cpu_died``/``hang``/not hang, or every record
+  of the trial logged exactly once; None when the fault did not happen or Dom0 was
+  not waited for).
+* ``arrivals``: per rendezvous (``barrier_a``, ``barrier_b``, ``barrier_c`` enter,
+  ``softirq_inside``, ``softirq_severity``), the CPUs in the order they arrived (the
+  last use in the trial; ``[]`` when it was not used: an LMCE).
+* ``raise_cpu``: the ``raise_cpu`` given, or None.
 """
 from __future__ import annotations
 
