@@ -5,9 +5,12 @@ yields the core, sleeps briefly or stalls the process, so that narrow windows (a
 shared bank read and its clear are two steps) are hit often. On top of that, a trial
 may *starve* one process, as rr's chaos mode does: at its k-th yield point of the
 trial it sleeps for a drawn time (the plan is drawn by the machine, see
-:mod:`emu.machine.chaos`). With ``trace`` on, each yield point appends (sequence,
-cpu, site) to a ring in shared memory, so the observed order of a trial can be
-printed.
+:mod:`emu.machine.chaos`). With ``trace`` on, each yield point appends an entry to a
+ring in shared memory (:data:`TRACE_WORDS` words: sequence, cpu, site,
+``time.monotonic_ns()``, and two detail words the call site passes: what it is about
+to touch, e.g. bank and register, a lock's or barrier's word and the generation), so
+the observed order of a trial can be exported; :meth:`YieldPoints.record` appends an
+entry without being a yield point (phase changes, VIRQ).
 
 Seeds: trial ``i`` of a campaign seeded ``S`` has the trial seed ``(S, i)``; every
 process draws from its own stream, ``SeedSequence([S, i], spawn_key=key)``
@@ -36,8 +39,9 @@ import numpy as np
 
 # Site names; their index is what the trace (and a starvation record) stores.
 SITES = ("rdmsr", "wrmsr", "lock", "unlock", "barrier", "atomic", "telem", "page", "vmce",
-         "softirq", "channel", "log")
+         "softirq", "phase", "virq", "acquired", "channel", "log")
 SITE = {n: i for i, n in enumerate(SITES)}
+TRACE_WORDS = 6      # seq, cpu, site, t_ns, d0, d1
 
 # Spawn keys of the per-process streams of a trial seed (see the module docstring).
 SPAWN_PLAN, SPAWN_CPU, SPAWN_DOMAIN = 0, 1, 2
@@ -131,15 +135,24 @@ class YieldPoints:
         self._k += 1
         return uv
 
-    def _yp(self, site: str) -> None:
+    def record(self, site: str, d0: int = 0, d1: int = 0) -> None:
+        """Append a trace entry (no-op without trace)."""
+        if self.trace is None:
+            return
+        A, cnt, ring, n = self.trace
+        k = A.fetch_add(cnt, 1)
+        if k < n:
+            base = ring + 8 * TRACE_WORDS * k
+            A.store(base + 8, self.cpu)
+            A.store(base + 16, SITE.get(site, 255))
+            A.store(base + 24, time.monotonic_ns())
+            A.store(base + 32, d0 & 0xFFFFFFFFFFFFFFFF)
+            A.store(base + 40, d1 & 0xFFFFFFFFFFFFFFFF)
+            A.store(base, k + 1)   # last: a reader sees whole entries (0: not written)
+
+    def _yp(self, site: str, d0: int = 0, d1: int = 0) -> None:
         if self.trace is not None:
-            A, cnt, ring, n = self.trace
-            k = A.fetch_add(cnt, 1)
-            if k < n:
-                base = ring + 24 * k
-                A.store(base, k)
-                A.store(base + 8, self.cpu)
-                A.store(base + 16, SITE.get(site, 255))
+            self.record(site, d0, d1)
         p = self.points
         self.points = p + 1
         if p == self._starve_at:
@@ -169,5 +182,5 @@ class YieldPoints:
         return {"n": self.count, "points": self.points, "starved": self.starved}
 
 
-def _noop(site: str) -> None:
+def _noop(site: str, d0: int = 0, d1: int = 0) -> None:
     return None

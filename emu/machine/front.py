@@ -175,6 +175,12 @@ class Machine:
         not wait for Dom0 checks exactly-once logging with it (every count 1)."""
         return {int(k): int(v) for k, v in self._call("dom0", {"op": "log_counts"}).items()}
 
+    def trace(self) -> dict:
+        """The last trial's trace (a machine booted with ``trace=True``): the CPUs'
+        yield points and phase changes and the coordinator's events; export it with
+        :mod:`emu.formats.trace`."""
+        return self._call("trace", {})
+
     def snapshot(self) -> dict:
         return self._call("snapshot", {})
 

@@ -8,11 +8,13 @@ The region is re-initialised at every boot, as Xen's memory is by a reset.
 from __future__ import annotations
 
 from emu.hw.region import Alloc
+from emu.hw.yieldpoint import TRACE_WORDS
 from emu.xen import mctelem, page_alloc, vmce
 
 LOGOUT_RING = 40        # logout entries kept per CPU per trial
 ACTION_RING = 256       # deferred-action entries per trial
-TRACE_RING = 4096       # yield-point trace entries
+TRACE_RING = 4096       # yield-point trace entries at the least (TRACE_WORDS words each)
+TRACE_PER_CPU = 256     # and at least this many per CPU
 
 # The trial control block (XenLayout.ctl), word indices.
 (CTL_FLAGS, CTL_SEED, CTL_TRIAL, CTL_CHAOS, CTL_STARVE_CPU, CTL_STARVE_K, CTL_STARVE_NS,
@@ -26,7 +28,7 @@ ARRIVALS = ("barrier_a", "barrier_b", "barrier_c", "softirq_inside", "softirq_se
 
 
 class XenLayout:
-    def __init__(self, ncpus: int, memory_pages: int):
+    def __init__(self, ncpus: int, memory_pages: int, trace: bool = False):
         n = self.ncpus = ncpus
         x = Alloc()
         w = x.words
@@ -65,8 +67,10 @@ class XenLayout:
         self.PCPU_WORDS = self.P_LOGOUT + LOGOUT_RING * 6
         self.pcpu = w(n * self.PCPU_WORDS)
         # trace ring
+        # (only on a machine that traces: untraced, the region stays as it was)
+        self.trace_ring = max(TRACE_RING, TRACE_PER_CPU * n) if trace else 0
         self.trace_n = w()
-        self.trace = w(TRACE_RING * 3)
+        self.trace = w(max(1, self.trace_ring * TRACE_WORDS))
         # telemetry, page table and vMCE state come from their modules
         self.tele = mctelem.Layout(x, n)
         self.pages = page_alloc.Layout(x, memory_pages)
@@ -79,11 +83,11 @@ class XenLayout:
      P_SOFTIRQ, P_NEST, P_CLEAR_BANKS, P_CURRENT_DOM, P_CURRENT_VCPU, P_PENDING,
      P_LMCE_PENDING, P_HALTED, P_LOGOUT_N, P_PID, P_INTERRUPTED, P_T_SOFTIRQ_START,
      P_KICK, _P_KICK_SLEEPERS, P_T_BARRIER_A, P_SIRQ_ROLE, P_PROGRESS, P_IDLE_POLL,
-     P_PERTURB, P_STARVED) = range(28)
+     P_T_FATAL, P_T_MCIP, P_PERTURB, P_STARVED) = range(30)
     # P_PERTURB: perturbations << 32 | yield points of this trial; P_STARVED: the site
     # (index + 1) where this CPU was starved. P_ARRIVE..+4: 1 + the barrier's val when
     # this CPU arrived, per ARRIVALS entry (0: did not arrive).
-    P_ARRIVE = 28
+    P_ARRIVE = 30
     P_LOGOUT = P_ARRIVE + len(ARRIVALS)
 
     def pc(self, cpu: int, word: int) -> int:
