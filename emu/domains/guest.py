@@ -41,7 +41,7 @@ import msgpack
 
 from emu.errors import ChannelError, EmulatorInternalError
 from emu.hw import msr
-from emu.hw.yieldpoint import SPAWN_DOMAIN, YieldPoints, process_seed
+from emu.hw.yieldpoint import YieldPoints, domain_key, process_seed
 
 PROTO = 1
 GUEST_LOG_SCHEMA = "emu.guestlog/1"
@@ -95,7 +95,7 @@ class Channel:
         """Apply a trial's control ``{"gen", "seed": [S, i], "chaos", "starve": [k, s]}``
         (sent by the machine with a notification) if its ``gen`` is new: this
         domain's yield points are reseeded from ``SeedSequence([S, i],
-        spawn_key=(SPAWN_DOMAIN, domid))``, with its starvation point if it is the
+        spawn_key=domain_key(domid))``, with its starvation point if it is the
         trial's victim. A control with only ``gen`` turns perturbation off. Returns
         whether it was new."""
         if not isinstance(ctl, dict):
@@ -108,7 +108,7 @@ class Channel:
             chaos = float(ctl.get("chaos") or 0.0)
             seed = ctl.get("seed")
             k, s = ctl.get("starve") or (-1, 0.0)
-            ss = process_seed(seed[0], seed[1], (SPAWN_DOMAIN, domid)) \
+            ss = process_seed(seed[0], seed[1], domain_key(domid)) \
                 if chaos > 0 and seed else None
             self.yps.configure(chaos, ss, int(k), float(s))
         except (TypeError, ValueError, IndexError):

@@ -15,10 +15,12 @@ entry without being a yield point (phase changes, VIRQ).
 Seeds: trial ``i`` of a campaign seeded ``S`` has the trial seed ``(S, i)``; every
 process draws from its own stream, ``SeedSequence([S, i], spawn_key=key)``
 (:func:`process_seed`): the child a ``spawn()`` would make, built directly so no
-process needs its siblings' state. Keys: ``(SPAWN_PLAN,)`` for the machine's
-per-trial plan (starvation), ``(SPAWN_CPU, c)`` for CPU ``c``, ``(SPAWN_DOMAIN, d)``
-for domain ``d`` (Dom0 is 0). A campaign drawing its own per-trial choices from the
-same ``(S, i)`` uses keys whose first element is 16 or more.
+process needs its siblings' state. The keys live under the trial's *perturbation*
+child ``(1,)`` (``SeedSequence([S, i]).spawn(3)`` gives scenario ``(0,)``,
+perturbation ``(1,)``, fault ``(2,)``, as :mod:`emu.campaign.families` uses them):
+``KEY_PLAN = (1, 0)`` for the machine's per-trial plan (starvation),
+:func:`cpu_key` ``(1, 1, c)`` for CPU ``c``, :func:`domain_key` ``(1, 2, d)`` for
+domain ``d`` (Dom0 is 0).
 
 A process reconfigures its yield points at the start of each trial
 (:meth:`YieldPoints.configure`): chaos intensity, its stream, its starvation point.
@@ -44,7 +46,17 @@ SITE = {n: i for i, n in enumerate(SITES)}
 TRACE_WORDS = 6      # seq, cpu, site, t_ns, d0, d1
 
 # Spawn keys of the per-process streams of a trial seed (see the module docstring).
-SPAWN_PLAN, SPAWN_CPU, SPAWN_DOMAIN = 0, 1, 2
+SPAWN_PERTURB = 1
+KEY_PLAN = (SPAWN_PERTURB, 0)
+
+
+def cpu_key(cpu: int) -> tuple:
+    return (SPAWN_PERTURB, 1, cpu)
+
+
+def domain_key(domid: int) -> tuple:
+    return (SPAWN_PERTURB, 2, domid)
+
 
 _BLOCK = 256          # (u, v) pairs drawn at a time
 _SHORT_SLEEP = 0.97   # v below: a short sleep; above: a stall

@@ -2,7 +2,7 @@
 
 A trial carries a *trial seed* ``(S, i)`` (default: the machine's seed and the
 trial's number). From it the machine draws the trial's *plan*
-(:func:`starvation_plan`, stream ``SPAWN_PLAN``), and every process (each CPU, Dom0,
+(:func:`starvation_plan`, stream ``KEY_PLAN``), and every process (each CPU, Dom0,
 each guest) draws its own perturbations (:func:`emu.hw.yieldpoint.process_seed`).
 
 **Chaos** (``chaos=p``): at each yield point a process perturbs itself with
@@ -65,7 +65,7 @@ import numpy as np
 
 from emu.domains.dom0 import DIE_POINTS
 from emu.errors import UsageError
-from emu.hw.yieldpoint import SPAWN_PLAN, process_seed
+from emu.hw.yieldpoint import KEY_PLAN, process_seed
 from emu.xen.mce import PHASES
 
 STARVE_MIN_S = 1e-5
@@ -109,7 +109,7 @@ def starvation_plan(seed: int, trial: int, names: list[str], p: float,
                     bound_s: float) -> dict:
     """The trial's starvation: ``{"p", "armed", "victim", "point", "s", "s_drawn",
     "cap_s"}`` (victim, point and times are drawn whether or not it is armed)."""
-    rng = np.random.Generator(np.random.PCG64(process_seed(seed, trial, (SPAWN_PLAN,))))
+    rng = np.random.Generator(np.random.PCG64(process_seed(seed, trial, KEY_PLAN)))
     armed_u, victim_u, point_u, s_u = rng.random(4).tolist()
     victim = names[min(int(victim_u * len(names)), len(names) - 1)]
     k = STARVE_POINTS_CPU if victim.startswith("cpu") else \

@@ -30,7 +30,7 @@ from emu.hw import msr
 from emu.hw.atomic import signed
 from emu.hw.banks import Banks
 from emu.hw.region import MCG_K_CAP, MCG_K_STATUS
-from emu.hw.yieldpoint import SPAWN_CPU, process_seed
+from emu.hw.yieldpoint import cpu_key, process_seed
 from emu.xen import layout as xl, mcaction, severity as sev, vmce
 from emu.xen.barrier import McaBarrier
 from emu.xen.layout import ACTION_RING, LOGOUT_RING
@@ -430,7 +430,7 @@ class XenCpu:
     def _trial_ctl(self, g: int) -> None:
         """Emulator control, not Xen: apply the trial's perturbation and fault that the
         coordinator wrote in the control block (:mod:`emu.machine.chaos`). Reseeds this
-        CPU's yield points from ``SeedSequence([S, i], spawn_key=(SPAWN_CPU, cpu))``,
+        CPU's yield points from ``SeedSequence([S, i], spawn_key=cpu_key(cpu))``,
         arms its starvation point if it is the victim, and its per-trial fault hooks
         (a trial without a fault gets the boot's hooks back)."""
         self._ctl_seen = g
@@ -442,7 +442,7 @@ class XenCpu:
             seed, trial = load(c + 8 * xl.CTL_SEED), load(c + 8 * xl.CTL_TRIAL)
             starve = load(c + 8 * xl.CTL_STARVE_K) - 1 \
                 if load(c + 8 * xl.CTL_STARVE_CPU) == cpu + 1 else -1
-            yps.configure(chaos, process_seed(seed, trial, (SPAWN_CPU, cpu)) if chaos > 0
+            yps.configure(chaos, process_seed(seed, trial, cpu_key(cpu)) if chaos > 0
                           else None, starve, load(c + 8 * xl.CTL_STARVE_NS) / 1e9)
         elif yps.active or yps.count or yps.points:
             yps.configure(0.0, None)
