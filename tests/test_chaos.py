@@ -290,6 +290,7 @@ def test_broadcast_mc_with_no_valid_bank_does_not_panic(emu_machine):
     assert r["errors"] == [] and r["raise_cpu"] == 2 and r["targets"] == [0, 1, 2, 3]
     # severity_cpu stays -1: nobody runs the fatal check (xen-mca.md §10.2, hazard B)
     assert r["outcome"] == "continued" and r["resets"] == 0 and "panic" not in r
+    assert [h["kind"] for h in r["hazards"]] == ["B"] and r["violations"] == []
     assert all("fatal_check" not in c["phases"] and "softirq_done" in c["phases"]
                for c in r["cpus"])
     assert all(b[msr.REG_STATUS] == 0 for b in m._call("banks", {}))   # no bank written
@@ -309,6 +310,7 @@ def test_lmce_with_no_valid_bank_panics(emu_machine):
     r = m.inject([], raise_cpu=3, local=True)
     assert r["targets"] == [3] and r["outcome"] == "reset" and r["resets"] == 1
     assert r["panic"] == "MCE: No CPU found valid MCE, need reset"
+    assert r["hazards"] == []          # the panic is Xen's answer here, not a hazard
     assert r["boot_log"] == [] and r["violations"] == []
     assert m.inject(_srao(0, 1))["outcome"] == "recovered"
 
