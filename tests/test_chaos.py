@@ -373,3 +373,20 @@ def test_dom0_log_counts_on_a_fresh_machine_is_empty(emu_machine):
     assert m.dom0_log_counts() == {}
     r = m.inject(SRAO_MEM)
     assert m.dom0_log_counts() == {r["errors"][0]["dom0_log"][0]["id"]: 1}
+
+
+def test_raise_cpu_with_an_error_raises_the_lmce_on_that_cpu(emu_machine):
+    m = emu_machine()
+    # bank 1 is core-scoped: CPUs 0 and 1 share it, so CPU 1's LMCE finds CPU 0's error
+    r = m.inject("cpu=0 bank=1 status=0xBD000000004000CF addr=0x3001000 misc=0x86 mcg=0x5",
+                 local=True, raise_cpu=1)
+    assert r["targets"] == [1] and r["raise_cpu"] == 1
+    assert r["outcome"] == "recovered" and r["errors"][0]["owners"] == [1]
+
+
+def test_per_trial_arguments_are_refused_for_cmci_trials(emu_machine):
+    m = emu_machine()
+    with pytest.raises(UsageError) as ei:
+        m.inject("cpu=0 bank=1 status=0x9000000000000136 via=cmci", chaos=0.5)
+    assert ei.value.field == "chaos"
+    assert m.inject(_srao(0, 1))["outcome"] == "recovered"
