@@ -92,6 +92,8 @@ def check_trial(res: dict, topo) -> list[str]:
         workers = [c["cpu"] for c in cpus if c["softirq_worker"]]
         if len(workers) > 1:
             v.append(f"softirq workers {workers} for one broadcast #MC (expected exactly one)")
+    if outcome == "deadlock":
+        v.append(f"deadlock: {res['deadlock']['text']}")
     if completed:
         for c in cpus:
             g = c.get("mcg_in")

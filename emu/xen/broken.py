@@ -57,12 +57,15 @@ class BarrierNoGeneration(McaBarrier):
         super().__init__(R, off)
         self.on_exit_wait = on_exit_wait
 
-    def mce_barrier_enter(self, wait: bool, yp, check) -> None:
+    def mce_barrier_enter(self, wait: bool, yp, check, arr: int = 0) -> None:
         if not wait:
             return
         X, load, online = self.X, self.X.load, self.online
         yp("barrier", self._tr[1])
-        if X.fetch_add(self._val, 1) + 1 == load(online):
+        v = X.fetch_add(self._val, 1) + 1
+        if arr:
+            X.store(arr, v)   # (the arrival order, emulator bookkeeping)
+        if v == load(online):
             self.ev.bump(self._ev_in)
             return
         self.ev.wait(self._ev_in, lambda: load(self._val) == load(online), check=check)
@@ -107,7 +110,7 @@ class McipOneCpu(XenCpu):
     def barrier_c_step(self, bs: McaSummary, bcast: bool) -> None:
         yp, check, bar = self.yp, self.check, self.mce_trap_bar
         self._phase(PH_BARRIER_C, self._o.t_fatal)
-        bar.mce_barrier_enter(bcast, yp, check)
+        bar.mce_barrier_enter(bcast, yp, check, self._arr_c)
         if self._checker:
             self._checker = False
             self.clear_mcip()

@@ -69,7 +69,7 @@ class NoBarrierMcipSync(XenCpu):
     def barrier_b_step(self, lmce: bool, bcast: bool) -> None:
         X, yp, check, bar = self.X, self.yp, self.check, self.mce_trap_bar
         self._phase(PH_BARRIER_B)
-        bar.mce_barrier_enter(bcast, yp, check)
+        bar.mce_barrier_enter(bcast, yp, check, self._arr_b)
         if lmce or signed(X.load(self._o.severity_cpu)) == self.cpu:
             self._phase(PH_FATAL_CHECK)
             self.fatal_check()
