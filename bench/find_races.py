@@ -19,8 +19,8 @@ with its second wave an LMCE, as ``011899a2e0``'s race needs) and ``spurious`` (
 ``owner_race`` family with every other trial a #MC with no valid bank,
 ``raise_cpu``, as ``6a2c6a6842``'s needs), and ``cmci`` for ``no-3e15c37e68`` (two
 corrected errors in a CMCI core bank with a poll round, as tests/test_cmci.py does).
-``no-eipv-check`` runs the ``ripv`` family with CPUs 0 and 1 in a guest's context
-(hook ``current``);
+``no-eipv-check`` runs the ``ripv`` family with every CPU in a guest's context (hook
+``current``: DOM1's vCPUs);
 ``shared-severity-cpu`` holds every CPU 5 ms once the softirq election is written
 (hook ``stalls``), the window a perturbing campaign would have to hit by chance.
 
@@ -53,7 +53,7 @@ SCHEMA = "emu.find_races/1"
 UNIT_ONLY = ("xchg-head-reread", "freelist-aba")
 # Machine options per version (beyond the defaults), and the family actually run
 MACHINE = {"xen-2009-03": {"vmce_policy": "dom0"},
-           "no-eipv-check": {"extra_hooks": {"current": {0: [1, 0], 1: [1, 1]}}},
+           "no-eipv-check": {"extra_hooks": {"current": {c: [1, c % 2] for c in range(4)}}},
            # a fixed 5 ms hold of every CPU once the softirq election is written: the
            # starvation a perturbing campaign would have to hit by chance
            "shared-severity-cpu": {"extra_hooks": {"stalls": [
