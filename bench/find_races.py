@@ -12,12 +12,12 @@ of finding, and how often its reproduction reproduces it (of ``--repeat``). With
 The campaign engine (``emu stress``, issue 10) is not on main yet: this script runs
 a small loop of its own over :meth:`emu.machine.Machine.inject` with the stress
 generator's families (:func:`emu.campaign.families.scenario_for`, trial ``i`` of seed
-``S`` rebuilt from ``(S, i)`` alone), one machine per campaign, without perturbation
-(``chaos`` is inert in a booted machine on main). Three families are defined here,
-for versions no stress family reaches yet: ``nested_lmce`` (the ``nested`` family
-with its second wave an LMCE, as ``011899a2e0``'s race needs) and ``spurious`` (the
-``owner_race`` family with every other trial a #MC with no valid bank,
-``raise_cpu``, as ``6a2c6a6842``'s needs), and ``cmci`` for ``no-3e15c37e68`` (two
+``S`` rebuilt from ``(S, i)`` alone), one machine per campaign, unperturbed unless
+``--chaos P``. Three families are defined here, for versions no stress family
+reaches yet: ``nested_lmce`` (the ``nested`` family with its second wave an LMCE, as
+``011899a2e0``'s race needs), ``spurious`` (the ``owner_race`` family with every
+other trial a #MC with no valid bank, ``raise_cpu``, as ``6a2c6a6842``'s needs) and
+``cmci`` for ``no-3e15c37e68`` (two
 corrected errors in a CMCI core bank with a poll round, as tests/test_cmci.py does).
 ``no-eipv-check`` runs the ``ripv`` family with every CPU in a guest's context (hook
 ``current``: DOM1's vCPUs);
@@ -87,11 +87,15 @@ def _scenario(family: str, seed: int, i: int, topo) -> tuple[Scenario, dict]:
     return scenario_for(seed, i, family, topo), {}
 
 
+CHAOS = 0.0   # --chaos: the machines' perturbation probability per yield point
+
+
 def _machine(handler: str, seed: int, log_dir: str, watchdog_s: float) -> Machine:
     opts = dict(MACHINE.get(handler, {}))
     hooks = opts.pop("extra_hooks", {})
     return Machine(MachineConfig(handler=handler, seed=seed, watchdog_s=watchdog_s,
-                                 extra={"log_dir": log_dir, "hooks": hooks}, **opts)).start()
+                                 chaos=CHAOS, extra={"log_dir": log_dir, "hooks": hooks},
+                                 **opts)).start()
 
 
 def _trial(m: Machine, scn: Scenario, kw: dict) -> dict:
@@ -256,6 +260,7 @@ def run(versions, seeds: int, max_trials: int, repeat: int, watchdog_s: float,
             print(f"{v}: found on {len(hits)}/{seeds} seeds", file=log)
         base = baseline(seed_trials, d, watchdog_s, log) if seed_trials else None
     return {"schema": SCHEMA, "seeds": seeds, "max_trials": max_trials, "repeat": repeat,
+            "chaos": CHAOS,
             "engine": "Machine.inject loop (emu stress not on main)", "versions": rows,
             "seed_baseline": base}
 
@@ -297,9 +302,13 @@ def main(argv=None) -> int:
     p.add_argument("--watchdog", type=float, default=0.5)
     p.add_argument("--seed-trials", type=int, default=0,
                    help="also run seed over every family, N trials each (default 0)")
+    p.add_argument("--chaos", type=float, default=0.0,
+                   help="perturbation probability per yield point (default 0)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out")
     a = p.parse_args(argv)
+    global CHAOS
+    CHAOS = a.chaos
     names = [n for n in HANDLERS if n != "seed"] if a.versions == "all" else \
         [v.strip() for v in a.versions.split(",") if v.strip()]
     bad = [n for n in names if n not in HANDLERS]
