@@ -31,7 +31,8 @@ finding of the same kind. The two telemetry versions are reachable at unit level
 only: their row gives the unit reproduction (the test's recipe) of ``--repeat``.
 
     python bench/find_races.py [--versions a,b] [--seeds 5] [--max-trials 200]
-                               [--repeat 20] [--seed-trials 0] [--json] [--out FILE]
+                               [--repeat 20] [--seed-trials 0] [--chaos P] [--json]
+                               [--out FILE]
 """
 from __future__ import annotations
 

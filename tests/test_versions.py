@@ -54,7 +54,7 @@ def test_mcip_left_set_then_shutdown(emu_machine, handler):
         assert _has(r2, "found MCIP still set from an earlier #MC")
 
 
-@pytest.mark.parametrize("phase,stalled", [("exit", "softirq"),             # H1
+@pytest.mark.parametrize("phase,stalled", [("exit", "mced_wait"),           # H1
                                            ("softirq_finish", "softirq_finish")])  # H2
 def test_xen_2009_03_lost_wakeup_hangs(emu_machine, phase, stalled):
     """A CPU that reaches a cpumask after it was cleared spins forever."""
@@ -98,6 +98,26 @@ def test_xen_2009_03_second_mc_while_the_buffer_is_in_use_panics(emu_machine):
     r = emu_machine(handler="xen-2009-03", topology="1x1x1", vmce_policy="dom0",
                     extra={"hooks": hooks}).inject(SRAO_CORE, then=then)
     assert r["outcome"] == "reset" and "Local buffer is being processed" in r["panic"]
+
+
+def test_xen_2009_03_second_mc_before_mce_actions_loses_a_record_and_hangs(emu_machine):
+    """One CPU: a #MC after the worker test, before mce_actions, overwrites
+    mc_local.mctc (the first record stays uncommitted), leaves MCIP set (the process
+    lock is still held) and its softirq spins on the mced_cpus the cleanup cleared."""
+    hooks = {"stall_phase": "softirq_worker", "stall_s": 0.3}
+    then = {"errors": ["cpu=0 bank=2 status=0xBD000000004000CF addr=0x182000 misc=0x86"],
+            "after_phase": "softirq_worker"}
+    for h in ("xen-2009-03", "seed"):
+        m = emu_machine(handler=h, topology="1x1x1", vmce_policy="dom0", watchdog_s=0.5,
+                        extra={"hooks": hooks})
+        r = m.inject(SRAO_CORE, then=then)
+        if h == "seed":
+            assert r["outcome"] == "recovered" and r["violations"] == []
+            continue
+        assert r["outcome"] == "hang" and r["snapshot"][0]["phase"] == "mced_wait"
+        assert r["snapshot"][0]["mcg_status"].endswith("5")          # MCIP still set
+        assert [(x["state"], x["bank"]) for x in r["lost_at_reset"]] == [("uncommitted", 1)]
+        assert _has(r, "hang: the handler stopped making progress")
 
 
 def test_xen_2009_03_mc_with_no_error_panics_and_vmce_goes_to_dom0(emu_machine):
@@ -413,7 +433,8 @@ def test_oracle_hang_shutdown_and_hazard_c():
     assert check_trial(_res("hang", snapshot=snap), None)
     assert check_trial(_res("hang", snapshot=snap, hang_expected=True), None) == []
     lmce = [{"cpu": 0, "phase": "softirq"}, {"cpu": 1, "phase": "idle"}]   # hazard C
-    assert check_trial(_res("hang", snapshot=lmce, local=True), None) == []
+    assert check_trial(_res("hang", snapshot=lmce, local=True, hazards=[{"kind": "C"}]),
+                       None) == []
     assert check_trial(_res("hang", snapshot=lmce), None)
     inside = {"wave": 2, "cpu": 1, "left_handler": False}   # the SDM's nested shutdown
     assert check_trial(_res("shutdown", shutdown=inside), None) == []

@@ -211,6 +211,7 @@ class Xen200903(XenCpu):
         self.stamp(L.P_T_SOFTIRQ_START)
         self.mced.will_spin()
         self.set_phase("softirq")
+        self._phase(PH_MCED_WAIT)   # the spin shared with the trap handler
         self.mced.spin_until_full()
         worker = signed(X.load(self._sevcpu))
         if worker == -1:
