@@ -52,7 +52,6 @@ from emu.xen.spinlock import SpinLock
 CLEAR_GRACE_S = 0.05
 PH_ROUND1_WAIT, PH_MCED_WAIT, PH_SOFTIRQ_ACTIONS, PH_SOFTIRQ_FINISH = (
     PH[n] for n in ("round1_wait", "mced_wait", "softirq_actions", "softirq_finish"))
-SCANNED, MCED, FINISHED = range(3)
 _popcount = int.bit_count
 
 
@@ -60,11 +59,12 @@ class Cpumask:
     """A ``cpumask_t`` in Xen memory that CPUs spin on (``cpu_set``, ``cpus_weight``,
     ``cpus_clear``); every change bumps one event word the spinners sleep on."""
 
-    def __init__(self, R, k: int):
+    def __init__(self, R, off: int, k: int):
+        """``off``: the mask's words; ``k``: its spinner count (``mask_waiting[k]``)."""
         L = R.L
         self.X, self.ev, self.online = R.X, R.ev, L.online
         self.words = L.mcefatal_words
-        self.off = L.mced_cpus + 8 * self.words * k
+        self.off = off
         self.waiting = L.mask_waiting + 8 * k
         self.ev_off = L.mask_ev
 
@@ -116,10 +116,10 @@ class Xen200903(XenCpu):
     def __init__(self, R, cpu, yps, hooks=None):
         super().__init__(R, cpu, yps, hooks)
         L = R.L
-        self.scanned, self.mced, self.finished = (Cpumask(R, k) for k in range(3))
-        self.impact = Cpumask(R, 0)
-        self.impact.off = L.impact_map
-        self.impact.waiting = L.mask_waiting + 8 * 3
+        # scanned_cpus, mced_cpus, finished_cpus in L.mced_cpus's three masks
+        self.scanned, self.mced, self.finished = (
+            Cpumask(R, L.mced_cpus + 8 * L.mcefatal_words * k, k) for k in range(3))
+        self.impact = Cpumask(R, L.impact_map, 3)   # nobody spins on it
         self.mce_enter_lock = SpinLock(R, L.mce_enter_lock)
         self._worst, self._sevcpu = L.worst, L.worst + 8
         self._in_use = L.mc_local
