@@ -18,6 +18,19 @@ from emu.xen.vmce import MAX_DOMS, MAX_VCPUS
 VMCE_POLICIES = ("owner", "dom0")
 
 
+def check_log_rotation(extra: dict) -> dict:
+    """Dom0 log rotation from ``extra``: ``log_rotate_mb`` (MiB; 0, the default: never)
+    and ``log_rotate_keep`` (rotated parts kept, default 8), checked; as
+    ``dom0_main``'s ``rotate_bytes``/``rotate_keep``."""
+    mb = extra.get("log_rotate_mb", 0) or 0
+    keep = extra.get("log_rotate_keep", 8)
+    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not 0 <= mb <= 1 << 20:
+        raise UsageError("log_rotate_mb", f"{mb!r}: give a size in MiB (0: no rotation)")
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= 10_000:
+        raise UsageError("log_rotate_keep", f"{keep!r}: give 1..10000 rotated parts")
+    return {"rotate_bytes": int(mb * (1 << 20)), "rotate_keep": keep}
+
+
 @dataclass
 class MachineConfig:
     """Everything that defines a machine. Validated by :meth:`validate`."""
@@ -68,6 +81,10 @@ class MachineConfig:
                              "(0: an idle CPU sleeps at once)")
         if self.vmce_policy not in VMCE_POLICIES:
             raise UsageError("vmce-policy", f"{self.vmce_policy!r}: choose owner or dom0")
+        check_log_rotation(self.extra)
+        if not self.extra.get("log_dir"):
+            from emu.machine.runs import keep_runs
+            keep_runs()          # a bad EMU_KEEP_RUNS is refused here, before the boot
         return self
 
     @property

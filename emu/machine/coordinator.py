@@ -31,6 +31,7 @@ from emu.machine.config import MachineConfig
 from emu.machine.cpu_process import cpu_process
 from emu.machine.procs import child_signals, fork_child, set_pdeathsig
 from emu.machine.regions import Regions
+from emu.machine.runs import note_trial
 from emu.trial.oracle import check_trial
 from emu.trial.spec import validate_errors
 from emu.xen import severity as sev
@@ -88,6 +89,9 @@ class Coordinator(DomainChannels):
         self.log_dir = cfg.extra.get("log_dir") or os.path.join(
             tempfile.gettempdir(), "emu-runs", time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
         os.makedirs(self.log_dir, exist_ok=True)
+        if not cfg.extra.get("log_dir"):
+            from emu.machine.runs import prune_runs  # keep the newest EMU_KEEP_RUNS
+            prune_runs(os.path.dirname(self.log_dir), current=self.log_dir)
         self.dom0_log_path = os.path.join(self.log_dir, "dom0.jsonl")
         self.boots = self._last_boot_in_log()
         self.dom0_hooks = dict(cfg.extra.get("dom0_hooks", {}))
@@ -434,6 +438,7 @@ class Coordinator(DomainChannels):
         res["dom0"] = {"restarts": self.dom0_restarts, "exits": list(self.dom0_exits),
                        "refused": self.refused}
         res["violations"] = check_trial(res, self.topo)
+        note_trial(self.log_dir, res)
         return res
 
     @staticmethod
