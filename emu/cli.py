@@ -212,9 +212,10 @@ def cmd_xen_mceinj(a, tool_args) -> int:
                               "gaddr": hexs(t["gaddr"]), "maddr": hexs(t["maddr"]),
                               "mfn": t["mfn"]}, sort_keys=True))
             return 0
-        for line in plan.output:
-            print(line)
         where = "Xen" if plan.domain is None else f"Dom{plan.domain}"
+        for line in plan.output:     # the tool's own gaddr line gets the translation
+            if not line.startswith(f"{where}: gaddr="):
+                print(line)
         print(f"{where}: gaddr={t['gaddr']:#x} maddr={t['maddr']:#x} (mfn {t['mfn']:#x}, "
               "emu's memory map)")
         return 0
