@@ -334,10 +334,26 @@ class GuestKernel:
                   "handler_us": (time.monotonic() - t0) * 1e6}
         self._append_log({"schema": GUEST_LOG_SCHEMA, "domid": self.domid, "vcpu": vcpu,
                           "t": time.time(), "console": self.console[first_line:],
-                          "report": report})
+                          "report": log_report(report)})
         self.reports.append(report)
         self.ch.send("handled", report)
         return report
+
+
+_REGS = ("mcg_cap", "mcg_status", "status", "addr", "misc")
+
+
+def log_report(report: dict) -> dict:
+    """The handler's report as the guest log stores it: register values as canonical
+    hex strings (:func:`emu.hw.msr.hexs`), as in every emu output; the ``handled``
+    message on the channel keeps integers."""
+    def regs(d):
+        return {k: msr.hexs(v) if k in _REGS and isinstance(v, int) else v
+                for k, v in d.items()}
+    out = dict(report)
+    out["read"] = regs(report.get("read") or {})
+    out["banks"] = [regs(b) for b in report.get("banks") or []]
+    return out
 
 
 def _probe(kernel: "GuestKernel", args: dict) -> dict:
