@@ -43,12 +43,15 @@ def test_timing_fields_follow_the_handler_order(emu_machine):
     r = m.inject(SRAO_MEM)
     lat = r["latency_us"]
     assert t_before < r["t_inject_ns"] and lat["raise"] >= 0
-    order = ("entered", "logout_done", "barrier_a", "handler_exit", "softirq_done")
+    order = ("entered", "logout_done", "barrier_a", "fatal_check_done", "mcip_cleared",
+             "handler_exit", "softirq_done")
     for c in r["cpus"]:
         t = [c["t_us"][k] for k in order]
         assert all(x is not None and x > 0 for x in t), c
         assert t == sorted(t), c
     for k, field in (("entered", "all_entered"), ("logout_done", "logout_done"),
+                     ("barrier_a", "barrier_a"), ("fatal_check_done", "fatal_check_done"),
+                     ("mcip_cleared", "mcip_cleared"),
                      ("handler_exit", "handler_exit"), ("softirq_done", "softirq_done")):
         assert lat[field] == max(c["t_us"][k] for c in r["cpus"])
     # A CPU that took no #MC (LMCE elsewhere) has no stamps of this trial.

@@ -32,6 +32,7 @@ from emu.machine.cpu_process import cpu_process
 from emu.machine.procs import child_signals, fork_child, set_pdeathsig
 from emu.machine.regions import Regions
 from emu.machine.runs import note_trial
+from emu.machine.tracing import TraceRecorder
 from emu.trial.oracle import check_trial
 from emu.trial.spec import validate_errors
 from emu.xen import severity as sev
@@ -48,7 +49,7 @@ RING_LATE_S = 0.0005   # at the earliest; see Coordinator._ring_late
 RING_LATE_MAX_S = 0.02
 
 
-class Coordinator(DomainChannels):
+class Coordinator(DomainChannels, TraceRecorder):
     def __init__(self, conn, cfg: MachineConfig):
         self.conn = conn
         self.cfg = cfg
@@ -84,6 +85,12 @@ class Coordinator(DomainChannels):
         self.ready_doms: set[int] = set()
         self._served = 0
         self.guest_spin_s = float(cfg.extra.get("guest_spin_s", GUEST_SPIN_S))
+        # Tracing (cfg.trace): what the coordinator sees of the last trial, as
+        # [t_ns, track, name, args] (track: "coordinator", "dom0", "dom1", ...), and
+        # the CPUs' ring, read before a reset could wipe it.
+        self.tev: list | None = [] if cfg.trace else None
+        self._trace_ring: dict | None = None
+        self._trace_used = 0
         # Dom0: the logger process and its channel (the hypercall and VIRQ path).
         import tempfile
         self.log_dir = cfg.extra.get("log_dir") or os.path.join(
@@ -185,6 +192,8 @@ class Coordinator(DomainChannels):
     def warm_reset(self, cause: str = "Machine.reset") -> dict:
         """Reset: every CPU restarts, Xen memory is lost, the banks are kept.
         The result's ``lost_at_reset`` lists the telemetry records the reset lost."""
+        if self.tev is not None:
+            self.tev.append([time.monotonic_ns(), "coordinator", "reset", {"cause": cause}])
         self._stop_guests()
         self._stop_dom0()
         self._kill_cpus()
@@ -320,7 +329,8 @@ class Coordinator(DomainChannels):
             offs = self._trial_words = [
                 L.pc(c, w) for c in range(self.n)
                 for w in (L.P_LOGOUT_N, L.P_REACHED, L.P_T_ENTER, L.P_T_LOGOUT, L.P_T_EXIT,
-                          L.P_T_SOFTIRQ, L.P_SIRQ_ROLE, L.P_T_BARRIER_A)]
+                          L.P_T_SOFTIRQ, L.P_SIRQ_ROLE, L.P_T_BARRIER_A, L.P_T_FATAL,
+                          L.P_T_MCIP)]
         store = X.store
         for off in offs:
             store(off, 0)
@@ -370,12 +380,17 @@ class Coordinator(DomainChannels):
         self.handled.clear()
         self.delivered.clear()
         self.rung_late: list[int] = []
+        if self.tev is not None:
+            self._trace_reset()
         errs, written, targets, mcg = self._inject(first, local)
         fds = self._poll_fds()
         t_inject = time.monotonic_ns()
         # Latencies count from t0, the raise: MCG_STATUS is written (by the emulator,
         # where silicon takes no time) and the signal is about to go.
         sd, t0 = deliver_mc(self.banks, targets, mcg, self.cpu_pids, self.pgid)
+        if self.tev is not None:
+            self.tev.append([t0, "coordinator", "raise", {"targets": targets, "trial": gen,
+                                                          "local": local}])
         # Straight to sleep: the signal woke CPUs on this core, and every microsecond
         # of Python here before the coordinator blocks is taken from their handler.
         ring_late_s = self._ring_late_s()
@@ -400,6 +415,9 @@ class Coordinator(DomainChannels):
             self._wait(wait_targets, timeout_s or self.cfg.watchdog_s, ready, t0 / 1e9,
                        ring_late_s)
         res = self._collect(first_gen, errs, written, targets, t0, outcome, detail, local)
+        if self.tev is not None:
+            self._trace_ring = self._read_trace_ring()   # before a reset wipes it
+            self._trace_ring.update(t0=t0, trial=first_gen)
         res["rung_late"] = sorted(set(self.rung_late))
         # The ring's timing follows handler times that did not need it.
         if res["latency_us"]["handler_exit"] is not None and not self.rung_late:
@@ -572,6 +590,9 @@ class Coordinator(DomainChannels):
             if X.load(L.pc(c, L.P_MC_GEN)) < g and \
                     self.R.ev.ring_doorbell(self.R.HL.doorbell(c), self.R.HL.sleep_reg(c)):
                 self.rung_late.append(c)
+                if self.tev is not None:
+                    self.tev.append([time.monotonic_ns(), "coordinator", "doorbell",
+                                     {"cpu": c}])
 
     def _collect(self, gen, errs, written, targets, t0, outcome, detail, local) -> dict:
         X, L, topo = self.R.X, self.R.L, self.topo
@@ -633,7 +654,9 @@ class Coordinator(DomainChannels):
             reached = X.load(L.pc(c, L.P_REACHED))
             stamps = {}
             for name, word in (("entered", L.P_T_ENTER), ("logout_done", L.P_T_LOGOUT),
-                               ("barrier_a", L.P_T_BARRIER_A), ("handler_exit", L.P_T_EXIT),
+                               ("barrier_a", L.P_T_BARRIER_A),
+                               ("fatal_check_done", L.P_T_FATAL), ("mcip_cleared", L.P_T_MCIP),
+                               ("handler_exit", L.P_T_EXIT),
                                ("softirq_done", L.P_T_SOFTIRQ)):
                 t = X.load(L.pc(c, word))
                 stamps[name] = round((t - t0) / 1e3, 1) if t >= t0 else None
@@ -648,6 +671,9 @@ class Coordinator(DomainChannels):
                "errors": errors_out, "boot_log": [],
                "cpus": cpus,
                "latency_us": {"all_entered": lat(L.P_T_ENTER), "logout_done": lat(L.P_T_LOGOUT),
+                              "barrier_a": lat(L.P_T_BARRIER_A),
+                              "fatal_check_done": lat(L.P_T_FATAL),
+                              "mcip_cleared": lat(L.P_T_MCIP),
                               "handler_exit": lat(L.P_T_EXIT),
                               "softirq_done": lat(L.P_T_SOFTIRQ)},
                "telemetry": {"free": self.tele.free_count(), "drops": self.tele.drops()},
@@ -708,6 +734,8 @@ class Coordinator(DomainChannels):
             return None
         if cmd == "probe":
             return self._probe(args)
+        if cmd == "trace":
+            return self._trace_payload()
         if cmd == "banks":
             return [[self.banks.read(c, b, r) for r in range(5)] for c in range(self.n)
                     for b in range(self.topo.nbanks)]
