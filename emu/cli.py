@@ -333,8 +333,8 @@ def cmd_log(a) -> int:
         raise UsageError("file", "give a run directory or one of its logs (the dom0_log_path "
                          "of a run), or --mcelog-ascii FILE")
     if a.follow:
-        return logview.follow(a.file, raw=a.raw, out=sys.stdout)
-    sys.stdout.write(logview.render(a.file, raw=a.raw))
+        return logview.follow(a.file, raw=a.raw or a.json, out=sys.stdout)
+    sys.stdout.write(logview.render(a.file, raw=a.raw or a.json, headers=not a.json))
     return 0
 
 
@@ -405,8 +405,11 @@ def main(argv=None) -> int:
                         "Dom0's kernel log, the guests' logs")
     lg.add_argument("file", nargs="?", help="a run directory, or one of its logs (a "
                     "dom0.jsonl, its .kernel, a domN.guest.jsonl)")
-    lg.add_argument("--json", "--raw", dest="raw", action="store_true",
-                    help="print the records as they are stored")
+    lg.add_argument("--raw", action="store_true",
+                    help="print the records as they are stored (a ==> file <== line before "
+                    "each log of a directory)")
+    lg.add_argument("--json", action="store_true",
+                    help="the records as stored, JSON Lines only (no file headers)")
     lg.add_argument("--follow", "-f", action="store_true",
                     help="keep reading: print what a running machine appends")
     lg.add_argument("--mcelog-ascii", metavar="FILE",

@@ -267,3 +267,11 @@ def test_follow_stops_on_request(tmp_path):
     out = StringIO()
     assert follow(str(f), out=out, poll_s=0, stop=lambda: True) == 0
     assert "] hello" in out.getvalue()
+
+
+def test_log_json_of_a_directory_is_json_lines_only(guest_run):
+    d, _ = guest_run
+    p = emu("log", "--json", str(d))
+    assert p.returncode == 0, p.stderr
+    objs = [json.loads(x) for x in p.stdout.splitlines()]
+    assert {o["schema"] for o in objs} == {"emu.mcelog/1", "emu.guestlog/1"}

@@ -228,8 +228,9 @@ def render_file(kind: str, path: str, *, raw: bool = False, trials=None) -> str:
     return "".join(x + "\n" for x in out)
 
 
-def render(path: str, *, raw: bool = False) -> str:
-    """``emu log PATH``: a run directory (every log, each under a header) or one log."""
+def render(path: str, *, raw: bool = False, headers: bool = True) -> str:
+    """``emu log PATH``: a run directory (every log, each under a header unless
+    ``headers`` is false) or one log."""
     logs = run_logs(path)
     if len(logs) == 1 and not os.path.isdir(path):
         return render_file(*logs[0], raw=raw)
@@ -240,8 +241,12 @@ def render(path: str, *, raw: bool = False) -> str:
         title = {"dom0": "Dom0's records", "kernel": "Dom0's kernel log",
                  "guest": f"guest log ({os.path.basename(p).split('.')[0]})"}[kind]
         body = render_file(kind, p, raw=raw, trials=trials)
+        if not headers:
+            parts.append(body)
+            continue
+        body = body or "(empty)\n"
         parts.append((f"==> {p} <==\n" if raw else f"==> {title}: {p} <==\n") + body)
-    return "\n".join(parts)
+    return ("\n" if headers else "").join(parts)
 
 
 def follow(path: str, *, raw: bool = False, out=None, poll_s: float = 0.2,
