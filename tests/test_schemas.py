@@ -116,3 +116,16 @@ def test_a_mismatch_names_its_path(runs):
     r["errors"][0]["status"] = int(r["errors"][0]["status"], 16)
     with pytest.raises(schemas.SchemaMismatch, match=r"at \.errors\[0\]\.status"):
         schemas.validate(r)
+
+
+def test_a_tiny_bench_result_validates(tmp_path):
+    # smoke size only: the schema, not the figures
+    out = tmp_path / "b.jsonl"
+    p = emu("bench", "--cpus", "4", "--injections", "2", "--boots", "1", "--instances", "1",
+            "--warmup", "0", "--no-stress", "--no-naive", "--guest-every", "0", "--json",
+            "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    objs = [json.loads(x) for x in p.stdout.splitlines()]
+    assert objs and all(o["schema"] == "emu.bench/1" for o in objs)
+    for o in objs:
+        schemas.validate(o)
