@@ -199,7 +199,7 @@ def _injections(recs, topo):
     for inj in plans:
         if inj.refusal is not None:
             raise UsageError(*inj.refusal)
-    return plans
+    return [(inj, list(inj.specs), bool(inj.emu_local)) for inj in plans]
 
 
 def run_injections(a, path: str) -> int:
@@ -215,19 +215,23 @@ def run_injections(a, path: str) -> int:
         print(dump(recs), end="")
         return 0
     plans = _injections(recs, topo)
-    for inj in plans:   # nothing runs on bad input
-        validate_errors(list(inj.specs), topo.ncpus, topo.nbanks, cfg.domids)
+    for inj, specs, _ in plans:   # nothing runs on bad input
+        try:
+            validate_errors(specs, topo.ncpus, topo.nbanks, cfg.domids)
+        except UsageError as exc:
+            raise UsageError(inj.trigger.where, f"{exc.field}: {exc.message}") from None
     worst = 0
     with Machine(cfg) as m:
-        for inj in plans:
-            res = m.inject(list(inj.specs), local=bool(inj.emu_local))
+        for inj, specs, local in plans:
+            res = m.inject(specs, local=local)
             res["injection"] = {"index": inj.index, "source": inj.trigger.where,
                                 "records": [r.where for r in inj.records],
-                                "specs": list(inj.specs), "notes": list(inj.notes)}
+                                "specs": specs, "notes": list(inj.notes)}
             if a.json:
                 print(json.dumps(res, sort_keys=True), flush=True)
             else:
-                how = ("LMCE" if inj.emu_local else "#MC broadcast")
+                how = ("poller" if specs[0].endswith("via=poll") else
+                       "LMCE" if local else "#MC broadcast")
                 print(f"injection {inj.index + 1} ({inj.trigger.where}, {how}):")
                 for n in inj.notes:
                     print(f"  note: {n}")
@@ -281,22 +285,23 @@ def cmd_xen_mceinj(a, tool_args) -> int:
         return 0
     if not plan.runnable:
         raise UsageError(*plan.refusal)
+    spec, local = plan.spec, bool(plan.emu_local)
     from emu.trial.spec import validate_errors
     topo = _topo(cfg)
-    validate_errors([plan.spec], topo.ncpus, topo.nbanks, cfg.domids)
+    validate_errors([spec], topo.ncpus, topo.nbanks, cfg.domids)
     with Machine(cfg) as m:
-        res = m.inject([plan.spec], local=bool(plan.emu_local))
+        res = m.inject([spec], local=local)
     exp = plan.expected
     res["xen_mceinj"] = {"argv": list(plan.argv), "numbering": plan.numbering,
                          "type": plan.type, "description": plan.error.description,
-                         "spec": plan.spec, "expected_outcome": exp.outcome,
+                         "spec": spec, "expected_outcome": exp.outcome,
                          "expected_class": exp.xen_class}
     if a.json:
         print(json.dumps(res, sort_keys=True))
     else:
         for line in plan.output:
             print(line)
-        print(f"xen-mceinj -t {plan.type} ({plan.error.description}): {plan.spec}")
+        print(f"xen-mceinj -t {plan.type} ({plan.error.description}): {spec}")
         print(f"  Xen's code leads to: {exp.outcome} ({exp.xen_class}); {exp.action}")
         _print_trial(res, sys.stdout)
     return 1 if res["violations"] else 0
@@ -309,8 +314,7 @@ def cmd_case(a) -> int:
         for name in cases.case_names():
             plan = cases.plan_case(name, numbering=a.numbering)
             chk = plan.expected.mce_test
-            why = "" if plan.runnable or cases._machine_has_cmci() else \
-                "   [skipped: needs CMCI, which emu does not model yet]"
+            why = "" if plan.runnable else f"   [skipped: {plan.refusal[1]}]"
             rows.append(f"{name:16} xen-mceinj {' '.join(plan.argv):10} requires "
                         f"{'+'.join(chk.requires)}{why}")
         print("\n".join(rows))

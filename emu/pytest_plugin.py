@@ -199,8 +199,9 @@ def _spec_text(e) -> str:
     return str(e)
 
 
-def reproduce_line(cfg, errors, local: bool, then=None) -> str:
-    """The ``emu run ...`` command that runs this trial on a machine like ``cfg``."""
+def reproduce_line(cfg, errors, local: bool, then=None, via: str | None = None) -> str:
+    """The ``emu run ...`` command that runs this trial on a machine like ``cfg``
+    (``via``: the inject argument, given to every error without its own)."""
     args = ["emu", "run"]
     for attr, flag, default in _CLI_FLAGS:
         v = getattr(cfg, attr)
@@ -211,7 +212,10 @@ def reproduce_line(cfg, errors, local: bool, then=None) -> str:
     if not cfg.pin_cpus:
         args.append("--no-pin")
     for e in errors if isinstance(errors, (list, tuple)) else [errors]:
-        args += ["--error", _spec_text(e)]
+        text = _spec_text(e)
+        if via and "via=" not in text.lower():
+            text += f" via={via}"
+        args += ["--error", text]
     if local:
         args.append("--local")
     line = shlex.join(args)
@@ -273,10 +277,10 @@ def emu_machine(request, emu_leak_check, _emu_session):
         st["machines"].append({"config": m.config, "log_dir": extra["log_dir"]})
         orig = m.inject
 
-        def inject(errors, local=False, timeout_s=None, then=None):
-            res = orig(errors, local=local, timeout_s=timeout_s, then=then)
+        def inject(errors, local=False, timeout_s=None, then=None, **kw):
+            res = orig(errors, local=local, timeout_s=timeout_s, then=then, **kw)
             st["last"] = {"config": m.config, "errors": errors, "local": local, "then": then,
-                          "result": res, "log_dir": extra["log_dir"]}
+                          "via": kw.get("via"), "result": res, "log_dir": extra["log_dir"]}
             return res
         m.inject = inject
         m.start()
@@ -325,5 +329,5 @@ def pytest_runtest_makereport(item, call):
         lines.append(f"seed {last['config'].seed}; last trial:")
         lines += summary(last["result"])
         lines.append("reproduce: " + reproduce_line(last["config"], last["errors"],
-                                                    last["local"], last["then"]))
+                                                    last["local"], last["then"], last["via"]))
     rep.sections.append(("emu", "\n".join(lines)))

@@ -13,6 +13,8 @@ made them on a real host:
   tainted" or a panic, and the check fails.
 - ``guest_verify``: the guest's log (``dom<D>.guest.jsonl``, its console lines)
   must contain "kernel page recovery" (Linux HWPoison output of the guest's handler).
+- ``xen_behaviour`` (emu's, not mce-test's): what xen-mca.md §9.3 says Xen does behind
+  the PASS, read from the trial result and Dom0's log (:func:`behaviour_check`).
 - ``mcelog_verify``: Dom0's log records of this trial, decoded by emu's mcelog
   ``--ascii`` (:func:`emu.domains.mcelog.format_record`), must contain the string
   the framework greps for the type number (``MCE_TEST_GREP``). By default the decode
@@ -23,8 +25,8 @@ made them on a real host:
 The case table's type numbers are the 2010 tool's (the numbering the cases were
 written against, the default here); with ``numbering="current"`` srao_mem and
 srao_llc inject each other's payload and their mcelog checks fail, as on a current
-Xen (§8.2). Cases whose path emu does not model are skipped with the reason
-(CMCI for ``ucna_llc``, unless the machine provides CMCI delivery).
+Xen (§8.2). The ``ucna_llc`` cases take Xen's CMCI path (``via=cmci``). A case whose
+path emu does not model would be skipped with the reason.
 
 Machine: the one the cases assumed (Intel, SER_P, broadcast, 10 banks, Dom0 plus one
 HVM guest, domid 1); the address is xen-mceinj's default 0x180020 (a GPA for the
@@ -41,7 +43,8 @@ from emu.formats.xen_mceinj import MCE_TEST_CASES, MCE_TEST_GREP, RECOVERED, TAI
 from emu.xen.page_alloc import DOM_PAGES
 
 __all__ = ["CaseResult", "case_names", "plan_case", "run_case", "check_case",
-           "console_lines", "mcelog_text", "guest_console", "PASSED", "FAILED", "SKIPPED"]
+           "console_lines", "mcelog_text", "guest_console", "behaviour_check", "PASSED", "FAILED",
+           "SKIPPED"]
 
 PASSED, FAILED, SKIPPED = "PASSED", "FAILED", "SKIPPED"
 GUEST_DOMID = 1
@@ -93,9 +96,9 @@ def resolve(names) -> list[str]:
 
 
 def plan_case(name: str, *, numbering: str = "2010", ncpus: int = 4, nbanks: int = 10,
-              domids=(0, 1), cmci: bool = False):
-    """The xen-mceinj plan of case ``name`` on a machine of that shape. With ``cmci``
-    (the machine delivers CMCI), a CMCI plan is runnable: its spec gets ``via=cmci``."""
+              domids=(0, 1)):
+    """The xen-mceinj plan of case ``name`` on a machine of that shape (the UCNA type's
+    spec has ``via=cmci``: Xen's CMCI path)."""
     plan = mce_test_case(name, numbering=numbering, guest_domid=GUEST_DOMID, ncpus=ncpus,
                          nbanks=nbanks, domids=list(domids), max_gpa=DOM_PAGES << 12)
     return plan
@@ -194,6 +197,78 @@ def check_case(name: str, plan, trial: dict, *, mcelog: str = "old",
     return checks
 
 
+def _log_records(trial: dict) -> dict[int, dict]:
+    ids = {d["id"] for e in trial.get("errors", []) for d in e.get("dom0_log", [])}
+    path = trial.get("dom0_log_path")
+    return {r["id"]: r for r in _records(path, ids)} if path else {}
+
+
+def behaviour_check(name: str, plan, trial: dict) -> tuple[str, bool, str]:
+    """``xen_behaviour``: what §9.3 says Xen does behind the case's PASS, read from the
+    trial result and Dom0's log: for an SRAO, the page offline status, the impacted
+    domain, the vMCE (broadcast to the owner's vCPUs; a guest's with bank 1 and the
+    guest-physical address) and RECOVERED, an URGENT record logged once; for a UCNA
+    (CMCI), the bank cleared, no recovery action, a NONURGENT record logged once whose
+    bank names the page's owner."""
+    from emu.hw.msr import hexs
+    from emu.xen.page_alloc import DOMID_INVALID
+    target = plan.target
+    owner = {"dom0": 0, "guest": GUEST_DOMID, "xen": None}[target]
+    bad: list[str] = []
+    errs = trial.get("errors") or []
+    if not errs:
+        return "xen_behaviour", False, "the trial has no error"
+    e = errs[0]
+    logs = e.get("dom0_log") or []
+    recs = _log_records(trial)
+    if [d.get("count") for d in logs] != [1]:
+        bad.append(f"Dom0 logged {[d.get('count') for d in logs]} records (want one, once)")
+    rec = recs.get(logs[0]["id"]) if logs else None
+    if plan.expected.xen_class == "SRAO":
+        want_cls = "urgent"
+        po = (e.get("page_offline") or {}).get("status") or []
+        if target == "xen":
+            if "OFFLINED" not in po:
+                bad.append(f"page offline {po or 'not done'} (want OFFLINED: a free page)")
+        else:
+            if not {"PENDING", "OWNED"} <= set(po):
+                bad.append(f"page offline {po or 'not done'} (want PENDING|OWNED)")
+            if e.get("impacted_domain") != owner:
+                bad.append(f"impacted domain {e.get('impacted_domain')} (want {owner})")
+            v = e.get("vmce") or {}
+            if v.get("domain") != owner or not v.get("broadcast") \
+                    or sorted(v.get("delivered") or []) != sorted(v.get("vcpus") or [None]):
+                bad.append(f"vMCE {v.get('domain')}/{v.get('vcpus')} delivered "
+                           f"{v.get('delivered')} (want broadcast to every vCPU of DOM{owner})")
+            if not v.get("guest_handled"):
+                bad.append(f"DOM{owner}'s kernel did not handle the vMCE")
+            gr = v.get("guest_read") or {}
+            if target == "guest" and (gr.get("bank") != 1 or gr.get("addr") != hexs(plan.addr)):
+                bad.append(f"the guest read bank {gr.get('bank')} ADDR {gr.get('addr')} (want "
+                           f"bank 1 with its GPA {hexs(plan.addr)})")
+        if e.get("action") != "recovered":
+            bad.append(f"action {e.get('action')} (want recovered)")
+    else:
+        want_cls = "nonurgent"
+        if not e.get("cleared"):
+            bad.append("the bank was not cleared")
+        if e.get("action") is not None:
+            bad.append(f"a recovery action ran ({e.get('action')}): want none")
+        want_dom = DOMID_INVALID if owner is None else owner
+        got = [b.get("domid") for b in (rec or {}).get("banks") or []]
+        if got != [want_dom]:
+            bad.append(f"the record's bank names domain {got} (want {want_dom:#x}: "
+                       f"{'the free page has no owner' if owner is None else 'the owner'})")
+    if rec is not None and rec.get("cls") != want_cls:
+        bad.append(f"record class {rec.get('cls')} (want {want_cls})")
+    if bad:
+        return "xen_behaviour", False, "; ".join(bad)
+    return "xen_behaviour", True, f"as xen-mca.md §9.3 says ({plan.expected.xen_class}, " \
+        f"{target}): " + (f"page {', '.join((e.get('page_offline') or {}).get('status') or [])}"
+                         f", {e.get('action')}" if want_cls == "urgent" else
+                         "bank cleared, no action") + f", one {want_cls} record"
+
+
 def run_case(name: str, *, numbering: str = "2010", mcelog: str = "old", machine=None,
              **config) -> CaseResult:
     """Run case ``name`` on a new machine (``config``: MachineConfig fields; defaults
@@ -208,18 +283,14 @@ def run_case(name: str, *, numbering: str = "2010", mcelog: str = "old", machine
     cfg = machine.config if machine is not None else MachineConfig(**config).validate()
     from emu.hw.topology import Topology
     topo = Topology(cfg)
-    cmci = _machine_has_cmci()
     plan = plan_case(name, numbering=numbering, ncpus=topo.ncpus, nbanks=topo.nbanks,
-                     domids=cfg.domids, cmci=cmci)
+                     domids=cfg.domids)
     res = CaseResult(name=name, verdict=SKIPPED, argv=plan.argv,
                      expected_outcome=plan.expected.outcome, notes=plan.notes)
     spec, local = plan.spec, plan.emu_local
     if not plan.runnable:
-        if plan.delivery == "cmci" and cmci:
-            spec, local = _cmci_spec(plan), False
-        else:
-            res.reason = plan.refusal[1]
-            return res
+        res.reason = plan.refusal[1]
+        return res
     if GUEST_DOMID not in cfg.domids and plan.target == "guest":
         res.reason = f"the machine has no guest (domid {GUEST_DOMID}); give it one"
         return res
@@ -231,21 +302,6 @@ def run_case(name: str, *, numbering: str = "2010", mcelog: str = "old", machine
             trial = m.inject([spec], local=bool(local))
     res.trial = trial
     res.checks = check_case(name, plan, trial, mcelog=mcelog, since=since)
+    res.checks.append(behaviour_check(name, plan, trial))
     res.verdict = PASSED if all(ok for _, ok, _ in res.checks) else FAILED
     return res
-
-
-def _machine_has_cmci() -> bool:
-    """Whether emu's error specs take ``via=cmci`` (CMCI delivery is modelled)."""
-    try:
-        from emu.trial import spec
-    except ImportError:   # pragma: no cover
-        return False
-    return "via" in getattr(spec, "KEYS", ())
-
-
-def _cmci_spec(plan) -> str:
-    e = plan.error
-    s = (f"cpu={plan.cpu} bank={e.bank} status={e.status:#x} addr={plan.addr:#x} "
-         f"misc={e.misc:#x} mcg={plan.mcg_status:#x} via=cmci")
-    return s + (f" domain={plan.domain}" if plan.domain is not None else "")
