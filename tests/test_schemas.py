@@ -21,9 +21,11 @@ RUNS = {
     "guest": "cpu=1 bank=8 status=0xBD000000004000CF addr=0x180020 misc=0x86 mcg=0x5 domain=1",
     "dom0": "cpu=0 bank=8 status=0xBD000000004000CF addr=0x181020 misc=0x86 mcg=0x5 domain=0",
     "fatal": "cpu=0 bank=5 status=0xB200000000000000 mcg=0x5",
+    "cmci": "cpu=1 bank=9 status=0xBC20000080000136 addr=0x180040 misc=0x86 mcg=0 via=cmci",
+    "poll": "cpu=0 bank=6 status=0x9400000000000151 addr=0x180040 misc=0x86 via=poll",
 }
 REGISTER_KEYS = {"status", "addr", "misc", "mcg_status", "bank_status", "mc_gstatus", "mcgcap",
-                 "mcg_cap", "gaddr", "maddr"}
+                 "mcg_cap", "gaddr", "maddr", "ctl2", "value"}
 COUNT_KEYS = {"cpu", "bank", "trial", "resets", "domid", "vcpu", "id", "record_id", "free",
               "drops", "count", "mfn", "seq", "boot", "restarts", "refused"}
 
@@ -77,6 +79,7 @@ def test_real_trials_validate(runs):
     assert runs["reset_lost"][1]["resets"] == 1 and runs["reset_lost"][1]["lost_at_reset"]
     assert runs["guest"][1]["errors"][0]["vmce"]["guest_handled"] is True
     assert runs["fatal"][1]["boot_log"]
+    assert [d["source"] for d in runs["cmci"][1]["errors"][0]["dom0_log"]] == ["cmci"]
     for _, r in runs.values():
         schemas.validate(r)
         _one_encoding(r)
@@ -97,6 +100,18 @@ def test_real_log_lines_validate(runs):
     assert ("dom0.jsonl.kernel", "emu.guestlog/1") in seen       # the vMCE to Dom0
     assert ("dom1.guest.jsonl", "emu.guestlog/1") in seen
     assert ("trials.jsonl", "emu.trialnote/1") in seen
+
+
+def test_a_probe_in_a_guest_log_validates(emu_machine):
+    m = emu_machine(guests=1)
+    m.guest_probe(1, "rdmsr", vcpu=0, msr=0x179)          # IA32_MCG_CAP
+    path = [d for d in m.domains() if d["domid"] == 1][0]["log"]
+    m.close()
+    with open(path) as f:
+        (line,) = [json.loads(x) for x in f]
+    schemas.validate(line)
+    _one_encoding(line)
+    assert line["probe"]["value"].startswith("0x") and line["probe"]["probe"]["msr"] == 0x179
 
 
 def test_case_and_dump_outputs_validate(tmp_path):

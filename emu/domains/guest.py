@@ -227,7 +227,7 @@ class GuestKernel:
         out = _probe(self, args if isinstance(args, dict) else {})
         out["probe"] = args
         self._append_log({"schema": GUEST_LOG_SCHEMA, "domid": self.domid, "t": time.time(),
-                          "probe": out})
+                          "probe": log_probe(out)})
         self.ch.send("probe_result", out)
         return out
 
@@ -353,6 +353,19 @@ def log_report(report: dict) -> dict:
     out = dict(report)
     out["read"] = regs(report.get("read") or {})
     out["banks"] = [regs(b) for b in report.get("banks") or []]
+    return out
+
+
+def log_probe(out: dict) -> dict:
+    """A probe's result as the guest log stores it: an MSR value read or written as a
+    hex string (the MSR's index stays an integer)."""
+    out = dict(out)
+    req = out.get("probe")
+    if isinstance(req, dict) and req.get("op") in ("rdmsr", "wrmsr"):
+        if isinstance(out.get("value"), int) and not isinstance(out["value"], bool):
+            out["value"] = msr.hexs(out["value"] & msr.U64)
+        if isinstance(req.get("value"), int) and not isinstance(req["value"], bool):
+            out["probe"] = dict(req, value=msr.hexs(req["value"] & msr.U64))
     return out
 
 
