@@ -304,3 +304,13 @@ def test_log_json_of_a_directory_is_json_lines_only(guest_run):
     assert p.returncode == 0, p.stderr
     objs = [json.loads(x) for x in p.stdout.splitlines()]
     assert {o["schema"] for o in objs} == {"emu.mcelog/1", "emu.guestlog/1"}
+
+
+def test_log_names_the_cpus_a_cmci_reached_and_the_owner_that_logged(tmp_path):
+    p = emu("run", "--json", "--log-dir", str(tmp_path), "--error",
+            "cpu=1 bank=9 status=0xBC20000080000136 addr=0x180040 misc=0x86 mcg=0 via=cmci")
+    assert p.returncode == 0, p.stderr
+    e = json.loads(p.stdout)["errors"][0]
+    out = emu("log", str(tmp_path / "dom0.jsonl")).stdout
+    assert f"bank 9 logged by CPU {e['cmci_owner']}; trial 1: CMCI taken by CPUs 0-3, " \
+           "error reported on CPU 1 bank 9 (the bank's CMCI owner logs it)" in out

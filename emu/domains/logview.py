@@ -150,6 +150,15 @@ def dom0_header(obj: dict, trials: dict[int, dict]) -> str:
         return head + (f" at boot after trial {tr.get('trial')}'s reset "
                        f"({tr.get('outcome')})")
     e = t["error"]
+    via = e.get("via") or "mce"
+    if via == "cmci":
+        head += (f"; trial {tr.get('trial')}: CMCI taken by {_cpus(e.get('cmci_cpus'))}, "
+                 f"error reported on CPU {e.get('cpu')} bank {e.get('bank')} (the bank's "
+                 "CMCI owner logs it)")
+        return head
+    if via == "poll" or obj.get("source") == "poll":
+        return head + (f"; trial {tr.get('trial')}: found by Xen's poller, error reported on "
+                       f"CPU {e.get('cpu')} bank {e.get('bank')}")
     how = "LMCE" if tr.get("local") else "broadcast"
     head += (f"; trial {tr.get('trial')}: #MC taken by {_cpus(tr.get('targets'))} ({how}), "
              f"error raised on CPU {e.get('cpu')} bank {e.get('bank')}")

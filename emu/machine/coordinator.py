@@ -392,7 +392,9 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             if local or then:
                 raise UsageError("error.via", "--local and then= raise a #MC; with via=cmci "
                                  "or via=poll give neither")
-            return self._trial_irq(first, vias.pop(), timeout_s)
+            res = self._trial_irq(first, vias.pop(), timeout_s)
+            note_trial(self.log_dir, res)
+            return res
         second = None
         if then:
             second = self._validated(then["errors"])

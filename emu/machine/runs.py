@@ -114,6 +114,8 @@ def note_trial(log_dir: str, res: dict) -> None:
             "targets": res.get("targets"),
             "errors": [{"cpu": e.get("cpu"), "bank": e.get("bank"), "status": e.get("status"),
                         "owners": e.get("owners"), "sharers": e.get("sharers"),
+                        "via": e.get("via", "mce"),
+                        "cmci_cpus": (e.get("cmci") or {}).get("cpus") or [],
                         "records": [d.get("id") for d in e.get("dom0_log", [])]}
                        for e in res.get("errors", [])],
             "boot_log": [{"cpu": b.get("cpu"), "bank": b.get("bank"),
