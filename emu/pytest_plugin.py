@@ -33,7 +33,9 @@ Fixtures:
 
 Report: the header names emu's version, the handler and the seed; a failing test that
 booted a machine gets an ``emu`` section with the machine options, the seed, the last
-trial's summary and the ``emu run ...`` line that reproduces that trial.
+trial's summary and the line that reproduces that trial: ``emu run ...``, or under
+controlled scheduling (``sched="controlled"``) the ``emu replay --schedule TOKEN`` line
+of its schedule.
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ _CLI_FLAGS = (("topology", "--topology", "1x2x2"), ("nbanks", "--banks", 10),
               ("chaos", "--chaos", 0.0), ("watchdog_s", "--watchdog", 2.0),
               ("guests", "--guests", 1), ("memory_pages", "--memory-pages", 16384),
               ("guest_vcpus", "--guest-vcpus", 2), ("vmce_policy", "--vmce-policy", "owner"),
-              ("idle_poll_us", "--idle-poll-us", 1000))
+              ("idle_poll_us", "--idle-poll-us", 1000), ("cmci_banks", "--cmci-banks", "all"),
+              ("cmci_threshold", "--cmci-threshold", 2), ("poll_period_s", "--poll-period", 0.0))
 
 
 # --- options, marker, header -------------------------------------------------------------
@@ -204,11 +207,13 @@ def reproduce_line(cfg, errors, local: bool, then=None, via: str | None = None) 
     (``via``: the inject argument, given to every error without its own)."""
     args = ["emu", "run"]
     for attr, flag, default in _CLI_FLAGS:
-        v = getattr(cfg, attr)
+        v = getattr(cfg, attr, default)
         if v != default:
             args += [flag, str(v)]
     if not cfg.ser:
         args.append("--no-ser")
+    if not getattr(cfg, "cmci", True):
+        args.append("--no-cmci")
     if not cfg.pin_cpus:
         args.append("--no-pin")
     for e in errors if isinstance(errors, (list, tuple)) else [errors]:
@@ -328,6 +333,11 @@ def pytest_runtest_makereport(item, call):
     else:
         lines.append(f"seed {last['config'].seed}; last trial:")
         lines += summary(last["result"])
-        lines.append("reproduce: " + reproduce_line(last["config"], last["errors"],
-                                                    last["local"], last["then"], last["via"]))
+        sched = last["result"].get("sched") or {}
+        if sched.get("replay"):     # controlled scheduling: the schedule token replays it
+            lines.append(f"reproduce: {sched['replay']}")
+        else:
+            lines.append("reproduce: " + reproduce_line(last["config"], last["errors"],
+                                                        last["local"], last["then"],
+                                                        last["via"]))
     rep.sections.append(("emu", "\n".join(lines)))
