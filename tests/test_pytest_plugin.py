@@ -34,9 +34,13 @@ def test_fails(emu_trial):
 def test_marker_and_options(emu_machine):
     m = emu_machine()
     assert (m.config.topology, m.config.chaos, m.config.seed) == ("1x2x2", 0.25, 8)
+
+@pytest.mark.emu(sched="controlled", chaos=0.0, guests=0)
+def test_controlled_fails(emu_trial):
+    assert emu_trial("{SRAO}")["outcome"] == "hang"
 ''')
     res = tester.runpytest_subprocess("--emu-chaos", "0.25", "-p", "no:cacheprovider")
-    res.assert_outcomes(passed=1, failed=1)
+    res.assert_outcomes(passed=1, failed=2)
     out = res.stdout.str()
     assert "emu 0.1.0: handler seed, seed 7 (a stream per worker)" in out
     assert "chaos 0.25" in out
@@ -48,8 +52,10 @@ def test_marker_and_options(emu_machine):
     assert "cpu0 bank8 0xBD000000004000CF srao" in out
     assert (f"reproduce: emu run --topology 1x1x2 --seed 7 --chaos 0.25 --guests 0 "
             f"--error '{SRAO}'") in out
+    # under controlled scheduling the schedule token reproduces the trial
+    assert "reproduce: emu replay --schedule emu1." in out
     # the passing test has no section
-    assert out.count("- emu -") == 1
+    assert out.count("- emu -") == 2
 
 
 def test_xdist_workers_have_their_own_seed_streams_and_run_directories(tester, monkeypatch):
