@@ -45,6 +45,7 @@ class MachineConfig:
     watchdog_s: float = 2.0
     seed: int = 0
     chaos: float = 0.0            # probability of a perturbation at a yield point
+    starve: float = 0.05          # with chaos on: probability a trial starves one process
     trace: bool = False
     sched: str = "os"             # os: the host schedules the processes; controlled: emu does
     sched_steps: int = 16384      # controlled: decision-log entries kept per trial
@@ -84,6 +85,9 @@ class MachineConfig:
         if isinstance(self.sched_steps, bool) or not isinstance(self.sched_steps, int) \
                 or not 64 <= self.sched_steps <= 1 << 20:
             raise UsageError("sched-steps", f"{self.sched_steps!r}: give 64..1048576")
+        if isinstance(self.starve, bool) or not isinstance(self.starve, (int, float)) \
+                or not 0.0 <= float(self.starve) <= 1.0:
+            raise UsageError("starve", f"{self.starve!r}: give a probability in [0, 1]")
         if not 1024 <= self.memory_pages <= 1 << 22:
             raise UsageError("memory-pages", f"{self.memory_pages!r}: give 1024..4194304 pages")
         room = min(MAX_DOMS, (self.memory_pages - DOM_BASE) // DOM_PAGES) - 1
