@@ -47,7 +47,8 @@ HANDLERS: dict[str, str | Version] = {
         "one severity_cpu for the trap handler and mce_softirq",
         "before 011899a2e0 (2017-04-07)",
         "record reserved but never committed (an #MC during the softirq wiped the "
-        "worker election)", "nested"),
+        "worker election); non-broadcast: an unrecoverable error continued (the "
+        "trap's fatal check skipped)", "nested"),
     "stale-severity-cpu": Version(
         "emu.xen.history:StaleSeverityCpu",
         "severity_cpu not reset after the fatal check",
