@@ -46,15 +46,15 @@ HANDLERS: dict[str, str | Version] = {
         "emu.xen.history:SharedSeverityCpu",
         "one severity_cpu for the trap handler and mce_softirq",
         "before 011899a2e0 (2017-04-07)",
-        "record reserved but never committed (an #MC during the softirq wiped the "
+        "record reserved but never committed (an LMCE during the softirq wiped the "
         "worker election); non-broadcast: an unrecoverable error continued (the "
         "trap's fatal check skipped)", "nested"),
     "stale-severity-cpu": Version(
         "emu.xen.history:StaleSeverityCpu",
         "severity_cpu not reset after the fatal check",
         "before 6a2c6a6842 (2017-04-07)",
-        "a CPU that found no error ran the fatal check (stale severity_cpu) and panicked",
-        "nested"),
+        "a CPU that found no error ran the fatal check (stale severity_cpu) and panicked "
+        "(needs a #MC with no valid bank after an error: raise_cpu)", "owner_race"),
     "xchg-head-reread": Version(
         "emu.xen.history:XchgHeadReread",
         "mctelem_xchg_head re-reads the link after a successful cmpxchg",
