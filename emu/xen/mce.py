@@ -13,6 +13,12 @@ reset controller for a warm reset without touching the banks; every spinner halt
 in ``mce_panic_check``. Boot-time logout (``MCA_RESET``) after a reset, then the
 bank initialisation of ``intel_init_mce``.
 
+Steps a handler version (:mod:`emu.xen.versions`) overrides: ``barrier_b_step``,
+``barrier_c_step``, ``set_severity_cpu``, ``fatal_check``, ``clear_mcip``,
+``need_clearbank_scan``, ``mcheck_mca_clearbanks``, ``mce_urgent_action``,
+``softirq_elect`` (and ``sirq_severity_off``), ``boot_logout``, ``telemetry_class``;
+each costs the seed one method call at most.
+
 CMCI, bank ownership, interrupts and CPU offline/online are in
 :mod:`emu.xen.mce_intel`, the polling timer in :mod:`emu.xen.intel_nonfatal` (mixins
 of :class:`XenCpu`).
