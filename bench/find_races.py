@@ -13,22 +13,27 @@ The campaign engine (``emu stress``, issue 10) is not on main yet: this script r
 a small loop of its own over :meth:`emu.machine.Machine.inject` with the stress
 generator's families (:func:`emu.campaign.families.scenario_for`, trial ``i`` of seed
 ``S`` rebuilt from ``(S, i)`` alone), one machine per campaign, unperturbed unless
-``--chaos P``. Three families are defined here, for versions no stress family
-reaches yet: ``nested_lmce`` (the ``nested`` family with its second wave an LMCE, as
-``011899a2e0``'s race needs), ``spurious`` (the ``owner_race`` family with every
-other trial a #MC with no valid bank, ``raise_cpu``, as ``6a2c6a6842``'s needs) and
-``cmci`` for ``no-3e15c37e68`` (two
-corrected errors in a CMCI core bank with a poll round, as tests/test_cmci.py does).
+``--chaos P``. Four families are defined here, for versions no stress family reaches
+yet:
+
+- ``nested_lmce``: the ``nested`` family with its second wave an LMCE, as
+  ``011899a2e0``'s race needs (with every CPU held 5 ms once the softirq election is
+  written, hook ``stalls``: the window a perturbing campaign would have to hit);
+- ``spurious``: the ``owner_race`` family with every other trial a #MC with no valid
+  bank (``raise_cpu``), as ``6a2c6a6842``'s needs;
+- ``cmci``: two corrected errors in a CMCI core bank with a poll round, for
+  ``no-3e15c37e68`` (as tests/test_cmci.py does);
+- ``dom0_busy``: Dom0 drains a wave of records while a second wave commits two, each
+  committed-list push held 50 ms (hook ``commit_window_s``), for ``xchg-head-reread``.
+
 ``no-eipv-check`` runs the ``ripv`` family with every CPU in a guest's context (hook
-``current``: DOM1's vCPUs);
-``shared-severity-cpu`` holds every CPU 5 ms once the softirq election is written
-(hook ``stalls``), the window a perturbing campaign would have to hit by chance.
+``current``: DOM1's vCPUs).
 
 Reproduction: a finding at trial ``i`` is replayed on a fresh machine from the
 trials since the campaign's last warm reset (a finding may depend on what earlier
 trials left: MCIP set, a stale ``severity_cpu``), and counts if trial ``i`` shows a
-finding of the same kind. The two telemetry versions are reachable at unit level
-only: their row gives the unit reproduction (the test's recipe) of ``--repeat``.
+finding of the same kind. ``freelist-aba`` is reachable at unit level only: its row
+gives the unit reproduction (the test's recipe) of ``--repeat``.
 
     python bench/find_races.py [--versions a,b] [--seeds 5] [--max-trials 200]
                                [--repeat 20] [--seed-trials 0] [--chaos P] [--json]
@@ -51,15 +56,19 @@ from emu.machine import Machine, MachineConfig
 from emu.xen.versions import HANDLERS, version_info
 
 SCHEMA = "emu.find_races/1"
-UNIT_ONLY = ("xchg-head-reread", "freelist-aba")
+UNIT_ONLY = ("freelist-aba",)
 # Machine options per version (beyond the defaults), and the family actually run
 MACHINE = {"xen-2009-03": {"vmce_policy": "dom0"},
            "no-eipv-check": {"extra_hooks": {"current": {c: [1, c % 2] for c in range(4)}}},
            # a fixed 5 ms hold of every CPU once the softirq election is written: the
            # starvation a perturbing campaign would have to hit by chance
+           # a committed-list push held 50 ms between its cmpxchg and the re-read
+           "xchg-head-reread": {"bank_scopes": "0-9:thread",
+                                "extra_hooks": {"commit_window_s": 0.05}},
            "shared-severity-cpu": {"extra_hooks": {"stalls": [
                {"phase": "softirq_elected", "s": 0.005}]}}}
-FAMILY = {"shared-severity-cpu": "nested_lmce", "stale-severity-cpu": "spurious"}
+FAMILY = {"shared-severity-cpu": "nested_lmce", "stale-severity-cpu": "spurious",
+          "xchg-head-reread": "dom0_busy", "no-3e15c37e68": "cmci"}
 
 
 def _kind(v: str) -> str:
@@ -77,6 +86,14 @@ def _scenario(family: str, seed: int, i: int, topo) -> tuple[Scenario, dict]:
         scn = scenario_for(seed, i, "nested", topo)
         scn.then = dict(scn.then, local=True, after_phase="softirq")
         return scn, {}
+    if family == "dom0_busy":   # Dom0 drains wave 1 while wave 2 commits
+        c0 = (seed + i) % topo.ncpus
+        w1 = tuple(f"cpu={c} bank=1 status=0xBD000000004000CF addr={0x180020 + 0x1000 * c:#x}"
+                   " misc=0x86 mcg=0x5" for c in range(topo.ncpus))
+        w2 = [f"cpu={c} bank=2 status=0x9400000000000151"
+              for c in (c0, (c0 + 1) % topo.ncpus)]
+        return Scenario("dom0_busy", w1, then={"errors": w2, "after_phase": "softirq_done",
+                                               "local": False}), {}
     if family == "cmci":   # two CEs cross a CMCI core bank's threshold in a poll round
         ce = f"cpu={(seed + i) % topo.ncpus} bank=2 status=0x9000000000000134 via=poll"
         return Scenario("cmci", (ce, ce), note="CMCI and poll cross"), {}

@@ -16,8 +16,8 @@ import pytest
 from emu import cli
 from emu.machine import MachineConfig
 from emu.machine.regions import Regions
-from emu.xen.history import MctelemBug, MctelemFreelistAba, MctelemXchgHeadReread
-from emu.xen.mctelem import H_NEXT, MC_NONURGENT, MC_URGENT, Mctelem
+from emu.xen.history import MctelemFreelistAba, MctelemXchgHeadReread
+from emu.xen.mctelem import H_NEXT, MC_NONURGENT, MC_URGENT, Mctelem, MctelemBug
 from emu.xen.versions import HANDLERS, version_info
 
 SRAO_PKG = "cpu=0 bank=8 status=0xBD000000004000CF addr=0x180020 misc=0x86 mcg=0x5"
@@ -280,10 +280,36 @@ def test_softirq_plain_store_elects_two_workers(emu_machine):
         assert _has(r, "softirq workers")
 
 
-# -- telemetry races: unit level only ---------------------------------------------------
-# (unit level: in the emulated machine every #MC reservation is serialised by
-# mce_logout_lock and the consumer never runs inside a push, so no machine trial
-# reaches these windows; Xen reaches them with the poller/CMCI and recursion.)
+def test_xchg_head_reread_links_an_entry_twice_at_machine_level(emu_machine):
+    """e9af61b969's race in the machine (near-deterministic: up to 5 trials): Dom0
+    drains four records while a second wave commits two, each push held 50 ms after
+    its cmpxchg (hook commit_window_s); a fetch inside the hold moves the list, the
+    push "fails", links the entry again, and a later fetch hits Xen's BUG_ON."""
+    w1 = [f"cpu={c} bank=1 status=0xBD000000004000CF addr={0x180020 + 0x1000 * c:#x} "
+          "misc=0x86 mcg=0x5" for c in range(4)]
+    then = {"errors": ["cpu=0 bank=2 status=0x9400000000000151",
+                       "cpu=1 bank=2 status=0x9400000000000151"], "after_phase": "softirq_done"}
+    hooks = {"commit_window_s": 0.05}
+    for h in ("xchg-head-reread", "seed"):
+        m = emu_machine(handler=h, bank_scopes=THREAD, extra={"hooks": hooks})
+        rs = []
+        for _ in range(5 if h != "seed" else 3):
+            rs.append(m.inject(w1, then=then))
+            if h != "seed" and rs[-1].get("xen_bug"):
+                break
+        if h == "seed":
+            assert all(r["violations"] == [] and "xen_bug" not in r for r in rs)
+            continue
+        r = rs[-1]
+        assert "MCTE_TRANSITION_STATE" in r["xen_bug"] and r["resets"] == 1
+        assert _has(r, "Xen BUG (a hypervisor crash) while Dom0 fetched telemetry")
+
+
+# -- telemetry races: unit level ---------------------------------------------------------
+# (unit level, deterministic. The free-list ABA has no machine recipe: every #MC
+# reservation in the emulated machine is serialised by mce_logout_lock; Xen reaches it
+# with the poller/CMCI and recursion. The xchg_head race also has the machine recipe
+# above.)
 @pytest.fixture
 def region():
     import os

@@ -25,6 +25,7 @@ from emu.errors import EmulatorInternalError, UsageError
 from emu.hw import msr
 from emu.machine.config import check_log_rotation
 from emu.machine.procs import fork_child
+from emu.xen.mctelem import MctelemBug
 
 PROTO = 1
 GUEST_SPIN_S = 0.0002  # see Coordinator._poll
@@ -70,6 +71,8 @@ def _reap(pid: int, conn, pidfd: int) -> str:
 class DomainChannels:
     """The domain side of :class:`emu.machine.coordinator.Coordinator` (a mixin: it uses the
     coordinator's regions, telemetry, vMCE table and ``_poll``)."""
+
+    xen_bug: str | None = None   # a telemetry BUG_ON hit while serving Dom0 (see trial)
 
     # -- Dom0 ----------------------------------------------------------------------------
     def _fork_domain(self, main) -> tuple:
@@ -302,7 +305,11 @@ class DomainChannels:
                 conn.send_bytes(msgpack.packb([False, {"type": "EINVAL", "message": "cls"}]))
                 return
             if cmd == "fetch":
-                i = self.tele.consume_oldest_begin(cls)
+                try:
+                    i = self.tele.consume_oldest_begin(cls)
+                except MctelemBug as exc:   # Xen's BUG_ON: the host crashed (the trial says)
+                    self.xen_bug = self.xen_bug or str(exc)
+                    i = None
                 if i is None:
                     conn.send_bytes(msgpack.packb([True, None]))
                     return

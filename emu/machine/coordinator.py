@@ -603,6 +603,15 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         res["fault"] = self._fault_result(fault, fstate, res, detail, wait_dom0)
         if res["outcome"] == "hang":
             res["hang_expected"] = self._hang_expected(res["fault"])
+        if self.xen_bug:
+            # Xen's BUG_ON in the telemetry (a version's model of MCTE_TRANSITION_STATE),
+            # hit while serving Dom0's fetch: the host crashed; reset it.
+            res["xen_bug"], self.xen_bug = self.xen_bug, None
+            if not res["resets"]:
+                boot = self.warm_reset(f"trial {first_gen}: Xen BUG")
+                res["resets"] = 1
+                res["boot_log"] = boot["boot_log"]
+                res["lost_at_reset"] = boot["lost_at_reset"]
         self._not_awaited = False
         res["hazards"] = self._hazards(res, local or bool(then and then.get("local")))
         res["violations"] = check_trial(res, self.topo)

@@ -72,6 +72,9 @@ def check_trial(res: dict, topo) -> list[str]:
         if d.get("dismissed"):
             v.append(f"boot-time logout cpu{b['cpu']}/bank{b['bank']} {b['status']}: "
                      "its record was dismissed and never reaches Dom0's log")
+    if res.get("xen_bug"):
+        v.append(f"Xen BUG (a hypervisor crash) while Dom0 fetched telemetry: "
+                 f"{res['xen_bug']}")
     if outcome == "hang" and not res.get("hang_expected") and not _hazard_c(res):
         where = ", ".join(f"cpu{s['cpu']} in {s['phase']}" for s in res.get("snapshot", []))
         v.append(f"hang: the handler stopped making progress ({where})")

@@ -16,6 +16,8 @@ Xen's ``MCTE_TRANSITION_STATE`` BUG_ONs are modelled in these two classes only, 
 """
 from __future__ import annotations
 
+import time
+
 from emu.hw import msr
 from emu.hw.atomic import signed
 from emu.xen import severity as sev
@@ -33,12 +35,9 @@ from emu.xen.mctelem import (
     STATE_NAMES,
     UNCOMMITTED,
     Mctelem,
+    MctelemBug,
     _pack_hdr,
 )
-
-
-class MctelemBug(Exception):
-    """Xen's ``BUG_ON`` in ``MCTE_TRANSITION_STATE``: a hypervisor crash."""
 
 
 def _nothing() -> None:
@@ -198,10 +197,12 @@ class MctelemXchgHeadReread(Mctelem):
 
     def _xchg_head(self, head_off: int, i: int) -> None:
         X = self.X
+        committed = head_off in (self.T.committed, self.T.committed + 8)
         while True:
             self._hset(i, H_NEXT, X.load(head_off))                 # *old = *headp
             ret = X.cmpxchg(head_off, self.hget(i, H_NEXT), i + 1)  # cmpxchgptr(.., *old, new)
-            self.window()
+            if committed:
+                self.window()   # (the test hook: on committed-list pushes only)
             if ret == self.hget(i, H_NEXT):                         # "== *old": re-read
                 return
 
@@ -226,6 +227,14 @@ class XchgHeadReread(XenCpu):
 
     version = "xchg-head-reread"
     telemetry_class = MctelemXchgHeadReread
+
+    def __init__(self, R, cpu, yps, hooks=None):
+        super().__init__(R, cpu, yps, hooks)
+        # Test hook: hold a committed-list push this long between its cmpxchg and the
+        # re-read, so that Dom0's fetch (in the coordinator) can land inside it.
+        s = float(self.hooks.get("commit_window_s", 0.0))
+        if s > 0:
+            self.tele.window = lambda: time.sleep(s)
 
 
 # -- 60ea3a3ac3 ------------------------------------------------------------------------

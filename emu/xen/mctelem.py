@@ -48,6 +48,11 @@ MC_FLAG_CORRECTABLE, MC_FLAG_UNCORRECTABLE, MC_FLAG_RECOVERABLE = 1, 2, 4
 MC_FLAG_POLLED, MC_FLAG_RESET, MC_FLAG_CMCI, MC_FLAG_MCE = 8, 0x10, 0x20, 0x40
 
 
+class MctelemBug(Exception):
+    """Xen's ``BUG_ON`` in ``MCTE_TRANSITION_STATE``: a hypervisor crash. Raised only by
+    the telemetry of handler versions that model the check (:mod:`emu.xen.history`)."""
+
+
 class Layout:
     def __init__(self, alloc, ncpus: int):
         w = alloc.words

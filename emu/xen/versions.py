@@ -59,8 +59,8 @@ HANDLERS: dict[str, str | Version] = {
         "emu.xen.history:XchgHeadReread",
         "mctelem_xchg_head re-reads the link after a successful cmpxchg",
         "before e9af61b969 (2014-01-17)",
-        "telemetry entry linked twice (Xen BUG_ON); unit level only (no concurrent "
-        "consumer inside a push in the emulated machine)", "pool_pressure"),
+        "Xen BUG (MCTE_TRANSITION_STATE): a telemetry entry linked twice, when Dom0's "
+        "fetch lands inside a commit (two waves, Dom0 busy)", "nested"),
     "freelist-aba": Version(
         "emu.xen.history:FreelistAba",
         "lock-free telemetry free lists with the ABA race",
