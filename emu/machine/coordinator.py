@@ -14,7 +14,6 @@ Requests arrive as msgpack arrays ``[1, command, args]`` on one pipe.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import time
 import traceback
@@ -29,7 +28,7 @@ from emu.hw.cpu import deliver_mc
 from emu.machine.channels import GUEST_SPIN_S, PROTO, DomainChannels
 from emu.machine.config import MachineConfig
 from emu.machine.cpu_process import cpu_process
-from emu.machine.procs import child_signals, fork_child, set_pdeathsig
+from emu.machine.procs import child_signals, fork_child, readable, set_pdeathsig
 from emu.machine.regions import Regions
 from emu.trial.oracle import check_trial
 from emu.trial.spec import validate_errors
@@ -103,6 +102,12 @@ class Coordinator(DomainChannels):
         self.dom0_restarts = 0
         self.dom0_exits: list[str] = []     # how each Dom0 that had to be restarted ended
         self.dom0_deaths: list[float] = []
+        self.dom0_failure: dict | None = None   # why Dom0 could not write its log (last)
+        self._dom0_restart_at: float | None = None
+        self._dom0_backoff = 0.0
+        self._dom0_warned = False
+        self.logged_total = 0               # record ids Dom0 logged (at least once)
+        self.logged_multi: set[int] = set()  # ... more than once
         self.virq_seen = 0
         self.logged: dict[int, list] = {}   # record id -> [count, t_logged_ns]
         self.refused = 0                    # forged or unprivileged hypercalls
@@ -215,8 +220,7 @@ class Coordinator(DomainChannels):
         readable); serve Dom0; return the CPUs that died. ``ready``: the caller
         has slept already, and this is what select returned. ``done``: what the
         caller waits for; once true, no more polling of the domains' channels."""
-        r = ready if ready is not None else select.select(self._poll_fds(extra), [], [],
-                                                          timeout)[0]
+        r = ready if ready is not None else readable(self._poll_fds(extra), timeout)
         try:
             os.eventfd_read(self.R.efd)
         except BlockingIOError:
@@ -233,7 +237,7 @@ class Coordinator(DomainChannels):
         while self._served and time.monotonic() < end:
             if done is not None and done():
                 break
-            rr, _, _ = select.select(self._dom0_fds() + extra, [], [], 0)
+            rr = readable(self._dom0_fds() + extra, 0)
             if any(fd in rr for fd in extra):
                 r = list(r) + rr   # what the caller waits for (e.g. the next request)
                 break
@@ -375,7 +379,7 @@ class Coordinator(DomainChannels):
         # Straight to sleep: the signal woke CPUs on this core, and every microsecond
         # of Python here before the coordinator blocks is taken from their handler.
         ring_late_s = self._ring_late_s()
-        ready = select.select(fds, [], [], ring_late_s)[0] if sd is None and not then else None
+        ready = readable(fds, ring_late_s) if sd is None and not then else None
         wait_targets = {c: gen for c in targets}
         if sd is None and then:
             bit = 1 << PHASES.index(then["after_phase"])
@@ -432,7 +436,7 @@ class Coordinator(DomainChannels):
                 e["lost"] = self._lost_reason(res, e, recs, lost)
         res["dom0_log_path"] = self.dom0_log_path
         res["dom0"] = {"restarts": self.dom0_restarts, "exits": list(self.dom0_exits),
-                       "refused": self.refused}
+                       "refused": self.refused, "log_failure": self.dom0_failure}
         res["violations"] = check_trial(res, self.topo)
         return res
 
@@ -657,8 +661,8 @@ class Coordinator(DomainChannels):
             # Between requests, keep serving Dom0 (boot records, VIRQs).
             fd = conn.fileno()
             # select, not Connection.poll: that builds a selector per call (5 µs here)
-            while not select.select([fd], [], [], 0)[0]:
-                self._poll(1.0, extra=[fd])
+            while not readable([fd], 0):
+                self._poll(self._dom0_restart_in(1.0), extra=[fd])
             try:
                 raw = conn.recv_bytes()
             except (EOFError, OSError):

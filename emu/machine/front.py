@@ -7,7 +7,6 @@ process dies, through the parent-death signal every emulator process sets.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import time
 
@@ -16,6 +15,7 @@ import multiprocess
 
 from emu.errors import EmulatorInternalError, Finding, UsageError
 from emu.machine.config import MachineConfig
+from emu.machine.procs import readable
 
 _ERRORS = {"UsageError": UsageError, "EmulatorInternalError": EmulatorInternalError}
 
@@ -81,7 +81,7 @@ class Machine:
         try:
             self._conn.send_bytes(msgpack.packb([1, cmd, args]))
             # select, not Connection.poll: that builds a selector per call
-            if not select.select([self._conn.fileno()], [], [], timeout)[0]:
+            if not readable([self._conn.fileno()], timeout):
                 raise EmulatorInternalError(f"coordinator did not answer {cmd!r} in {timeout} s")
             ok, payload = msgpack.unpackb(self._conn.recv_bytes(), strict_map_key=False)
         except (EOFError, OSError) as exc:
