@@ -3,9 +3,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from emu.errors import EmuError, UsageError
+
+EXIT_NOT_DURABLE = 4   # a record of the run could not be made durable (the log's disk)
+
+
+def _int(field: str):
+    """An option's integer: ASCII digits only (int() takes any Unicode digit)."""
+    def conv(text: str) -> int:
+        t = text.strip()
+        if not t.isascii() or not t.lstrip("+-").isdigit():
+            raise UsageError(field, f"{text!r} is not a decimal integer (ASCII digits)")
+        if len(t) > 40:
+            raise UsageError(field, f"{text[:20]!r}...: too many digits")
+        return int(t)
+    return conv
+
+
+def _float(field: str):
+    """An option's finite number, ASCII only (float() takes Unicode digits, nan, inf)."""
+    def conv(text: str) -> float:
+        t = text.strip()
+        try:
+            if not t.isascii() or len(t) > 40:
+                raise ValueError
+            v = float(t)
+        except ValueError:
+            raise UsageError(field, f"{text!r} is not a number") from None
+        if not math.isfinite(v):
+            raise UsageError(field, f"{text!r}: give a finite number")
+        return v
+    return conv
 
 
 class _Parser(argparse.ArgumentParser):
@@ -15,31 +46,36 @@ class _Parser(argparse.ArgumentParser):
 
 def _machine_args(p):
     p.add_argument("--topology", default="1x2x2", help="SxCxT (default 1x2x2: 4 CPUs)")
-    p.add_argument("--banks", type=int, default=10, help="MCG_CAP.COUNT (default 10)")
-    p.add_argument("--bank-scopes", default="0-3:core,4-9:package",
-                   help="BANK[-BANK]:thread|core|package,... (default 0-3:core,4-9:package)")
+    p.add_argument("--banks", type=_int("banks"), default=10, help="MCG_CAP.COUNT (default 10)")
+    p.add_argument("--bank-scopes", default=None,
+                   help="BANK[-BANK]:thread|core|package,... (default 0-3:core,4-9:package, "
+                        "clipped to --banks)")
     p.add_argument("--handler", default="seed", help="handler version (default seed)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chaos", type=float, default=0.0,
+    p.add_argument("--seed", type=_int("seed"), default=0, help="0..2**64-1 (default 0)")
+    p.add_argument("--chaos", type=_float("chaos"), default=0.0,
                    help="perturbation probability per yield point")
-    p.add_argument("--watchdog", type=float, default=2.0, help="hang bound in seconds (default 2)")
+    p.add_argument("--watchdog", type=_float("watchdog"), default=2.0,
+                   help="hang bound in seconds (default 2)")
     p.add_argument("--no-ser", action="store_true", help="clear MCG_CAP.SER_P")
     p.add_argument("--no-pin", action="store_true",
                    help="let the host scheduler move CPU processes between cores")
-    p.add_argument("--guests", type=int, default=1, help="HVM guests besides Dom0 (default 1)")
-    p.add_argument("--memory-pages", type=int, default=16384,
-                   help="machine pages of 4 KiB (default 16384; each domain owns 4096)")
-    p.add_argument("--guest-vcpus", type=int, default=2, help="vCPUs per guest (default 2)")
+    p.add_argument("--guests", type=_int("guests"), default=1,
+                   help="HVM guests besides Dom0 (default 1)")
+    p.add_argument("--memory-pages", type=_int("memory-pages"), default=16384,
+                   help="machine pages of 4 KiB (default 16384): Xen's 512 and 4096 per "
+                        "domain, so at least 512 + 4096 x (guests + 1): 8704 with one guest")
+    p.add_argument("--guest-vcpus", type=_int("guest-vcpus"), default=2,
+                   help="vCPUs per guest (default 2)")
     p.add_argument("--vmce-policy", default="owner",
                    help="owner: vMCE to the impacted domain (default); dom0: to Dom0 only")
-    p.add_argument("--idle-poll-us", type=int, default=1000,
+    p.add_argument("--idle-poll-us", type=_int("idle-poll-us"), default=1000,
                    help="the most an idle CPU polls before sleeping; the window adapts "
                         "to how soon machine checks come (default 1000; 0: sleep at once)")
 
 
 def _config(a):
     from emu.machine.config import MachineConfig
-    extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) else {}
+    extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) is not None else {}
     return MachineConfig(topology=a.topology, nbanks=a.banks, bank_scopes=a.bank_scopes,
                          handler=a.handler, seed=a.seed, chaos=a.chaos, watchdog_s=a.watchdog,
                          ser=not a.no_ser, pin_cpus=not a.no_pin, guests=a.guests,
@@ -105,7 +141,21 @@ def cmd_run(a) -> int:
             print("demonstration: Xen's srao_mem case (bank 8, 0xBD000000004000CF) "
                   "on a free page", file=sys.stdout)
         _print_trial(res, sys.stdout)
+    nd = not_durable(res)
+    if nd:
+        f = nd[0]["not_durable"]
+        print(f"emu: error: log-dir: {len(nd)} record{'s' if len(nd) > 1 else ''} could not be "
+              f"made durable: {f['path']}: {f['errno']} ({f['message']}); they wait in Xen's "
+              "telemetry pool: free space or give another --log-dir", file=sys.stderr)
+        return EXIT_NOT_DURABLE
     return 1 if res["violations"] else 0
+
+
+def not_durable(res: dict) -> list[dict]:
+    """The Dom0 log entries of a trial result that Dom0 could not write."""
+    ents = [d for e in res.get("errors", []) for d in e.get("dom0_log", [])]
+    ents += [b["dom0_log"] for b in res.get("boot_log", []) if b.get("dom0_log")]
+    return [d for d in ents if d.get("not_durable")]
 
 
 def main(argv=None) -> int:
@@ -149,4 +199,8 @@ def main(argv=None) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception:  # noqa: BLE001 - a bug of emu: exit 3, the traceback on stderr only
+        import traceback
+        traceback.print_exc(file=sys.stderr)
+        return 3
     return 0

@@ -26,6 +26,7 @@ from emu.hw import msr
 from emu.hw.banks import Banks
 from emu.hw.cpu import deliver_mc
 from emu.machine.channels import GUEST_SPIN_S, PROTO, DomainChannels
+from emu.machine.checks import check_timeout
 from emu.machine.config import MachineConfig
 from emu.machine.cpu_process import cpu_process
 from emu.machine.procs import child_signals, fork_child, readable, set_pdeathsig
@@ -114,6 +115,8 @@ class Coordinator(DomainChannels):
         self.refused_by: dict[int, list] = {}   # domid -> refused privileged commands
         self.handled: list = []             # reports of guest #MC handlers
         self.last_ready: list = []
+        self.parent_pidfd: int | None = None   # see coordinator_process
+        self.died_between: list[dict] = []     # CPUs that died between trials (not yet told)
 
     # -- lifecycle --------------------------------------------------------------------
     def power_on(self) -> dict:
@@ -358,7 +361,11 @@ class Coordinator(DomainChannels):
         raised once a first-wave target has reached ``after_phase``."""
         X, L = self.R.X, self.R.L
         # Validate everything before anything runs.
+        check_timeout("timeout_s", timeout_s)
+        if then is not None and not isinstance(then, dict):
+            raise UsageError("then", f"{then!r}: give a dict")
         first = self._validated(errors)
+        self._check_cpus()
         second = None
         if then:
             second = self._validated(then["errors"])
@@ -437,8 +444,46 @@ class Coordinator(DomainChannels):
         res["dom0_log_path"] = self.dom0_log_path
         res["dom0"] = {"restarts": self.dom0_restarts, "exits": list(self.dom0_exits),
                        "refused": self.refused, "log_failure": self.dom0_failure}
+        if self.died_between:
+            res["died_between_trials"], self.died_between = self.died_between, []
         res["violations"] = check_trial(res, self.topo)
         return res
+
+    def _check_cpus(self) -> None:
+        """Before an injection: has a CPU died since the last trial? (One waitid
+        when none has; the serve loop usually noticed it already, through its pidfd.)"""
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None:
+            return
+        r = readable(list(self.pidfds.values()), 0)
+        dead = [c for c, fd in self.pidfds.items() if fd in r]
+        if dead:
+            self._cpus_died_between(dead)
+
+    def _cpus_died_between(self, dead: list[int]) -> None:
+        """CPUs died between trials (outside any #MC): warm-reset now, so the next
+        trial runs on a whole machine and is not blamed; the next trial's result
+        reports it under ``died_between_trials`` with the trial it followed."""
+        how = []
+        for c in dead:
+            ent = {"cpu": c, "exit": "unknown"}
+            try:
+                pid, st = os.waitpid(self.cpu_pids[c], os.WNOHANG)
+                if pid:
+                    ent["exit"] = (f"signal {os.WTERMSIG(st)}" if os.WIFSIGNALED(st)
+                                   else f"exit {os.WEXITSTATUS(st)}")
+            except ChildProcessError:
+                pass
+            how.append(ent)
+        after = self.trial_gen
+        boot = self.warm_reset(f"CPUs {dead} died after trial {after}")
+        self.died_between.append({"cpus": dead, "after_trial": after, "exits": how,
+                                  "lost_at_reset": boot["lost_at_reset"],
+                                  "boot_log": boot["boot_log"]})
+        del self.died_between[:-16]
 
     @staticmethod
     def _lost_reason(res: dict, e: dict, recs: list, lost: dict) -> str:
@@ -520,7 +565,7 @@ class Coordinator(DomainChannels):
         if ready is not None:
             dead = self._poll(0, ready=ready, done=done)
             if dead:
-                return "cpu_died", {"cpus": dead}
+                return "cpu_died", {"dead_cpus": dead}
         while True:
             if X.load(L.reset_req) != RESET_NONE:
                 raw = b"".join(X.load(L.panic_msg + 8 * j).to_bytes(8, "little") for j in range(8))
@@ -537,7 +582,7 @@ class Coordinator(DomainChannels):
                 self._ring_late(wait_targets)
             dead = self._poll(0.02 if ring_at is None else max(0.0, ring_at - now), done=done)
             if dead:
-                return "cpu_died", {"cpus": dead}
+                return "cpu_died", {"dead_cpus": dead}
             p = self._progress()
             now = time.monotonic()
             if p != last_progress:
@@ -661,29 +706,46 @@ class Coordinator(DomainChannels):
             # Between requests, keep serving Dom0 (boot records, VIRQs).
             fd = conn.fileno()
             # select, not Connection.poll: that builds a selector per call (5 µs here)
-            while not readable([fd], 0):
-                self._poll(self._dom0_restart_in(1.0), extra=[fd])
+            watch = [fd] if self.parent_pidfd is None else [fd, self.parent_pidfd]
+            while not readable(watch, 0):
+                dead = self._poll(self._dom0_restart_in(1.0), extra=watch)
+                if dead:
+                    self._cpus_died_between(dead)
+            if self.parent_pidfd is not None and readable([self.parent_pidfd], 0):
+                return    # the front end's process is gone (see coordinator_process)
             try:
                 raw = conn.recv_bytes()
             except (EOFError, OSError):
                 return
+            rid = None   # the request's id, echoed in its reply (Machine._call)
             try:
-                ver, cmd, args = msgpack.unpackb(raw, strict_map_key=False)
+                msg = msgpack.unpackb(raw, strict_map_key=False)
+                if not isinstance(msg, list) or len(msg) not in (3, 4):
+                    raise UsageError("protocol", "a request is [version, command, args, id]")
+                ver, cmd, args = msg[:3]
+                rid = msg[3] if len(msg) == 4 else None
                 if ver != PROTO:
                     raise UsageError("protocol", f"version {ver}, expected {PROTO}")
                 if cmd == "quit":
                     conn.send_bytes(msgpack.packb([True, None]))
                     return
                 reply = self.dispatch(cmd, args)
-                conn.send_bytes(msgpack.packb([True, reply]))
+                out = [True, reply]
             except EmuError as exc:
-                conn.send_bytes(msgpack.packb([False, {"type": type(exc).__name__,
-                                                       "field": getattr(exc, "field", None),
-                                                       "message": str(exc)}]))
+                out = [False, {"type": type(exc).__name__, "field": getattr(exc, "field", None),
+                               "message": str(exc)}]
             except Exception as exc:  # noqa: BLE001 - reported as an internal error
-                conn.send_bytes(msgpack.packb([False, {
-                    "type": "EmulatorInternalError", "field": None,
-                    "message": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}]))
+                out = [False, {"type": "EmulatorInternalError", "field": None,
+                               "message": f"{type(exc).__name__}: {exc}\n"
+                                          f"{traceback.format_exc()}"}]
+            if rid is not None:
+                out.append(rid)
+            try:
+                data = msgpack.packb(out)
+            except (TypeError, ValueError, OverflowError) as exc:
+                data = msgpack.packb([False, {"type": "EmulatorInternalError", "field": None,
+                                              "message": f"reply not packable: {exc}"}, rid])
+            conn.send_bytes(data)
 
     def dispatch(self, cmd: str, args: dict):
         if cmd == "boot":
@@ -713,14 +775,27 @@ class Coordinator(DomainChannels):
         raise UsageError("command", f"unknown command {cmd!r}")
 
 
-def coordinator_process(conn, cfg: MachineConfig, parent_pid: int) -> None:
-    """Body of the coordinator process (never returns)."""
+def coordinator_process(conn, cfg: MachineConfig, parent_pid: int,
+                        watch_parent: bool = False) -> None:
+    """Body of the coordinator process (never returns).
+
+    ``watch_parent``: forked from a thread other than the front end's main thread,
+    whose exit would fire a parent-death signal though the front end lives on; the
+    coordinator then watches a pidfd on the front end's process (readable when the
+    whole process has exited) between requests instead."""
     code = 0
     co = None
     try:
-        set_pdeathsig(parent_pid)
+        ppfd = None
+        if watch_parent:
+            ppfd = os.pidfd_open(parent_pid)
+            if os.getppid() != parent_pid:
+                os._exit(0)
+        else:
+            set_pdeathsig(parent_pid)
         child_signals()
         co = Coordinator(conn, cfg)
+        co.parent_pidfd = ppfd
         co.serve()
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
