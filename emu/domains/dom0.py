@@ -56,7 +56,7 @@ _GLOBAL_HEX = ("mc_gstatus", "mcgcap")
 IDX_SCHEMA = "emu.mcelog.idx/1"
 MAX_LINE = 1 << 20            # a record line is a few hundred bytes; longer is corruption
 RECENT_IDS = 256              # ids kept for the dedup (Xen's pool holds 30 records)
-RECENT_BYTES = 512 << 10      # where those ids are looked for before a checkpoint
+RECENT_BYTES = 128 << 10      # where those ids are looked for before a checkpoint
 CHECKPOINT_BYTES = 256 << 10  # appended bytes between two checkpoints
 IDX_TAIL = 4096               # bytes before the checkpointed size, hashed into it
 _CHUNK = 1 << 20
@@ -313,7 +313,10 @@ def check_log(path: str) -> None:
         os.close(fd)
 
 
-def tail_records(path: str, max_bytes: int = RECENT_BYTES) -> list[dict]:
+TAIL_BYTES = 64 << 10   # the coordinator's reconcile: Xen's pool holds 30 records
+
+
+def tail_records(path: str, max_bytes: int = TAIL_BYTES) -> list[dict]:
     """The valid records among the complete lines of the last ``max_bytes`` of the log
     (bounded, whatever the log's size; a regular file only)."""
     try:

@@ -55,7 +55,7 @@ def _check_extra(extra) -> None:
     if ld is not None and not isinstance(ld, (str, os.PathLike)):
         raise UsageError("log-dir", f"{ld!r}: give a directory path")
     for k in EXTRA_DICTS:
-        if extra.get(k) is not None and not isinstance(extra[k], dict):
+        if k in extra and not isinstance(extra[k], dict):
             raise UsageError(f"extra.{k}", f"{extra[k]!r}: give a dict")
     if "fsync" in extra and not isinstance(extra["fsync"], bool):
         raise UsageError("extra.fsync", f"{extra['fsync']!r}: give True or False")
