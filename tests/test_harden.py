@@ -497,8 +497,9 @@ def _rec(**kw):
     _rec(banks="nope") + "\n",
     _rec(cpu=-3, banks=[{"bank": 1}]) + "\n",
     _rec(banks=[{"bank": 1, "status": 1 << 70}]) + "\n",
-    '{"schema": "emu.mcelog/1", "id": 1, "x": ' + "[" * 100000 + "]" * 100000 + "}\n",
-])
+    pytest.param('{"schema": "emu.mcelog/1", "id": 1, "x": ' + "[" * 100000 + "]" * 100000
+                 + "}\n", id="nested"),
+], ids=["bank-x", "status-zz", "banks-str", "cpu-negative", "status-70-bits", "nested"])
 def test_11_emu_log_wrong_typed_or_nested_lines_exit_2_naming_the_line(capsys, tmp_path, content):
     p = tmp_path / "dom0.jsonl"
     p.write_text(_rec() + "\n" + content)
