@@ -68,6 +68,7 @@ class Coordinator(DomainChannels):
         self.rung_late: list[int] = []
         self.cpu_pids: dict[int, int] = {}
         self.pidfds: dict[int, int] = {}
+        _raise_nofile(2 * self.n + 256)   # a pidfd per CPU, a channel and a pidfd per domain
         self.hooks: dict = dict(cfg.extra.get("hooks", {}))
         self.last_boot_log: list = []
         self.domids = cfg.domids
@@ -773,6 +774,19 @@ class Coordinator(DomainChannels):
             return [[self.banks.read(c, b, r) for r in range(5)] for c in range(self.n)
                     for b in range(self.topo.nbanks)]
         raise UsageError("command", f"unknown command {cmd!r}")
+
+
+def _raise_nofile(need: int) -> None:
+    """Raise the soft descriptor limit towards ``need`` (at most the hard limit): a
+    1024-CPU machine holds over 1024 descriptors, a common default soft limit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def coordinator_process(conn, cfg: MachineConfig, parent_pid: int,
