@@ -1,15 +1,16 @@
 """Shared test helpers.
 
-The reference vectors live outside the repository, in ``../shared/vectors`` relative
-to the repository root. Test modules import :data:`VECTORS` / :func:`load_vectors`
-from here (collection-time parametrization cannot use fixtures).
+The reference vectors the tests use are copied into ``tests/data/`` (their source:
+the project's shared reference, ``vectors/``; each file names its own origin in its
+``comment``), so a fresh clone tests on its own. Test modules import :data:`VECTORS` /
+:func:`load_vectors` from here (collection-time parametrization cannot use fixtures).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "data"
 
 
 def load_vectors(name: str) -> dict:

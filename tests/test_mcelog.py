@@ -1,10 +1,10 @@
-"""emu.domains.mcelog against real mcelog output (vectors/mcelog_output.json) and p4.c rules."""
+"""emu.domains.mcelog against real mcelog output (tests/data/mcelog_output.json) and p4.c rules."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import VECTORS
 
 from emu.domains.mcelog import (
     DISCLAIMER,
@@ -17,7 +17,6 @@ from emu.domains.mcelog import (
 )
 from emu.hw.msr import MCG_SER_P, MCG_TES_P, MCi_STATUS_FWST
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
 DATA = json.loads((VECTORS / "mcelog_output.json").read_text(encoding="utf-8"))
 EXAMPLES = [pytest.param(e, id=e["id"]) for e in DATA["examples"]]
 
