@@ -75,6 +75,14 @@ def test_1_a_second_machine_on_a_log_dir_is_refused_naming_log_dir(emu_machine, 
     assert len(set(ids)) == 2
 
 
+def test_1_a_machine_closed_releases_its_dir_while_another_runs(emu_machine, tmp_path):
+    a = emu_machine(extra={"log_dir": str(tmp_path / "a")})
+    emu_machine(extra={"log_dir": str(tmp_path / "b")})   # forked while a's lock is held
+    a.close()
+    again = emu_machine(extra={"log_dir": str(tmp_path / "a")})
+    assert again.inject(SRAO_MEM)["outcome"] == "recovered"
+
+
 def test_1_concurrent_cli_runs_on_one_log_dir_lose_nothing(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-m", "emu", "run", "--json", "--log-dir",
                                str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -63,7 +63,7 @@ class Machine:
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Machine":
         from emu.machine.coordinator import coordinator_process
-        from emu.machine.logdir import claim
+        from emu.machine.logdir import claim, close_others
         if self.pid is not None:
             raise UsageError("machine", "already started")
         self._logdir = claim(self.config.extra.get("log_dir"))
@@ -82,6 +82,7 @@ class Machine:
         pid = os.fork()
         if pid == 0:
             ours.close()
+            close_others(self._logdir.fd)
             coordinator_process(theirs, cfg, me, watch_parent=watch)
         theirs.close()
         self.pid, self._conn = pid, ours

@@ -35,17 +35,34 @@ def default_log_dir() -> str:
                         time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{os.urandom(3).hex()}")
 
 
+_HELD: set[int] = set()   # lock descriptors of the machines this process runs
+
+
 class LogDir:
     """A claimed log directory: ``path`` (absolute) and the lock's descriptor."""
 
     def __init__(self, path: str, fd: int):
         self.path = path
         self.fd = fd
+        _HELD.add(fd)
 
     def release(self) -> None:
         if self.fd is not None:
+            _HELD.discard(self.fd)
             os.close(self.fd)   # closes our reference; the lock goes with the last one
             self.fd = None
+
+
+def close_others(own: int | None) -> None:
+    """In a freshly forked coordinator: drop the locks of the *other* machines of the
+    front end's process, or they would stay held as long as this machine runs."""
+    for fd in list(_HELD):
+        if fd != own:
+            _HELD.discard(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _bad(path, why: str) -> UsageError:
