@@ -49,10 +49,26 @@ def error_list(field: str, errors) -> list:
     return list(errors)
 
 
-def check_inject(errors, local, timeout_s, then, ncpus: int, nbanks: int, domids) -> tuple:
-    """Machine.inject's arguments, normalised: (errors, local, timeout_s, then)."""
-    errors = error_list("errors", errors)
+def _validate(errors: list, ncpus: int, nbanks: int, domids, seen: set | None) -> None:
+    """validate_errors, skipped for error strings already validated on this machine
+    (a campaign repeats them)."""
+    key = tuple(errors) if seen is not None and all(isinstance(e, str) for e in errors) \
+        else None
+    if key is not None and key in seen:
+        return
     validate_errors(errors, ncpus, nbanks, domids)
+    if key is not None:
+        if len(seen) >= 4096:
+            seen.clear()
+        seen.add(key)
+
+
+def check_inject(errors, local, timeout_s, then, ncpus: int, nbanks: int, domids,
+                 seen: set | None = None) -> tuple:
+    """Machine.inject's arguments, normalised: (errors, local, timeout_s, then).
+    ``seen``: the machine's set of error lists already validated."""
+    errors = error_list("errors", errors)
+    _validate(errors, ncpus, nbanks, domids, seen)
     check_bool("local", local)
     check_timeout("timeout_s", timeout_s)
     if then is not None:
@@ -65,7 +81,7 @@ def check_inject(errors, local, timeout_s, then, ncpus: int, nbanks: int, domids
         if "errors" not in then:
             raise UsageError("then.errors", "missing: the second #MC's errors")
         then = dict(then, errors=error_list("then.errors", then["errors"]))
-        validate_errors(then["errors"], ncpus, nbanks, domids)
+        _validate(then["errors"], ncpus, nbanks, domids, seen)
         if then.get("after_phase") not in PHASES:
             raise UsageError("then.after_phase", f"{then.get('after_phase')!r}: use one of "
                              f"{', '.join(PHASES)}")

@@ -57,6 +57,7 @@ class Machine:
         self._logdir = None
         self._seq = 0
         self._broken: str | None = None
+        self._seen: set = set()          # error lists already validated (checks.py)
         self.boot_info = None
         self.log_dir: str | None = None
 
@@ -66,6 +67,9 @@ class Machine:
         from emu.machine.logdir import claim, close_others
         if self.pid is not None:
             raise UsageError("machine", "already started")
+        from emu.hw.topology import Topology
+        self._topo = Topology(self.config.validate())   # changed since __init__?
+        self._seen = set()
         self._logdir = claim(self.config.extra.get("log_dir"))
         self.log_dir = self._logdir.path
         cfg = dataclasses.replace(self.config, extra=dict(self.config.extra,
@@ -198,7 +202,7 @@ class Machine:
         """
         errors, local, timeout_s, then = checks.check_inject(
             errors, local, timeout_s, then, self._topo.ncpus, self._topo.nbanks,
-            self.config.domids)
+            self.config.domids, self._seen)
         return self._call("trial", {"errors": errors, "local": local,
                                     "timeout_s": timeout_s, "then": then})
 
