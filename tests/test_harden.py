@@ -280,6 +280,28 @@ def test_5_a_failed_call_does_not_put_replies_out_of_step(emu_machine):
     assert r["outcome"] == "recovered" and r["errors"][0]["cpu"] == 2
 
 
+def test_5_ctrl_c_during_a_call_leaves_the_machine_usable(emu_machine):
+    m = emu_machine(extra={"hooks": {"stall_phase": "barrier_a", "stall_s": 30,
+                                     "stall_cpus": [3]}}, watchdog_s=0.5)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            m.inject(SRAO_MEM)          # the trial hangs (watchdog 0.5 s): ^C meanwhile
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, old)
+    snap = m.snapshot()                 # not the interrupted trial's late reply
+    assert set(snap) >= {"cpus", "pids"} and "outcome" not in snap
+    m.set_hooks(stall_phase=None)
+    m.reset()
+    assert m.inject(srao(1, 0x1A6))["outcome"] == "recovered"
+
+
 # -- 6. a failed start leaves nothing ------------------------------------------------------------
 def test_6_a_failed_start_leaves_no_coordinator(monkeypatch, tmp_path):
     from emu.machine import coordinator
