@@ -124,7 +124,17 @@ def _print_trial(res: dict, out) -> None:
         print(f"  VIOLATION: {v}", file=out)
 
 
+def _check_writable(path: str, field: str) -> None:
+    import os
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise UsageError(field, f"{path}: cannot write there; give a file in a writable "
+                         "directory")
+
+
 def cmd_run(a) -> int:
+    import dataclasses
+
     from emu.machine import Machine
     from emu.trial.spec import DEMO, validate_errors
     cfg = _config(a)
@@ -132,8 +142,26 @@ def cmd_run(a) -> int:
     topo = Topology(cfg)
     errors = a.error or DEMO
     validate_errors(errors, topo.ncpus, topo.nbanks, cfg.domids)   # nothing runs on bad input
+    tracing = bool(a.trace or a.trace_png or a.explain)
+    for path, field in ((a.trace, "trace"), (a.trace_png, "trace-png")):
+        if path:
+            _check_writable(path, field)
+    if a.trace_png:
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("trace-png", "needs matplotlib: pip install 'emu-mca[plot]'")
+    if tracing:
+        cfg = dataclasses.replace(cfg, trace=True)
     with Machine(cfg) as m:
         res = m.inject(errors, local=a.local)
+        tr = m.trace() if tracing else None
+    if tr is not None:
+        from emu.formats import trace as T
+        if a.trace:
+            T.write_chrome_trace(tr, a.trace, res)
+        if a.trace_png:
+            T.swimlane_png(tr, a.trace_png, res)
+    out = sys.stderr if a.json else sys.stdout
     if a.json:
         print(json.dumps(res, sort_keys=True))
     else:
@@ -141,6 +169,12 @@ def cmd_run(a) -> int:
             print("demonstration: Xen's srao_mem case (bank 8, 0xBD000000004000CF) "
                   "on a free page", file=sys.stdout)
         _print_trial(res, sys.stdout)
+    if a.explain:
+        print("\n".join(T.explain(tr, res)), file=out)
+    for path, what in ((a.trace, "trace (Chrome Trace Event JSON; open in Perfetto's UI or "
+                        "chrome://tracing)"), (a.trace_png, "swimlane picture")):
+        if path:
+            print(f"{what}: {path}", file=out)
     nd = not_durable(res)
     if nd:
         f = nd[0]["not_durable"]
@@ -158,26 +192,67 @@ def not_durable(res: dict) -> list[dict]:
     return [d for d in ents if d.get("not_durable")]
 
 
-def main(argv=None) -> int:
-    p = _Parser(prog="emu", description="Concurrency-faithful emulator of Xen's x86 MCA handling")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    r = sub.add_parser("run", help="boot a machine, inject errors, print the outcome")
-    _machine_args(r)
+def _run_args(r) -> None:
     r.add_argument("--error", action="append", help='"cpu=N bank=N status=0x.. [addr= misc= mcg=]"')
     r.add_argument("--local", action="store_true", help="deliver as LMCE to the first error's CPU")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument("--log-dir", help="run directory for Dom0's log (default: a new one under "
                    "$TMPDIR/emu-runs)")
+    r.add_argument("--trace-png", help="trace the trial and draw it as a PNG swimlane picture")
+    r.add_argument("--explain", action="store_true",
+                   help="trace the trial and tell it in a few lines")
+
+
+def main(argv=None) -> int:
+    p = _Parser(prog="emu", description="Concurrency-faithful emulator of Xen's x86 MCA handling")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    r = sub.add_parser("run", help="boot a machine, inject errors, print the outcome")
+    _machine_args(r)
+    _run_args(r)
+    r.add_argument("--trace", help="trace the trial: Chrome Trace Event JSON to this file")
+    t = sub.add_parser("trace", help="run one trial traced: Chrome Trace Event JSON, "
+                       "the trial explained (emu run --trace FILE --explain)")
+    _machine_args(t)
+    _run_args(t)
+    t.add_argument("--out", dest="trace", default="emu-trace.json",
+                   help="the trace file (default emu-trace.json)")
     lg = sub.add_parser("log", help="render Dom0's JSON Lines log as mcelog-style text")
     lg.add_argument("file", help="a dom0.jsonl written by a run (see dom0_log_path)")
     lg.add_argument("--json", action="store_true", help="pass the JSON records through")
-    b = sub.add_parser("bench", help="handler latency benchmark (see bench/latency.py)")
-    b.add_argument("--cpus", default="4,16,64")
-    b.add_argument("--injections", type=int, default=1000)
-    b.add_argument("--json", action="store_true")
+    b = sub.add_parser("bench", help="latency by phase, CPU count and handler version, with "
+                       "the futex floor and a naive peer design; --compare, --plot")
+    b.add_argument("--cpus", default="4,16,64", help="CPU counts, e.g. 1,2,4,...,256 "
+                   "(topologies chosen for each; default 4,16,64)")
+    b.add_argument("--topology", help="SxCxT list instead of --cpus, e.g. 1x2x2,2x8x2")
+    b.add_argument("--handler", default="seed", help="handler versions, interleaved in one "
+                   "run (default seed); a version twice: an A/A pair; VERSION+trace: traced")
+    b.add_argument("--injections", type=int, default=1000, help="per configuration")
+    b.add_argument("--block", type=int, default=20,
+                   help="injections per turn: the versions and baselines take turns")
+    b.add_argument("--guest-every", type=int, default=8,
+                   help="every Nth #MC hits a guest page, for guest_handled (0: none)")
+    b.add_argument("--boots", type=int, default=5, help="boots timed per configuration")
+    b.add_argument("--warmup", type=int, default=5,
+                   help="machine checks not counted after each boot (default 5)")
+    b.add_argument("--instances", type=int, default=3, help="machine instances per variant, "
+                   "one after the other, sharing the injections (default 3)")
+    b.add_argument("--hook", action="append", help="test hook NAME=VALUE for the CPUs, e.g. "
+                   "handler_extra_work_us=50 (a deliberately slowed variant)")
+    b.add_argument("--no-naive", action="store_true", help="skip the naive peer baseline")
+    b.add_argument("--no-stress", action="store_true", help="skip bench/stress.py")
+    b.add_argument("--json", action="store_true", help="one JSON object per configuration")
+    b.add_argument("--out", help="also write the JSON lines to this file")
+    b.add_argument("--plot", help="write a PNG: latency by CPU count (needs the plot extra)")
+    b.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
+                   help="compare two --out files: ratio, bootstrap interval, verdict")
+    b.add_argument("--min-change", type=float, default=0.02,
+                   help="--compare: smallest change called faster/slower (default 0.02)")
     try:
         a = p.parse_args(argv)
         if a.cmd == "run":
+            return cmd_run(a)
+        if a.cmd == "trace":
+            a.explain = True
             return cmd_run(a)
         if a.cmd == "log":
             import os

@@ -3,9 +3,15 @@
 Modelled (DESIGN.md §5): in *chaos* mode, with seeded probabilities, a yield point
 yields the core, sleeps briefly or stalls the CPU, so that narrow windows (a shared
 bank read and its clear are two steps) are hit often. With ``trace`` on, each yield
-point appends (sequence, cpu, site) to a ring in shared memory, so the observed order
-of a trial can be printed. Seeds: trial ``i`` of a campaign seeded ``s`` uses
-``SeedSequence([s, i])``, spawning one stream per process.
+point appends an entry to a ring in shared memory (:data:`TRACE_WORDS` words:
+sequence, cpu, site, ``time.monotonic_ns()``, and two detail words the call site
+passes: what it is about to touch, e.g. bank and register, a lock's or barrier's
+word and the generation), so the observed order of a trial can be exported;
+:meth:`YieldPoints.record` appends an entry without being a yield point (phase
+changes, VIRQ). With trace and chaos off, ``yp`` is a no-op function.
+
+Seeds: trial ``i`` of a campaign seeded ``s`` uses ``SeedSequence([s, i])``,
+spawning one stream per process.
 
 Not modelled yet: controlled mode (one process at a time under a scheduler).
 """
@@ -18,8 +24,9 @@ import numpy as np
 
 # Site names; their index is what the trace stores.
 SITES = ("rdmsr", "wrmsr", "lock", "unlock", "barrier", "atomic", "telem", "page", "vmce",
-         "softirq")
+         "softirq", "phase", "virq", "acquired")
 SITE = {n: i for i, n in enumerate(SITES)}
+TRACE_WORDS = 6      # seq, cpu, site, t_ns, d0, d1
 
 _BLOCK = 4096
 
@@ -40,15 +47,24 @@ class YieldPoints:
         self._rng = np.random.default_rng(seed_seq)
         self._k = _BLOCK
 
-    def yp(self, site: str) -> None:
+    def record(self, site: str, d0: int = 0, d1: int = 0) -> None:
+        """Append a trace entry (no-op without trace)."""
+        if self.trace is None:
+            return
+        A, cnt, ring, n = self.trace
+        k = A.fetch_add(cnt, 1)
+        if k < n:
+            base = ring + 8 * TRACE_WORDS * k
+            A.store(base + 8, self.cpu)
+            A.store(base + 16, SITE.get(site, 255))
+            A.store(base + 24, time.monotonic_ns())
+            A.store(base + 32, d0 & 0xFFFFFFFFFFFFFFFF)
+            A.store(base + 40, d1 & 0xFFFFFFFFFFFFFFFF)
+            A.store(base, k + 1)   # last: a reader sees whole entries (0: not written)
+
+    def yp(self, site: str, d0: int = 0, d1: int = 0) -> None:
         if self.trace is not None:
-            A, cnt, ring, n = self.trace
-            k = A.fetch_add(cnt, 1)
-            if k < n:
-                base = ring + 24 * k
-                A.store(base, k)
-                A.store(base + 8, self.cpu)
-                A.store(base + 16, SITE.get(site, 255))
+            self.record(site, d0, d1)
         if self.chaos > 0 and self._rng is not None:
             if self._k >= _BLOCK:
                 self._u = self._rng.random((_BLOCK, 2))
@@ -65,7 +81,7 @@ class YieldPoints:
                     time.sleep(0.002)
 
 
-def _noop(site: str) -> None:
+def _noop(site: str, d0: int = 0, d1: int = 0) -> None:
     return None
 
 

@@ -231,6 +231,8 @@ class DomainChannels:
             except OSError:
                 continue
             self.delivered.append({"domid": d, "vcpus": vcpus, "t": time.monotonic_ns()})
+            if self.tev is not None:
+                self.tev.append([self.delivered[-1]["t"], f"dom{d}", "vmce", {"vcpus": vcpus}])
 
     def _dom0_restart_due(self) -> None:
         at = self._dom0_restart_at
@@ -287,6 +289,8 @@ class DomainChannels:
         vc = self.R.X.load(self.R.L.vm.virq_count)
         if vc != self.virq_seen:
             self.virq_seen = vc
+            if self.tev is not None:
+                self.tev.append([time.monotonic_ns(), "coordinator", "virq", {"to": 0}])
             self._notify_dom0("virq")
 
     def _notify_dom0(self, name: str) -> bool:
@@ -336,6 +340,9 @@ class DomainChannels:
                     conn.send_bytes(msgpack.packb([True, None]))
                     return
                 rec = self.tele.read(i)
+                if self.tev is not None:
+                    self.tev.append([time.monotonic_ns(), "dom0", "fetch",
+                                     {"id": self.tele.record_id(i), "cls": CLASS_NAMES[cls]}])
                 out = {"id": self.tele.record_id(i), "cls": CLASS_NAMES[cls],
                        "source": {1: "mce", 2: "poll", 3: "poll", 4: "boot"}.get(rec.get("who"),
                                                                                  "mce"),
@@ -344,6 +351,9 @@ class DomainChannels:
                 conn.send_bytes(msgpack.packb([True, out]))
             else:
                 ok = self.tele.mctelem_ack(cls, int(args.get("id", 0)))
+                if self.tev is not None:
+                    self.tev.append([time.monotonic_ns(), "dom0", "ack",
+                                     {"id": int(args.get("id", 0)), "ok": bool(ok)}])
                 if not ok:
                     self.refused += 1
                 else:
@@ -351,6 +361,8 @@ class DomainChannels:
                 conn.send_bytes(msgpack.packb([True, ok]))
         elif cmd == "logged":
             now = time.monotonic_ns()
+            if self.tev is not None:
+                self.tev.append([now, "dom0", "write", {"ids": list(args.get("ids", []))}])
             for rid in args.get("ids", []):
                 self._mark_logged(int(rid), None, now)
             if self.dom0_failure is not None:
@@ -377,6 +389,10 @@ class DomainChannels:
                     self.vmce.vmce_wrmsr(domid, int(args["vcpu"]), int(args["msr"]),
                                          int(args["value"]))
                     v = None
+                if self.tev is not None:
+                    self.tev.append([time.monotonic_ns(), f"dom{domid}", cmd,
+                                     {"vcpu": int(args["vcpu"]), "msr": int(args["msr"]),
+                                      "value": v if cmd == "rdmsr" else int(args["value"])}])
                 conn.send_bytes(msgpack.packb([True, v]))
             except GeneralProtection as gp:
                 conn.send_bytes(msgpack.packb([False, {"type": "GP", "message": str(gp)}]))
@@ -385,6 +401,9 @@ class DomainChannels:
                 conn.send_bytes(msgpack.packb([False, {"type": "EINVAL", "message": cmd}]))
         elif cmd == "handled":
             self.handled.append(dict(args, domid=domid, t=time.monotonic_ns()))
+            if self.tev is not None:
+                self.tev.append([self.handled[-1]["t"], f"dom{domid}", "handled",
+                                 {"vcpu": args.get("vcpu"), "killed": args.get("killed")}])
         elif cmd == "probe_result":
             self.probes[domid] = args
         else:

@@ -31,6 +31,7 @@ from emu.machine.config import MachineConfig
 from emu.machine.cpu_process import cpu_process
 from emu.machine.procs import child_signals, fork_child, readable, set_pdeathsig
 from emu.machine.regions import Regions
+from emu.machine.tracing import TraceRecorder
 from emu.trial.oracle import check_trial
 from emu.trial.spec import validate_errors
 from emu.xen import severity as sev
@@ -47,7 +48,7 @@ RING_LATE_S = 0.0005   # at the earliest; see Coordinator._ring_late
 RING_LATE_MAX_S = 0.02
 
 
-class Coordinator(DomainChannels):
+class Coordinator(DomainChannels, TraceRecorder):
     def __init__(self, conn, cfg: MachineConfig):
         self.conn = conn
         self.cfg = cfg
@@ -84,6 +85,12 @@ class Coordinator(DomainChannels):
         self.ready_doms: set[int] = set()
         self._served = 0
         self.guest_spin_s = float(cfg.extra.get("guest_spin_s", GUEST_SPIN_S))
+        # Tracing (cfg.trace): what the coordinator sees of the last trial, as
+        # [t_ns, track, name, args] (track: "coordinator", "dom0", "dom1", ...), and
+        # the CPUs' ring, read before a reset could wipe it.
+        self.tev: list | None = [] if cfg.trace else None
+        self._trace_ring: dict | None = None
+        self._trace_used = 0
         # Dom0: the logger process and its channel (the hypercall and VIRQ path).
         import tempfile
         self.log_dir = cfg.extra.get("log_dir") or os.path.join(
@@ -190,6 +197,8 @@ class Coordinator(DomainChannels):
     def warm_reset(self, cause: str = "Machine.reset") -> dict:
         """Reset: every CPU restarts, Xen memory is lost, the banks are kept.
         The result's ``lost_at_reset`` lists the telemetry records the reset lost."""
+        if self.tev is not None:
+            self.tev.append([time.monotonic_ns(), "coordinator", "reset", {"cause": cause}])
         self._stop_guests()
         self._stop_dom0()
         self._kill_cpus()
@@ -324,7 +333,8 @@ class Coordinator(DomainChannels):
             offs = self._trial_words = [
                 L.pc(c, w) for c in range(self.n)
                 for w in (L.P_LOGOUT_N, L.P_REACHED, L.P_T_ENTER, L.P_T_LOGOUT, L.P_T_EXIT,
-                          L.P_T_SOFTIRQ, L.P_SIRQ_ROLE, L.P_T_BARRIER_A)]
+                          L.P_T_SOFTIRQ, L.P_SIRQ_ROLE, L.P_T_BARRIER_A, L.P_T_FATAL,
+                          L.P_T_MCIP)]
         store = X.store
         for off in offs:
             store(off, 0)
@@ -344,6 +354,12 @@ class Coordinator(DomainChannels):
             maddrs.append(addr)
         written = [(e, addr, self.banks.hw_report(e.cpu, e.bank, e.status, addr, e.misc))
                    for e, addr in zip(errs, maddrs, strict=True)]
+        # What the #MC's handler finds in each bank instance: the wave's last write
+        # into it (a later error in the same bank merges with an earlier one).
+        found = {self.topo.inst[e.cpu][e.bank]: w["status"] for e, _, w in written
+                 if w["written"]}
+        for e, _, w in written:
+            w["found"] = found.get(self.topo.inst[e.cpu][e.bank], e.status)
         targets = [errs[0].cpu] if local or not self.cfg.mce_broadcast else list(range(self.n))
         dflt = msr.MCG_STATUS_MCIP | msr.MCG_STATUS_RIPV
         mcg = {c: dflt for c in targets}
@@ -378,12 +394,17 @@ class Coordinator(DomainChannels):
         self.handled.clear()
         self.delivered.clear()
         self.rung_late: list[int] = []
+        if self.tev is not None:
+            self._trace_reset()
         errs, written, targets, mcg = self._inject(first, local)
         fds = self._poll_fds()
         t_inject = time.monotonic_ns()
         # Latencies count from t0, the raise: MCG_STATUS is written (by the emulator,
         # where silicon takes no time) and the signal is about to go.
         sd, t0 = deliver_mc(self.banks, targets, mcg, self.cpu_pids, self.pgid)
+        if self.tev is not None:
+            self.tev.append([t0, "coordinator", "raise", {"targets": targets, "trial": gen,
+                                                          "local": local}])
         # Straight to sleep: the signal woke CPUs on this core, and every microsecond
         # of Python here before the coordinator blocks is taken from their handler.
         ring_late_s = self._ring_late_s()
@@ -408,6 +429,9 @@ class Coordinator(DomainChannels):
             self._wait(wait_targets, timeout_s or self.cfg.watchdog_s, ready, t0 / 1e9,
                        ring_late_s)
         res = self._collect(first_gen, errs, written, targets, t0, outcome, detail, local)
+        if self.tev is not None:
+            self._trace_ring = self._read_trace_ring()   # before a reset wipes it
+            self._trace_ring.update(t0=t0, trial=first_gen)
         res["rung_late"] = sorted(set(self.rung_late))
         # The ring's timing follows handler times that did not need it.
         if res["latency_us"]["handler_exit"] is not None and not self.rung_late:
@@ -617,6 +641,9 @@ class Coordinator(DomainChannels):
             if X.load(L.pc(c, L.P_MC_GEN)) < g and \
                     self.R.ev.ring_doorbell(self.R.HL.doorbell(c), self.R.HL.sleep_reg(c)):
                 self.rung_late.append(c)
+                if self.tev is not None:
+                    self.tev.append([time.monotonic_ns(), "coordinator", "doorbell",
+                                     {"cpu": c}])
 
     def _collect(self, gen, errs, written, targets, t0, outcome, detail, local) -> dict:
         X, L, topo = self.R.X, self.R.L, self.topo
@@ -642,7 +669,7 @@ class Coordinator(DomainChannels):
                     "owners": sorted({x["cpu"] for x in logged}),
                     "cleared": any(x["cleared"] for x in logged),
                     "clearable": sev.intel_need_clearbank_scan(
-                        sev.MCA_MCE_SCAN, w.get("status", e.status), self.cfg.ser),
+                        sev.MCA_MCE_SCAN, w.get("found", e.status), self.cfg.ser),
                     "sharers": topo.sharers(e.cpu, e.bank),
                     "action": sev.mcer_name(acts[0]["result"]) if acts else None}
             if acts:
@@ -678,7 +705,9 @@ class Coordinator(DomainChannels):
             reached = X.load(L.pc(c, L.P_REACHED))
             stamps = {}
             for name, word in (("entered", L.P_T_ENTER), ("logout_done", L.P_T_LOGOUT),
-                               ("barrier_a", L.P_T_BARRIER_A), ("handler_exit", L.P_T_EXIT),
+                               ("barrier_a", L.P_T_BARRIER_A),
+                               ("fatal_check_done", L.P_T_FATAL), ("mcip_cleared", L.P_T_MCIP),
+                               ("handler_exit", L.P_T_EXIT),
                                ("softirq_done", L.P_T_SOFTIRQ)):
                 t = X.load(L.pc(c, word))
                 stamps[name] = round((t - t0) / 1e3, 1) if t >= t0 else None
@@ -693,6 +722,9 @@ class Coordinator(DomainChannels):
                "errors": errors_out, "boot_log": [],
                "cpus": cpus,
                "latency_us": {"all_entered": lat(L.P_T_ENTER), "logout_done": lat(L.P_T_LOGOUT),
+                              "barrier_a": lat(L.P_T_BARRIER_A),
+                              "fatal_check_done": lat(L.P_T_FATAL),
+                              "mcip_cleared": lat(L.P_T_MCIP),
                               "handler_exit": lat(L.P_T_EXIT),
                               "softirq_done": lat(L.P_T_SOFTIRQ)},
                "telemetry": {"free": self.tele.free_count(), "drops": self.tele.drops()},
@@ -770,6 +802,8 @@ class Coordinator(DomainChannels):
             return None
         if cmd == "probe":
             return self._probe(args)
+        if cmd == "trace":
+            return self._trace_payload()
         if cmd == "banks":
             return [[self.banks.read(c, b, r) for r in range(5)] for c in range(self.n)
                     for b in range(self.topo.nbanks)]

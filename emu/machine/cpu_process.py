@@ -14,7 +14,6 @@ import time
 from emu.hw.cpu import SIG_MC
 from emu.hw.yieldpoint import YieldPoints
 from emu.machine.procs import pin_to_host_core
-from emu.xen.layout import TRACE_RING
 
 IDLE_POLL_START_NS = 200_000   # cpuidle-haltpoll's default window
 IDLE_POLL_MIN_NS = 50_000
@@ -31,7 +30,7 @@ def cpu_process(R, cpu: int, handler, hooks: dict, pgid: int = 0) -> None:
     R.ev.sleep_reg = R.HL.sleep_reg(cpu)
     if cpu in (hooks.get("sleep_masked_cpus") or ()):
         R.ev.sleep_masked = {SIG_MC}   # test hook: see Events.sleep_masked
-    trace = (X, L.trace_n, L.trace, TRACE_RING) if R.cfg.trace else None
+    trace = (X, L.trace_n, L.trace, L.trace_ring) if R.cfg.trace else None
     yps = YieldPoints(cpu, R.cfg.chaos, None, trace)
     x = handler(R, cpu, yps, hooks)
     X.store(L.pc(cpu, L.P_PID), os.getpid())

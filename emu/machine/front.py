@@ -242,6 +242,12 @@ class Machine:
         return self._call("dom0", {"op": "drain", "timeout_s": timeout_s},
                           timeout=timeout_s + 120.0)
 
+    def trace(self) -> dict:
+        """The last trial's trace (a machine booted with ``trace=True``): the CPUs'
+        yield points and phase changes and the coordinator's events; export it with
+        :mod:`emu.formats.trace`."""
+        return self._call("trace", {})
+
     def snapshot(self) -> dict:
         return self._call("snapshot", {})
 

@@ -27,7 +27,7 @@ class Regions:
         self.cfg = cfg
         self.topo = Topology(cfg)
         self.HL = HwLayout(self.topo)
-        self.L = XenLayout(self.topo.ncpus, cfg.memory_pages)
+        self.L = XenLayout(self.topo.ncpus, cfg.memory_pages, bool(cfg.trace))
         self.hw_map = mmap.mmap(-1, self.HL.size, flags=mmap.MAP_SHARED)
         self.xen_map = mmap.mmap(-1, self.L.size, flags=mmap.MAP_SHARED)
         self.HW = atomics(self.hw_map, cfg.atomic_backend)

@@ -30,6 +30,9 @@ def _nothing() -> None:
 
 VAL, INGEN, OUTGEN, EV_IN, EV_OUT = 0, 8, 16, 24, 40
 NWORDS = 7
+# Trace detail (d0) of a barrier's yield points: its word | step << 32, and d1 the
+# generation the step snapshot (0 before the snapshot)
+STEP_ENTER_INGEN, STEP_ENTER_VAL, STEP_EXIT_OUTGEN, STEP_EXIT_VAL = 0, 1, 2, 3
 
 
 class McaBarrier:
@@ -41,16 +44,17 @@ class McaBarrier:
         self.spin_ns = R.ev.spin_ns
         self._val, self._in, self._out = off + VAL, off + INGEN, off + OUTGEN
         self._ev_in, self._ev_out = off + EV_IN, off + EV_OUT
+        self._tr = [off | k << 32 for k in range(4)]
 
     def mce_barrier_enter(self, wait: bool, yp, check) -> None:
         if not wait:
             return
-        X, ev = self.X, self.ev
-        yp("barrier")
+        X, ev, tr = self.X, self.ev, self._tr
+        yp("barrier", tr[0])
         X.fetch_add(self._in, 1)
         ev.bump(self._ev_out)
         gen = X.load(self._out)
-        yp("barrier")
+        yp("barrier", tr[1], gen)
         if X.fetch_add(self._val, 1) + 1 == X.load(self.online):
             ev.bump(self._ev_in)
             return   # the last one in: the wait condition holds already
@@ -60,12 +64,12 @@ class McaBarrier:
     def mce_barrier_exit(self, wait: bool, yp, check) -> None:
         if not wait:
             return
-        X, ev = self.X, self.ev
-        yp("barrier")
+        X, ev, tr = self.X, self.ev, self._tr
+        yp("barrier", tr[2])
         X.fetch_add(self._out, 1)
         ev.bump(self._ev_in)
         gen = X.load(self._in)
-        yp("barrier")
+        yp("barrier", tr[3], gen)
         if X.fetch_sub(self._val, 1) - 1 == 0:
             ev.bump(self._ev_out)
             return   # the last one out: the wait condition holds already

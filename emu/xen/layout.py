@@ -8,15 +8,17 @@ The region is re-initialised at every boot, as Xen's memory is by a reset.
 from __future__ import annotations
 
 from emu.hw.region import Alloc
+from emu.hw.yieldpoint import TRACE_WORDS
 from emu.xen import mctelem, page_alloc, vmce
 
 LOGOUT_RING = 40        # logout entries kept per CPU per trial
 ACTION_RING = 256       # deferred-action entries per trial
-TRACE_RING = 4096       # yield-point trace entries
+TRACE_RING = 4096       # yield-point trace entries at the least (TRACE_WORDS words each)
+TRACE_PER_CPU = 256     # and at least this many per CPU
 
 
 class XenLayout:
-    def __init__(self, ncpus: int, memory_pages: int):
+    def __init__(self, ncpus: int, memory_pages: int, trace: bool = False):
         n = self.ncpus = ncpus
         x = Alloc()
         w = x.words
@@ -49,8 +51,10 @@ class XenLayout:
         self.PCPU_WORDS = self.P_LOGOUT + LOGOUT_RING * 6
         self.pcpu = w(n * self.PCPU_WORDS)
         # trace ring
+        # (only on a machine that traces: untraced, the region stays as it was)
+        self.trace_ring = max(TRACE_RING, TRACE_PER_CPU * n) if trace else 0
         self.trace_n = w()
-        self.trace = w(TRACE_RING * 3)
+        self.trace = w(max(1, self.trace_ring * TRACE_WORDS))
         # telemetry, page table and vMCE state come from their modules
         self.tele = mctelem.Layout(x, n)
         self.pages = page_alloc.Layout(x, memory_pages)
@@ -62,8 +66,9 @@ class XenLayout:
     (P_PHASE, P_REACHED, P_T_ENTER, P_T_LOGOUT, P_T_EXIT, P_T_SOFTIRQ, P_MC_GEN, P_DONE_GEN,
      P_SOFTIRQ, P_NEST, P_CLEAR_BANKS, P_CURRENT_DOM, P_CURRENT_VCPU, P_PENDING,
      P_LMCE_PENDING, P_HALTED, P_LOGOUT_N, P_PID, P_INTERRUPTED, P_T_SOFTIRQ_START,
-     P_KICK, _P_KICK_SLEEPERS, P_T_BARRIER_A, P_SIRQ_ROLE, P_PROGRESS, P_IDLE_POLL) = range(26)
-    P_LOGOUT = 26
+     P_KICK, _P_KICK_SLEEPERS, P_T_BARRIER_A, P_SIRQ_ROLE, P_PROGRESS, P_IDLE_POLL,
+     P_T_FATAL, P_T_MCIP) = range(28)
+    P_LOGOUT = 28
 
     def pc(self, cpu: int, word: int) -> int:
         return self.pcpu + 8 * (cpu * self.PCPU_WORDS + word)

@@ -47,7 +47,7 @@ class McAction:
             info["note"] = "No physical address provided for memory error"
             return preset, info
         mfn = addr >> 12
-        self.xc.yp("page")
+        self.xc.yp("page", mfn)
         ret, st, crash = self.pages.offline_page(mfn, True)
         info.update(mfn=mfn, offline_ret=ret, offline_status=st,
                     offline=offline_status_names(st))
@@ -79,7 +79,7 @@ class McAction:
 
     def _vmce(self, rec, b, d, mfn, preset, info):
         vm = self.vmce
-        self.xc.yp("vmce")
+        self.xc.yp("vmce", d, mfn)
         if vm.unmmap_broken_page(d) != 0:
             info["note"] = f"Unmap broken memory {mfn:#x} for DOM{d} failed"
             return self._failed(d, preset, info)

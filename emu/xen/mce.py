@@ -82,6 +82,10 @@ _new_tuple = tuple.__new__
 _monotonic_ns = time.monotonic_ns
 _pack_log = struct.Struct(f"<{LOG_WORDS}Q").pack_into
 VAL = msr.MCi_STATUS_VAL
+# Yield-point details (the trace's d0, d1): bank and register; MCG registers as bank
+# MCG_BANK with their MCG_K_* index.
+MCG_BANK = 0xFF
+R_STATUS, R_ADDR, R_MISC = msr.REG_STATUS, msr.REG_ADDR, msr.REG_MISC
 
 
 class XenCpu:
@@ -104,6 +108,8 @@ class XenCpu:
         self.nbanks = R.topo.nbanks
         self.mca_allbanks = (1 << self.nbanks) - 1
         self.mce_logout_lock = SpinLock(R, R.L.mce_logout_lock)
+        if yps.trace is not None:
+            self.mce_logout_lock.trace = yps.record
         self.mce_trap_bar = McaBarrier(R, R.L.mce_trap_bar)
         self.mce_inside_bar = McaBarrier(R, R.L.mce_inside_bar)
         self.mce_severity_bar = McaBarrier(R, R.L.mce_severity_bar)
@@ -130,13 +136,21 @@ class XenCpu:
         self._ph_off = self.pc(R.L.P_PHASE)
         self._reached_off = self.pc(R.L.P_REACHED)
         self._progress_off = self.pc(R.L.P_PROGRESS)
-        self._hooked = bool(self.kill_phase or self.stall_phase)
+        # Test hook: busy work (µs) in the handler before the last rendezvous, a
+        # deliberately slowed variant for the bench's --compare.
+        self.extra_work_ns = int(float(self.hooks.get("handler_extra_work_us", 0)) * 1000)
+        # Tracing: every phase change is also a trace entry (through the hook branch
+        # the untraced path already takes, so it costs nothing there).
+        self._tracing = yps.trace is not None
+        self._hooked = bool(self.kill_phase or self.stall_phase or self.extra_work_ns
+                            or self._tracing)
         L = R.L
         # This CPU's words on the #MC path, computed once: the path runs in Python,
         # with more CPUs than cores, so every call and lookup here is paid per CPU.
         self._o = SimpleNamespace(
             t_enter=self.pc(L.P_T_ENTER), t_logout=self.pc(L.P_T_LOGOUT),
             t_barrier_a=self.pc(L.P_T_BARRIER_A), t_exit=self.pc(L.P_T_EXIT),
+            t_fatal=self.pc(L.P_T_FATAL), t_mcip=self.pc(L.P_T_MCIP),
             nest=self.pc(L.P_NEST), mc_gen=self.pc(L.P_MC_GEN), trial_gen=L.trial_gen,
             softirq=self.pc(L.P_SOFTIRQ), kick=self.pc(L.P_KICK),
             logout_n=self.pc(L.P_LOGOUT_N), logout=self.pc(L.P_LOGOUT),
@@ -167,6 +181,12 @@ class XenCpu:
             self._phase_hooks(PHASES[p])
 
     def _phase_hooks(self, name: str) -> None:
+        if self._tracing:
+            self.yps.record("phase", PH[name])
+        if self.extra_work_ns and name == "barrier_c":
+            end = _monotonic_ns() + self.extra_work_ns
+            while _monotonic_ns() < end:
+                pass
         if self.kill_phase == name and self.cpu in self.kill_cpus:
             import signal
             os.kill(os.getpid(), signal.SIGKILL)   # test hook: die mid-handler
@@ -202,16 +222,16 @@ class XenCpu:
     # -- MSR access (every one is a yield point) ---------------------------------------
     def rd_mcg_status(self) -> int:
         """Xen's ``mca_rdmsr(MSR_IA32_MCG_STATUS)``, by offset."""
-        self.yp("rdmsr")
+        self.yp("rdmsr", MCG_BANK, MCG_K_STATUS)
         return self._HW.load(self._mcg_status_off)
 
     def rd_bank(self, i: int, reg: int) -> int:
         """Xen's ``mca_rdmsr(MSR_IA32_MCx_<reg>(i))``, by offset."""
-        self.yp("rdmsr")
+        self.yp("rdmsr", i, reg)
         return self._HW.load(self._boff[i][reg])
 
     def wr_bank(self, i: int, reg: int, value: int) -> None:
-        self.yp("wrmsr")
+        self.yp("wrmsr", i, reg)
         self._HW.store(self._boff[i][reg], value)
 
     # -- panic -------------------------------------------------------------------------
@@ -273,7 +293,7 @@ class XenCpu:
         scan = self._status_offs if bankmask == self.mca_allbanks else \
             [(i, off) for i, off in self._status_offs if bankmask >> i & 1]
         for i, status_off in scan:
-            yp("rdmsr")
+            yp("rdmsr", i, R_STATUS)
             status = load(status_off)
             if not status & VAL:
                 continue
@@ -289,10 +309,10 @@ class XenCpu:
                 recover = sev.intel_recoverable_scan(status, ser)
             addr = misc = 0
             if status & msr.MCi_STATUS_ADDRV:
-                yp("rdmsr")
+                yp("rdmsr", i, R_ADDR)
                 addr = load(boff[i][msr.REG_ADDR])
             if status & msr.MCi_STATUS_MISCV:
-                yp("rdmsr")
+                yp("rdmsr", i, R_MISC)
                 misc = load(boff[i][msr.REG_MISC])
             domid = DOMID_INVALID
             if who in (sev.MCA_POLLER, sev.MCA_CMCI_HANDLER) and msr.addr_is_physical(status, misc):
@@ -355,15 +375,15 @@ class XenCpu:
             self._cleared
         for i in clear_bank:
             off = boff[i]
-            yp("rdmsr")
+            yp("rdmsr", i, R_STATUS)
             status = load(off[msr.REG_STATUS])
             if status & msr.MCi_STATUS_ADDRV:
-                yp("wrmsr")
+                yp("wrmsr", i, R_ADDR)
                 store(off[msr.REG_ADDR], 0)
             if status & msr.MCi_STATUS_MISCV:
-                yp("wrmsr")
+                yp("wrmsr", i, R_MISC)
                 store(off[msr.REG_MISC], 0)
-            yp("wrmsr")
+            yp("wrmsr", i, R_STATUS)
             store(off[msr.REG_STATUS], 0)
             cleared.add(i)
 
@@ -410,9 +430,9 @@ class XenCpu:
         if bs.errcnt:
             if bs.pcc or (bs.uc and not bs.recoverable):
                 self.fatal_set(cpu)
-            yp("atomic")
+            yp("atomic", o.found_error, 1)
             X.store(o.found_error, 1)
-            yp("atomic")
+            yp("atomic", o.severity_cpu, cpu)
             self.set_severity_cpu(bs)
             self.mcheck_mca_clearbanks(clear_bank)
         elif slot is not None:
@@ -425,7 +445,7 @@ class XenCpu:
             # worker after two more rendezvous), so doing it after the unlock changes
             # nothing another CPU can see, and keeps the serialised section short.
             self.tele.write(slot, self.mctelem_payload())
-            yp("telem")
+            yp("telem", slot)
             if bs.uc or bs.pcc:
                 self.tele.mctelem_defer(slot, cpu, lmce)
             else:
@@ -445,9 +465,11 @@ class XenCpu:
             self.fatal_check()
         bar.mce_barrier_exit(bcast, yp, check)
 
-        phase(PH_BARRIER_C)
+        # fatal_check_done: this CPU has left the rendezvous that closes the fatal check
+        phase(PH_BARRIER_C, o.t_fatal)
         bar.mce_barrier_enter(bcast, yp, check)
         self.clear_mcip()
+        X.store(o.t_mcip, _monotonic_ns())
         bar.mce_barrier_exit(bcast, yp, check)
 
         phase(PH_EXIT, o.t_exit)
@@ -459,7 +481,7 @@ class XenCpu:
 
     def fatal_check(self) -> None:
         X, L = self.X, self.L
-        self.yp("atomic")
+        self.yp("atomic", L.found_error)
         if not X.load(L.found_error):
             self.mc_panic("MCE: No CPU found valid MCE, need reset")
         fatal = self.fatal_cpus()
@@ -471,7 +493,7 @@ class XenCpu:
     def clear_mcip(self) -> None:
         gstatus = self.rd_mcg_status()
         if gstatus & msr.MCG_STATUS_MCIP:
-            self.yp("wrmsr")
+            self.yp("wrmsr", MCG_BANK, MCG_K_STATUS)
             self._HW.store(self._mcg_status_off, 0)
 
     def raise_softirq(self) -> None:
@@ -529,11 +551,11 @@ class XenCpu:
         bcast = self.mce_broadcast and not lmce
         self.mce_inside_bar.mce_barrier_enter(bcast, yp, check)
         if not lmce:
-            yp("atomic")
+            yp("atomic", L.sirq_severity_cpu, cpu)
             X.store(L.sirq_severity_cpu, cpu)
             self.mce_severity_bar.mce_barrier_enter(bcast, yp, check)
             if not self.tele.mctelem_has_deferred(cpu):
-                yp("atomic")
+                yp("atomic", L.sirq_severity_cpu, cpu)
                 X.store(L.sirq_severity_cpu, cpu)
             self.mce_severity_bar.mce_barrier_exit(bcast, yp, check)
         if lmce or self.severity_cpu_get(L.sirq_severity_cpu) == cpu:
@@ -543,7 +565,7 @@ class XenCpu:
                 self.tele.mctelem_process_deferred(cpu, self.mce_delayed_action, True)
             else:
                 for w in range(X.load(L.online)):
-                    yp("softirq")
+                    yp("softirq", w)
                     self.tele.mctelem_process_deferred(w, self.mce_delayed_action, False)
             self.send_global_virq()
         self.mce_inside_bar.mce_barrier_exit(bcast, yp, check)
@@ -554,6 +576,8 @@ class XenCpu:
         self.notify_coordinator()
 
     def send_global_virq(self) -> None:
+        if self._tracing:
+            self.yps.record("virq")
         vmce.send_global_virq(self.R)
 
     def mce_delayed_action(self, slot: int) -> bool:

@@ -15,19 +15,22 @@ class SpinLock:
         self.ev = R.ev
         self.off = off          # lock word
         self.ev_off = off + 8   # event channel (2 words)
+        self.trace = None       # YieldPoints.record on a traced machine: "acquired"
 
     def spin_trylock(self, cpu: int) -> bool:
         return self.X.cmpxchg(self.off, 0, cpu + 1) == 0
 
     def mce_spin_lock(self, cpu: int, yp, check) -> None:
         while True:
-            yp("lock")
+            yp("lock", self.off)
             if self.spin_trylock(cpu):
+                if self.trace is not None:
+                    self.trace("acquired", self.off)
                 return
             self.ev.wait(self.ev_off, lambda: self.X.load(self.off) == 0, check=check)
 
     def spin_unlock(self, yp) -> None:
-        yp("unlock")
+        yp("unlock", self.off)
         self.X.store(self.off, 0)
         self.ev.bump(self.ev_off, 1)
 
