@@ -28,7 +28,8 @@ _NUM_TEXT = st.one_of(
     st.integers(min_value=-(1 << 70), max_value=1 << 70).map(str),
     st.integers(min_value=0, max_value=1 << 70).map(hex),
     st.sampled_from(["", "0x", "0x-1", "1e3", "nan", "inf", "-0", "+5", "1_0", "٠", "٤",
-                     "１", "0xBD000000004000CF", "9" * 5000, "True", "None", "0b1"]),
+                     "１", "0xBD000000004000CF", "9" * 5000, "True", "None", "0b1",
+                     "18446744073709551616", "18446744073709551615", "-1"]),
     st.text(max_size=8),
 )
 _KEY = st.one_of(st.sampled_from(["cpu", "bank", "status", "addr", "misc", "mcg", "domain"]),
