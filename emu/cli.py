@@ -1,4 +1,4 @@
-"""Command line: ``emu run|log|bench`` (also ``python -m emu``)."""
+"""Command line: ``emu run|replay|log|bench`` (also ``python -m emu``)."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +79,14 @@ def _machine_args(p):
     p.add_argument("--idle-poll-us", type=_int("idle-poll-us"), default=1000,
                    help="the most an idle CPU polls before sleeping; the window adapts "
                         "to how soon machine checks come (default 1000; 0: sleep at once)")
+    p.add_argument("--sched", default="os", help="os: the host schedules the CPU processes "
+                   "(default); controlled: one runs at a time, chosen by --strategy")
+    p.add_argument("--strategy", default=None,
+                   help="under --sched controlled: random (default), pct:D, replay:TOKEN, "
+                        "dfs:P (every schedule with at most P preemptions)")
+    p.add_argument("--trials", type=_int("trials"), default=1,
+                   help="under --sched controlled with random or pct:D: run up to N trials, "
+                        "each seeded from --seed and its index, stopping at the first finding")
 
 
 def _config(a):
@@ -91,7 +99,7 @@ def _config(a):
                          vmce_policy=a.vmce_policy, idle_poll_us=a.idle_poll_us,
                          cmci=not a.no_cmci, cmci_banks=a.cmci_banks,
                          cmci_threshold=a.cmci_threshold, poll_period_s=a.poll_period,
-                         extra=extra).validate()
+                         sched=a.sched, extra=extra).validate()
 
 
 def _print_trial(res: dict, out) -> None:
@@ -143,6 +151,67 @@ def _print_trial(res: dict, out) -> None:
         print(f"  VIOLATION: {v}", file=out)
 
 
+def _print_sched(sc: dict, out) -> None:
+    d = f"   DIVERGED at step {sc['diverged']['step']}: {sc['diverged']['reason']}" \
+        if sc.get("diverged") else ""
+    print(f"  schedule: {sc['strategy']} (seed {sc.get('seed')}), {sc['steps']} steps, "
+          f"{sc['spins']} spins{d}", file=out)
+    if sc.get("replay_verdict"):
+        print(f"  replay: {sc['replay_verdict']}", file=out)
+    print(f"  replay with: {sc['replay']}", file=out)
+
+
+def _controlled_args(a, cfg, errors):
+    """Check --strategy before anything runs; the strategy dict (or None)."""
+    from emu.machine.sched import check_token_machine, decode_token, parse_strategy
+    if a.strategy is None and a.trials == 1:
+        return parse_strategy("random") if cfg.sched == "controlled" else None
+    if cfg.sched != "controlled":
+        raise UsageError("strategy" if a.strategy else "trials",
+                         "needs --sched controlled")
+    st = parse_strategy(a.strategy or "random")
+    if not 1 <= a.trials <= 10_000_000:
+        raise UsageError("trials", f"{a.trials}: give 1..10000000")
+    if a.trials > 1 and st["kind"] not in ("random", "pct"):
+        raise UsageError("trials", f"--trials runs a random or pct:D campaign; "
+                         f"{a.strategy} is {'exhaustive' if st['kind'] == 'dfs' else 'one run'}")
+    if st["kind"] == "replay":
+        header, _ = decode_token(st["token"])
+        check_token_machine(header, cfg)
+    if st["kind"] == "dfs" and cfg_cpus(cfg) > 64:
+        raise UsageError("strategy", "dfs keeps enabled sets for 64 CPUs at most")
+    return st
+
+
+def cfg_cpus(cfg) -> int:
+    from emu.hw.topology import Topology
+    return Topology(cfg).ncpus
+
+
+def _run_campaign(a, m, errors, st) -> int:
+    from emu.campaign.controlled import explore, search
+    if st["kind"] == "dfs":
+        r = explore(m, errors, st["bound"], local=a.local)
+    else:
+        r = search(m, errors, a.strategy or "random", a.trials, local=a.local, seed=a.seed)
+    if a.json:
+        print(json.dumps(r, sort_keys=True))
+    elif st["kind"] == "dfs":
+        print(f"{r['strategy']}: {r['schedules']} schedules "
+              f"({'all' if r['complete'] else 'stopped early'}), {r['seconds']} s; "
+              f"outcomes {r['outcomes']}; owners {r['owners']}; findings {r['findings']}")
+        for f in r["first_findings"]:
+            print(f"  finding: {'; '.join(f['violations'])}\n    {f['replay']}")
+    else:
+        print(f"{r['strategy']}: {r['trials_run']} trials, {r['seconds']} s, findings "
+              f"{r['findings']}; outcomes {r['outcomes']}")
+        if r["first"]:
+            f = r["first"]
+            print(f"  first finding at trial {f['trial']} ({f['seconds']} s): "
+                  f"{'; '.join(f['violations'])}\n    {f['replay']}")
+    return 1 if r["findings"] else 0
+
+
 def _check_writable(path: str, field: str) -> None:
     import os
     d = os.path.dirname(os.path.abspath(path))
@@ -165,6 +234,10 @@ def cmd_run(a) -> int:
         if not 1 <= c < topo.ncpus:
             raise UsageError("offline", f"CPU {c}: give 1..{topo.ncpus - 1} (CPU 0, the boot "
                              "CPU, cannot go offline)")
+    st = _controlled_args(a, cfg, errors)
+    if st is not None and (st["kind"] == "dfs" or a.trials > 1):
+        with Machine(cfg) as m:
+            return _run_campaign(a, m, errors, st)
     tracing = bool(a.trace or a.trace_png or a.explain)
     for path, field in ((a.trace, "trace"), (a.trace_png, "trace-png")):
         if path:
@@ -177,7 +250,7 @@ def cmd_run(a) -> int:
         cfg = dataclasses.replace(cfg, trace=True)
     with Machine(cfg) as m:
         offline = [m.cpu_offline(c) for c in dict.fromkeys(a.offline or [])]
-        res = m.inject(errors, local=a.local)
+        res = m.inject(errors, local=a.local, schedule=a.strategy if st else None)
         tr = m.trace() if tracing else None
     if offline:
         res["offline"] = offline
@@ -195,6 +268,8 @@ def cmd_run(a) -> int:
             print("demonstration: Xen's srao_mem case (bank 8, 0xBD000000004000CF) "
                   "on a free page", file=sys.stdout)
         _print_trial(res, sys.stdout)
+        if "sched" in res:
+            _print_sched(res["sched"], sys.stdout)
     if a.explain:
         print("\n".join(T.explain(tr, res)), file=out)
     for path, what in ((a.trace, "trace (Chrome Trace Event JSON; open in Perfetto's UI or "
@@ -216,6 +291,59 @@ def not_durable(res: dict) -> list[dict]:
     ents = [d for e in res.get("errors", []) for d in e.get("dom0_log", [])]
     ents += [b["dom0_log"] for b in res.get("boot_log", []) if b.get("dom0_log")]
     return [d for d in ents if d.get("not_durable")]
+
+
+_REPLAY_MACHINE = {"topology": "topology", "banks": "nbanks", "bank_scopes": "bank_scopes",
+                   "handler": "handler", "guests": "guests", "memory_pages": "memory_pages",
+                   "guest_vcpus": "guest_vcpus", "vmce_policy": "vmce_policy"}
+
+
+def cmd_replay(a) -> int:
+    """Replay a schedule token on the machine its header names (options given here
+    must agree with it: exit 2 naming the difference)."""
+    from emu.machine import Machine, MachineConfig
+    from emu.machine.sched import MACHINE_KEYS, check_token_machine, decode_token
+    if not a.schedule:
+        raise UsageError("schedule", "give --schedule TOKEN (printed by a controlled run)")
+    header, _ = decode_token(a.schedule)
+    mh = header.get("machine") or {}
+    kw = {k: mh[k] for k in MACHINE_KEYS if k in mh}
+    kw["handler"] = header.get("handler", "seed")
+    given = {f: getattr(a, opt) for opt, f in _REPLAY_MACHINE.items()
+             if getattr(a, opt) is not None}
+    cfg = MachineConfig(**dict(kw, **given), sched="controlled", seed=a.seed or 0,
+                        extra={"log_dir": a.log_dir} if a.log_dir else {})
+    check_token_machine(header, cfg)          # before validate: an unknown handler too
+    cfg.validate()
+    if not 1 <= a.repeat <= 100_000:
+        raise UsageError("repeat", f"{a.repeat}: give 1..100000")
+    with Machine(cfg) as m:
+        if a.shrink:
+            from emu.campaign.controlled import shrink
+            r = shrink(m, a.schedule)
+            if a.json:
+                print(json.dumps(r, sort_keys=True))
+            else:
+                print(f"shrunk in {r['trials']} trials: {r['preemptions_before']} -> "
+                      f"{r['preemptions']} preemptions, {r['steps']} steps; {r['outcome']}: "
+                      f"{'; '.join(r['violations'])}\n  {r['replay']}")
+            return 1
+        verdicts: dict[str, int] = {}
+        res = None
+        for _ in range(a.repeat):
+            res = m.replay(a.schedule)
+            v = res["sched"]["replay_verdict"]
+            verdicts[v] = verdicts.get(v, 0) + 1
+    if a.json:
+        print(json.dumps({"verdicts": verdicts, "last": res}, sort_keys=True))
+    else:
+        _print_trial(res, sys.stdout)
+        _print_sched(res["sched"], sys.stdout)
+        print(f"replayed {a.repeat}: " + ", ".join(f"{k} {v}" for k, v in sorted(
+            verdicts.items())), file=sys.stdout)
+    if verdicts.get("diverged"):
+        return 3     # the run left its schedule: something outside the scheduler's control
+    return 1 if res["violations"] else 0
 
 
 def _run_args(r) -> None:
@@ -245,6 +373,21 @@ def main(argv=None) -> int:
     _run_args(t)
     t.add_argument("--out", dest="trace", default="emu-trace.json",
                    help="the trace file (default emu-trace.json)")
+    rp = sub.add_parser("replay", help="replay a schedule token under controlled scheduling")
+    rp.add_argument("--schedule", help="the token (from an `emu replay --schedule` line)")
+    rp.add_argument("--repeat", type=_int("repeat"), default=1,
+                    help="replay N times; count verdicts")
+    rp.add_argument("--shrink", action="store_true",
+                    help="remove preemptions while the finding persists; print the shortest")
+    rp.add_argument("--json", action="store_true", help="print one JSON object")
+    rp.add_argument("--log-dir", help="run directory for Dom0's log")
+    rp.add_argument("--seed", type=_int("seed"), default=None, help="the machine's seed (pinning)")
+    for opt in ("topology", "bank-scopes", "handler", "vmce-policy"):
+        rp.add_argument(f"--{opt}", default=None,
+                        help="must match the token's machine (default: the token's)")
+    for opt in ("banks", "guests", "memory-pages", "guest-vcpus"):
+        rp.add_argument(f"--{opt}", type=_int(opt), default=None,
+                        help="must match the token's machine (default: the token's)")
     lg = sub.add_parser("log", help="render Dom0's JSON Lines log as mcelog-style text")
     lg.add_argument("file", help="a dom0.jsonl written by a run (see dom0_log_path)")
     lg.add_argument("--json", action="store_true", help="pass the JSON records through")
@@ -280,6 +423,8 @@ def main(argv=None) -> int:
         a = p.parse_args(argv)
         if a.cmd == "run":
             return cmd_run(a)
+        if a.cmd == "replay":
+            return cmd_replay(a)
         if a.cmd == "trace":
             a.explain = True
             return cmd_run(a)

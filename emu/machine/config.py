@@ -19,6 +19,7 @@ from emu.xen.versions import HANDLERS
 from emu.xen.vmce import MAX_DOMS, MAX_VCPUS
 
 VMCE_POLICIES = ("owner", "dom0")
+SCHEDS = ("os", "controlled")
 MAX_SEED = (1 << 64) - 1        # a seed travels as msgpack's uint64
 MAX_MEMORY_PAGES = 1 << 22
 DEFAULT_SCOPES = ((0, 3, "core"), (4, 9, "package"))
@@ -78,6 +79,8 @@ class MachineConfig:
     seed: int = 0
     chaos: float = 0.0            # probability of a perturbation at a yield point
     trace: bool = False
+    sched: str = "os"             # os: the host schedules the processes; controlled: emu does
+    sched_steps: int = 16384      # controlled: decision-log entries kept per trial
     atomic_backend: str | None = None
     memory_pages: int = 16384     # 64 MiB of 4 KiB machine pages
     mce_broadcast: bool = True
@@ -123,6 +126,15 @@ class MachineConfig:
             raise UsageError("seed", f"{self.seed!r}: give an integer 0..{MAX_SEED} (2**64-1)")
         if not _is_real(self.chaos) or not 0.0 <= self.chaos <= 1.0:
             raise UsageError("chaos", f"{self.chaos!r}: give a probability in [0, 1]")
+        if not isinstance(self.sched, str) or self.sched not in SCHEDS:
+            raise UsageError("sched", f"{self.sched!r}: choose os (the host schedules the "
+                             "processes) or controlled (one at a time, by a strategy)")
+        if self.sched == "controlled" and self.chaos > 0:
+            raise UsageError("chaos", "chaos perturbs the host's scheduling; under --sched "
+                             "controlled the strategy decides every step: drop --chaos")
+        if isinstance(self.sched_steps, bool) or not isinstance(self.sched_steps, int) \
+                or not 64 <= self.sched_steps <= 1 << 20:
+            raise UsageError("sched-steps", f"{self.sched_steps!r}: give 64..1048576")
         if self.atomic_backend is not None and self.atomic_backend not in BACKENDS:
             raise UsageError("atomic_backend", f"{self.atomic_backend!r}: use one of "
                              f"{', '.join(BACKENDS)} (or None: $EMU_ATOMIC_BACKEND or "
@@ -152,6 +164,10 @@ class MachineConfig:
                              "[0.001, 3600], or 0 for no polling timer")
         if not isinstance(self.vmce_policy, str) or self.vmce_policy not in VMCE_POLICIES:
             raise UsageError("vmce-policy", f"{self.vmce_policy!r}: choose owner or dom0")
+        if self.sched == "controlled" and self.poll_period_s:
+            raise UsageError("poll-period", "the polling timer fires on the host's clock, "
+                             "not at a scheduled step: give 0 under --sched controlled "
+                             "(Machine.poll() between trials still works)")
         _check_extra(self.extra)
         return self
 

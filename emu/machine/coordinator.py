@@ -32,6 +32,7 @@ from emu.machine.cpu_process import cpu_process
 from emu.machine.interrupts import IrqPaths
 from emu.machine.procs import child_signals, fork_child, readable, set_pdeathsig
 from emu.machine.regions import Regions
+from emu.machine.sched import OVER_DEADLOCK, OVER_DONE, SchedControl, controlled_record
 from emu.machine.tracing import TraceRecorder
 from emu.trial.oracle import check_trial
 from emu.trial.spec import validate_errors
@@ -126,6 +127,8 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         self.last_ready: list = []
         self.parent_pidfd: int | None = None   # see coordinator_process
         self.died_between: list[dict] = []     # CPUs that died between trials (not yet told)
+        # Controlled scheduling (emu.machine.sched): None when the OS schedules.
+        self.sched = SchedControl(self.R, self.R.S) if self.R.S is not None else None
 
     # -- lifecycle --------------------------------------------------------------------
     def power_on(self) -> dict:
@@ -381,7 +384,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         return errs, written, targets, mcg
 
     def trial(self, errors: list[dict], local: bool = False, timeout_s: float | None = None,
-              then: dict | None = None) -> dict:
+              then: dict | None = None, schedule: dict | None = None) -> dict:
         """One trial. ``then`` = {"errors", "local", "after_phase"}: a second #MC
         raised once a first-wave target has reached ``after_phase``."""
         X, L = self.R.X, self.R.L
@@ -400,8 +403,19 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             if local or then:
                 raise UsageError("error.via", "--local and then= raise a #MC; with via=cmci "
                                  "or via=poll give neither")
+            if self.sched is not None:
+                raise UsageError("error.via", "CMCI and the poller are not scheduled under "
+                                 "controlled scheduling (v1: the #MC path only); use via=mce "
+                                 "or sched='os'")
             return self._trial_irq(first, vias.pop(), timeout_s)
         second = None
+        if self.sched is not None and then:
+            raise UsageError("then", "a second #MC wave is not scheduled under controlled "
+                             "scheduling (its raise would be the coordinator's timing, not a "
+                             "step): drop then= or use sched='os'")
+        if self.sched is None and schedule:
+            raise UsageError("schedule", "this machine is not controlled: boot it with "
+                             "sched='controlled' (--sched controlled)")
         if then:
             second = self._validated(then["errors"])
             if then.get("after_phase") not in PHASES:
@@ -414,8 +428,16 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         self.rung_late: list[int] = []
         if self.tev is not None:
             self._trace_reset()
+        banks_before = None
+        if self.sched is not None:
+            if schedule and schedule.get("banks") is not None:
+                self.sched.restore_banks(schedule["banks"])   # a replay: the recorded input
+            banks_before = self.sched.bank_state()
         errs, written, targets, mcg = self._inject(first, local)
         fds = self._poll_fds()
+        if self.sched is not None:
+            self.sched.start(targets, schedule or {"kind": "random", "seed": self.cfg.seed,
+                                                   "name": "random"})
         t_inject = time.monotonic_ns()
         # Latencies count from t0, the raise: MCG_STATUS is written (by the emulator,
         # where silicon takes no time) and the signal is about to go.
@@ -451,6 +473,9 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             self._trace_ring = self._read_trace_ring()   # before a reset wipes it
             self._trace_ring.update(t0=t0, trial=first_gen)
         res["rung_late"] = sorted(set(self.rung_late))
+        if self.sched is not None:
+            res["sched"] = self.sched.result()
+            res["sched"]["banks_before"] = banks_before
         # The ring's timing follows handler times that did not need it.
         if res["latency_us"]["handler_exit"] is not None and not self.rung_late:
             self._handler_us.append(res["latency_us"]["handler_exit"])
@@ -461,7 +486,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         self._guest_results(res, t0, wd if outcome == "done" or res["outcome"] in (
             "recovered", "continued") else 0)
         res["lost_at_reset"] = []
-        if outcome in ("reset", "shutdown", "hang", "cpu_died"):
+        if outcome in ("reset", "shutdown", "hang", "cpu_died", "deadlock"):
             boot = self.warm_reset(f"trial {first_gen}: {res['outcome']}")
             res["resets"] = 1
             res["boot_log"] = boot["boot_log"]
@@ -491,6 +516,8 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         if self.died_between:
             res["died_between_trials"], self.died_between = self.died_between, []
         res["violations"] = check_trial(res, self.topo)
+        if self.sched is not None:
+            controlled_record(res, self.cfg, errors, local)
         return res
 
     def _check_cpus(self) -> None:
@@ -603,9 +630,13 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         last_t = time.monotonic()
         ring_at = (t_deliver or last_t) + ring_late_s
 
+        sched = self.sched
+
         def done():
             return (all(X.load(L.pc(c, L.P_DONE_GEN)) >= g for c, g in wait_targets.items())
-                    or X.load(L.reset_req) != RESET_NONE)
+                    and (sched is None or sched.over() == OVER_DONE)
+                    or X.load(L.reset_req) != RESET_NONE
+                    or sched is not None and sched.over() == OVER_DEADLOCK)
         if ready is not None:
             dead = self._poll(0, ready=ready, done=done)
             if dead:
@@ -618,7 +649,11 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             k = self.vmce.slot(0)
             if k is not None and self.vmce.dget(k, 1) == 2:  # the hardware domain crashed
                 return "reset", {"panic": "hardware domain crashed"}
-            if all(X.load(L.pc(c, L.P_DONE_GEN)) >= g for c, g in wait_targets.items()):
+            if sched is not None and sched.over() == OVER_DEADLOCK:
+                return "deadlock", {"deadlock": sched.deadlock(
+                    lambda c: PHASES[X.load(L.pc(c, L.P_PHASE))])}
+            if all(X.load(L.pc(c, L.P_DONE_GEN)) >= g for c, g in wait_targets.items()) \
+                    and (sched is None or sched.over() == OVER_DONE):
                 return "done", {}
             now = time.monotonic()
             if ring_at is not None and now >= ring_at:
@@ -804,7 +839,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             return self.power_on()
         if cmd == "trial":
             return self.trial(args["errors"], bool(args.get("local")), args.get("timeout_s"),
-                              args.get("then"))
+                              args.get("then"), args.get("schedule"))
         if cmd == "reset":
             return self.warm_reset()
         if cmd == "dom0":

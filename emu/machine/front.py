@@ -60,6 +60,7 @@ class Machine:
         self._seen: set = set()          # error lists already validated (checks.py)
         self.boot_info = None
         self.log_dir: str | None = None
+        self.sched_k: int | None = None   # controlled: PCT's k, from the first run
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Machine":
@@ -193,7 +194,8 @@ class Machine:
         raise cls(payload["message"])
 
     def inject(self, errors, local: bool = False, timeout_s: float | None = None,
-               then: dict | None = None, via: str | None = None) -> dict:
+               then: dict | None = None, via: str | None = None, schedule=None,
+               schedule_seed: int | None = None) -> dict:
         """Write ``errors`` into their banks, raise one #MC, return the trial result.
 
         Errors with ``via=cmci`` are reported by silicon and raise the CMCIs their banks
@@ -202,6 +204,13 @@ class Machine:
 
         ``then={"errors": [...], "after_phase": "barrier_b", "local": False}`` raises
         a second #MC once a first-wave CPU has reached that handler phase.
+
+        On a controlled machine (``sched="controlled"``), ``schedule`` is the trial's
+        strategy: ``"random"`` (default), ``"pct:D"`` or ``"replay:TOKEN"``, seeded by
+        ``schedule_seed`` (default: the machine's seed). PCT's k is the step count of
+        this machine's first controlled trial (before it, an estimate). The result's
+        ``sched`` holds the steps, the trace, the token and its replay command.
+
         Every argument is checked before anything is sent (UsageError, field named).
         """
         errors = checks.error_list("errors", errors)
@@ -213,8 +222,29 @@ class Machine:
         errors, local, timeout_s, then = checks.check_inject(
             errors, local, timeout_s, then, self._topo.ncpus, self._topo.nbanks,
             self.config.domids, self._seen)
-        return self._call("trial", {"errors": errors, "local": local,
-                                    "timeout_s": timeout_s, "then": then})
+        spec = None
+        if self.config.sched == "controlled" or schedule is not None:
+            from emu.machine.sched import resolve
+            spec = resolve(self.config, schedule, schedule_seed, self.sched_k, errors, local)
+        res = self._call("trial", {"errors": errors, "local": local,
+                                   "timeout_s": timeout_s, "then": then, "schedule": spec})
+        if "sched" in res:
+            if self.sched_k is None and res["sched"]["over"] == "done":
+                self.sched_k = res["sched"]["steps"]   # PCT's k, learned from a first run
+            if spec and spec.get("kind") == "replay":
+                from emu.machine.sched import replay_verdict
+                res["sched"]["replay_verdict"] = replay_verdict(res, spec.get("expect"))
+        return res
+
+    def replay(self, token: str) -> dict:
+        """Run the scenario a schedule token names, under its schedule; the result's
+        ``sched.replay_verdict`` is ``reproduced`` or ``diverged``. UsageError if the
+        token was recorded on another machine or handler."""
+        from emu.machine.sched import decode_token
+        header, _ = decode_token(token)
+        sc = header.get("scenario") or {}
+        return self.inject(sc.get("errors") or [], local=bool(sc.get("local")),
+                           schedule="replay:" + token)
 
     def poll(self, timeout_s: float | None = None) -> dict:
         """One round of Xen's polling timer now (``mce_checkregs`` on every online CPU,

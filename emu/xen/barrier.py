@@ -88,7 +88,7 @@ class McaBarrier:
                 or load(gen_off) != gen
         chk = check or _nothing
         end = _now() + self.spin_ns
-        while True:
+        while self.spin_ns:   # 0 under controlled scheduling: every step is scheduled
             for _ in range(8):
                 # done(), written out: a closure call per iteration measured +6 %
                 if load(val) == (load(want_off) if want_off is not None else 0) \

@@ -18,7 +18,8 @@ TRACE_PER_CPU = 256     # and at least this many per CPU
 
 
 class XenLayout:
-    def __init__(self, ncpus: int, memory_pages: int, trace: bool = False):
+    def __init__(self, ncpus: int, memory_pages: int, trace: bool = False,
+                 sched_words: int = 0):
         n = self.ncpus = ncpus
         x = Alloc()
         w = x.words
@@ -70,6 +71,8 @@ class XenLayout:
         self.tele = mctelem.Layout(x, n)
         self.pages = page_alloc.Layout(x, memory_pages)
         self.vm = vmce.Layout(x)
+        # the controlled scheduler's section (emu.machine.sched), sized by the config
+        self.sched = x.words(sched_words) if sched_words else 0
         x.page_align()
         self.size = x.size
 
