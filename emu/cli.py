@@ -53,7 +53,11 @@ def _machine_args(p):
     p.add_argument("--handler", default="seed", help="handler version (default seed)")
     p.add_argument("--seed", type=_int("seed"), default=0, help="0..2**64-1 (default 0)")
     p.add_argument("--chaos", type=_float("chaos"), default=0.0,
-                   help="perturbation probability per yield point")
+                   help="perturbation probability per yield point (each trial reseeds from "
+                        "its trial seed (--seed, trial))")
+    p.add_argument("--starve", type=_float("starve"), default=0.05,
+                   help="with chaos on: probability per trial that one seeded process is "
+                        "starved 10 µs-100 ms at a seeded yield point (default 0.05)")
     p.add_argument("--watchdog", type=_float("watchdog"), default=2.0,
                    help="hang bound in seconds (default 2)")
     p.add_argument("--no-ser", action="store_true", help="clear MCG_CAP.SER_P")
@@ -93,7 +97,8 @@ def _config(a):
     from emu.machine.config import MachineConfig
     extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) is not None else {}
     return MachineConfig(topology=a.topology, nbanks=a.banks, bank_scopes=a.bank_scopes,
-                         handler=a.handler, seed=a.seed, chaos=a.chaos, watchdog_s=a.watchdog,
+                         handler=a.handler, seed=a.seed, chaos=a.chaos, starve=a.starve,
+                         watchdog_s=a.watchdog,
                          ser=not a.no_ser, pin_cpus=not a.no_pin, guests=a.guests,
                          memory_pages=a.memory_pages, guest_vcpus=a.guest_vcpus,
                          vmce_policy=a.vmce_policy, idle_poll_us=a.idle_poll_us,
@@ -105,6 +110,18 @@ def _config(a):
 def _print_trial(res: dict, out) -> None:
     print(f"outcome: {res['outcome']}   resets: {res['resets']}   trial {res['trial']} "
           f"({res['handler']}, {res['topology']})", file=out)
+    if res.get("raise_cpu") is not None and not res["errors"]:
+        print(f"  #MC raised on cpu{res['raise_cpu']} ({'LMCE' if res['local'] else 'broadcast'})"
+              " with no valid bank", file=out)
+    pt = res.get("perturbation") or {}
+    if pt.get("chaos") or (pt.get("starvation") or {}).get("armed"):
+        n = pt["counts"]
+        st = pt["starvation"]
+        print(f"  perturbation: trial seed {pt['seed']}, chaos {pt['chaos']:g}: "
+              + ", ".join(f"{k} {v}" for k, v in n.items())
+              + (f"; starved {st['victim']} {st['s'] * 1e3:.3g} ms at yield point {st['point']}"
+                 f" ({'at ' + str(st.get('site')) if st['happened'] else 'not reached'})"
+                 if st.get("armed") else ""), file=out)
     for e in res["errors"]:
         if e.get("via", "mce") != "mce":
             ci = e["cmci"]
@@ -228,8 +245,12 @@ def cmd_run(a) -> int:
     cfg = _config(a)
     from emu.hw.topology import Topology
     topo = Topology(cfg)
-    errors = a.error or DEMO
-    validate_errors(errors, topo.ncpus, topo.nbanks, cfg.domids, cfg.ser)   # before anything runs
+    if a.raise_cpu is not None and not 0 <= a.raise_cpu < topo.ncpus:
+        raise UsageError("raise", f"{a.raise_cpu}: give a CPU 0..{topo.ncpus - 1}")
+    # --raise without --error: a #MC with no valid bank (nothing is written)
+    errors = a.error or ([] if a.raise_cpu is not None else DEMO)
+    if errors:
+        validate_errors(errors, topo.ncpus, topo.nbanks, cfg.domids, cfg.ser)   # before anything
     for c in a.offline or []:
         if not 1 <= c < topo.ncpus:
             raise UsageError("offline", f"CPU {c}: give 1..{topo.ncpus - 1} (CPU 0, the boot "
@@ -250,7 +271,8 @@ def cmd_run(a) -> int:
         cfg = dataclasses.replace(cfg, trace=True)
     with Machine(cfg) as m:
         offline = [m.cpu_offline(c) for c in dict.fromkeys(a.offline or [])]
-        res = m.inject(errors, local=a.local, schedule=a.strategy if st else None)
+        res = m.inject(errors, local=a.local, raise_cpu=a.raise_cpu,
+                       schedule=a.strategy if st else None)
         tr = m.trace() if tracing else None
     if offline:
         res["offline"] = offline
@@ -264,7 +286,7 @@ def cmd_run(a) -> int:
     if a.json:
         print(json.dumps(res, sort_keys=True))
     else:
-        if not a.error:
+        if not a.error and a.raise_cpu is None:
             print("demonstration: Xen's srao_mem case (bank 8, 0xBD000000004000CF) "
                   "on a free page", file=sys.stdout)
         _print_trial(res, sys.stdout)
@@ -349,7 +371,11 @@ def cmd_replay(a) -> int:
 def _run_args(r) -> None:
     r.add_argument("--error", action="append",
                    help='"cpu=N bank=N status=0x.. [addr= misc= mcg= via=mce|cmci|poll]"')
-    r.add_argument("--local", action="store_true", help="deliver as LMCE to the first error's CPU")
+    r.add_argument("--local", action="store_true",
+                   help="deliver as LMCE to the first error's CPU (or the --raise CPU)")
+    r.add_argument("--raise", dest="raise_cpu", type=_int("raise"), metavar="CPU",
+                   help="raise the #MC on CPU (broadcast unless --local); without --error, no "
+                        "bank is written: a #MC with no valid bank")
     r.add_argument("--offline", type=_int("offline"), action="append",
                    help="take this CPU offline (Xen's cpu_down) before injecting; repeatable")
     r.add_argument("--json", action="store_true", help="print one JSON object")

@@ -30,7 +30,7 @@ class UnlockedLogout(XenCpu):
 
 
 class NoGenBarrier(McaBarrier):
-    def mce_barrier_enter(self, wait, yp, check) -> None:
+    def mce_barrier_enter(self, wait, yp, check, arr=0) -> None:
         if not wait:
             return
         X = self.X

@@ -49,14 +49,15 @@ def error_list(field: str, errors) -> list:
     return list(errors)
 
 
-def _validate(errors: list, ncpus: int, nbanks: int, domids, seen: set | None) -> None:
+def _validate(errors: list, ncpus: int, nbanks: int, domids, seen: set | None,
+              ser: bool = True) -> None:
     """validate_errors, skipped for error strings already validated on this machine
     (a campaign repeats them)."""
     key = tuple(errors) if seen is not None and all(isinstance(e, str) for e in errors) \
         else None
     if key is not None and key in seen:
         return
-    validate_errors(errors, ncpus, nbanks, domids)
+    validate_errors(errors, ncpus, nbanks, domids, ser)
     if key is not None:
         if len(seen) >= 4096:
             seen.clear()
@@ -64,11 +65,14 @@ def _validate(errors: list, ncpus: int, nbanks: int, domids, seen: set | None) -
 
 
 def check_inject(errors, local, timeout_s, then, ncpus: int, nbanks: int, domids,
-                 seen: set | None = None) -> tuple:
+                 seen: set | None = None, allow_empty: bool = False,
+                 ser: bool = True) -> tuple:
     """Machine.inject's arguments, normalised: (errors, local, timeout_s, then).
-    ``seen``: the machine's set of error lists already validated."""
+    ``seen``: the machine's set of error lists already validated; ``allow_empty``:
+    no error is fine (a #MC raised with no bank written, ``raise_cpu``)."""
     errors = error_list("errors", errors)
-    _validate(errors, ncpus, nbanks, domids, seen)
+    if errors or not allow_empty:
+        _validate(errors, ncpus, nbanks, domids, seen, ser)
     check_bool("local", local)
     check_timeout("timeout_s", timeout_s)
     if then is not None:
@@ -81,9 +85,30 @@ def check_inject(errors, local, timeout_s, then, ncpus: int, nbanks: int, domids
         if "errors" not in then:
             raise UsageError("then.errors", "missing: the second #MC's errors")
         then = dict(then, errors=error_list("then.errors", then["errors"]))
-        _validate(then["errors"], ncpus, nbanks, domids, seen)
+        _validate(then["errors"], ncpus, nbanks, domids, seen, ser)
         if then.get("after_phase") not in PHASES:
             raise UsageError("then.after_phase", f"{then.get('after_phase')!r}: use one of "
                              f"{', '.join(PHASES)}")
         check_bool("then.local", then.get("local", False))
     return errors, local, timeout_s, then
+
+
+def check_per_trial(seed, chaos, starve, fault, raise_cpu, wait_dom0, ncpus: int) -> None:
+    """Machine.inject's per-trial arguments (see :mod:`emu.machine.chaos`), as far as
+    they can be checked without the machine: a seed of more than 64 bits could not
+    even be sent. The fault's details are checked by the coordinator, before the
+    trial's banks are written."""
+    from emu.machine.chaos import validate_probability, validate_seed
+    if seed is not None:
+        validate_seed(seed)
+    for name, p in (("chaos", chaos), ("starve", starve)):
+        if p is not None:
+            if isinstance(p, float) and not math.isfinite(p):
+                raise UsageError(name, f"{p!r}: give a probability in [0, 1]")
+            validate_probability(name, p)
+    if fault is not None and not isinstance(fault, dict):
+        raise UsageError("fault", f"{fault!r}: give a dict with a kind")
+    if raise_cpu is not None and (isinstance(raise_cpu, bool) or not isinstance(raise_cpu, int)
+                                  or not 0 <= raise_cpu < ncpus):
+        raise UsageError("raise_cpu", f"{raise_cpu!r}: give a CPU 0..{ncpus - 1}")
+    check_bool("wait_dom0", wait_dom0)

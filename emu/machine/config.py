@@ -78,6 +78,7 @@ class MachineConfig:
     watchdog_s: float = 2.0
     seed: int = 0
     chaos: float = 0.0            # probability of a perturbation at a yield point
+    starve: float = 0.05          # with chaos on: probability a trial starves one process
     trace: bool = False
     sched: str = "os"             # os: the host schedules the processes; controlled: emu does
     sched_steps: int = 16384      # controlled: decision-log entries kept per trial
@@ -135,6 +136,8 @@ class MachineConfig:
         if isinstance(self.sched_steps, bool) or not isinstance(self.sched_steps, int) \
                 or not 64 <= self.sched_steps <= 1 << 20:
             raise UsageError("sched-steps", f"{self.sched_steps!r}: give 64..1048576")
+        if not _is_real(self.starve) or not 0.0 <= self.starve <= 1.0:
+            raise UsageError("starve", f"{self.starve!r}: give a probability in [0, 1]")
         if self.atomic_backend is not None and self.atomic_backend not in BACKENDS:
             raise UsageError("atomic_backend", f"{self.atomic_backend!r}: use one of "
                              f"{', '.join(BACKENDS)} (or None: $EMU_ATOMIC_BACKEND or "

@@ -38,7 +38,10 @@ def cpu_process(R, cpu: int, handler, hooks: dict, pgid: int = 0) -> None:
     if cpu in (hooks.get("sleep_masked_cpus") or ()):
         R.ev.sleep_masked = {SIG_MC}   # test hook: see Events.sleep_masked
     trace = (X, L.trace_n, L.trace, L.trace_ring) if R.cfg.trace else None
-    yps = YieldPoints(cpu, R.cfg.chaos, None, trace)
+    # No perturbation at boot: each trial configures chaos and the stream from its
+    # trial seed at #MC entry (XenCpu._trial_ctl); counts are published per CPU.
+    yps = YieldPoints(cpu, 0.0, None, trace,
+                      counter=(X, L.pc(cpu, L.P_PERTURB), L.pc(cpu, L.P_STARVED)))
     if sched is not None:
         sched.install(yps)   # before the handler: it captures yps.yp and the barriers' spin
     x = handler(R, cpu, yps, hooks)

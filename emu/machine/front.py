@@ -195,7 +195,10 @@ class Machine:
 
     def inject(self, errors, local: bool = False, timeout_s: float | None = None,
                then: dict | None = None, via: str | None = None, schedule=None,
-               schedule_seed: int | None = None) -> dict:
+               schedule_seed: int | None = None, *, seed=None,
+               chaos: float | None = None, starve: float | None = None,
+               fault: dict | None = None, raise_cpu: int | None = None,
+               wait_dom0: bool = True) -> dict:
         """Write ``errors`` into their banks, raise one #MC, return the trial result.
 
         Errors with ``via=cmci`` are reported by silicon and raise the CMCIs their banks
@@ -211,6 +214,23 @@ class Machine:
         this machine's first controlled trial (before it, an estimate). The result's
         ``sched`` holds the steps, the trace, the token and its replay command.
 
+        Per trial (see :mod:`emu.machine.chaos`):
+
+        * ``seed=(S, i)``: the trial seed every process's perturbation (and the
+          starvation plan) is drawn from; default ``(machine seed, trial number)``.
+          In the result as ``trial_seed`` and ``perturbation.seed``.
+        * ``chaos=p``: perturbation probability per yield point (default the
+          machine's ``chaos``).
+        * ``starve=q``: probability that one seeded victim process is starved
+          (default the machine's ``starve`` when chaos is on, else 0).
+        * ``fault={...}``: one fault (kill_cpu, stall_cpu, kill_dom0, pause_dom0)
+          with its expected outcome, reported as ``result["fault"]``.
+        * ``raise_cpu=N``: raise the #MC on CPU N (broadcast unless ``local``); with
+          ``errors=[]`` no bank is written at all (a #MC with no valid bank).
+        * ``wait_dom0=False``: return once Xen's part and the guests are done, without
+          waiting for Dom0 to log the records (their ``dom0_log`` shows
+          ``pending``); see :meth:`dom0_drain` and :meth:`dom0_log_counts`.
+
         Every argument is checked before anything is sent (UsageError, field named).
         """
         errors = checks.error_list("errors", errors)
@@ -221,13 +241,24 @@ class Machine:
                       e if "via=" in str(e).lower() else f"{e} via={via}" for e in errors]
         errors, local, timeout_s, then = checks.check_inject(
             errors, local, timeout_s, then, self._topo.ncpus, self._topo.nbanks,
-            self.config.domids, self._seen)
+            self.config.domids, self._seen, allow_empty=raise_cpu is not None,
+            ser=self.config.ser)
+        checks.check_per_trial(seed, chaos, starve, fault, raise_cpu, wait_dom0,
+                               self._topo.ncpus)
         spec = None
         if self.config.sched == "controlled" or schedule is not None:
             from emu.machine.sched import resolve
             spec = resolve(self.config, schedule, schedule_seed, self.sched_k, errors, local)
-        res = self._call("trial", {"errors": errors, "local": local,
-                                   "timeout_s": timeout_s, "then": then, "schedule": spec})
+        args = {"errors": errors, "local": local, "timeout_s": timeout_s, "then": then,
+                "schedule": spec}
+        # Only what was given travels (the default trial costs no more than before).
+        for k, v in (("seed", seed), ("chaos", chaos), ("starve", starve), ("fault", fault),
+                     ("raise_cpu", raise_cpu)):
+            if v is not None:
+                args[k] = list(v) if k == "seed" and isinstance(v, tuple) else v
+        if not wait_dom0:
+            args["wait_dom0"] = False
+        res = self._call("trial", args)
         if "sched" in res:
             if self.sched_k is None and res["sched"]["over"] == "done":
                 self.sched_k = res["sched"]["steps"]   # PCT's k, learned from a first run
@@ -307,6 +338,12 @@ class Machine:
         checks.check_timeout("timeout_s", timeout_s, optional=False)
         return self._call("dom0", {"op": "drain", "timeout_s": timeout_s},
                           timeout=timeout_s + 120.0)
+
+    def dom0_log_counts(self) -> dict[int, int]:
+        """Record id -> how many times it is in Dom0's durable log (complete lines),
+        read from the log file itself: after :meth:`dom0_drain`, a campaign that did
+        not wait for Dom0 checks exactly-once logging with it (every count 1)."""
+        return {int(k): int(v) for k, v in self._call("dom0", {"op": "log_counts"}).items()}
 
     def trace(self) -> dict:
         """The last trial's trace (a machine booted with ``trace=True``): the CPUs'
