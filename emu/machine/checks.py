@@ -71,7 +71,10 @@ def check_inject(errors, local, timeout_s, then, ncpus: int, nbanks: int, domids
     ``seen``: the machine's set of error lists already validated; ``allow_empty``:
     no error is fine (a #MC raised with no bank written, ``raise_cpu``)."""
     errors = error_list("errors", errors)
-    if errors or not allow_empty:
+    if not errors and not allow_empty:
+        raise UsageError("error", "no error given; give at least one, or raise_cpu=N to "
+                         "raise a #MC on CPU N without writing any bank")
+    if errors:
         _validate(errors, ncpus, nbanks, domids, seen, ser)
     check_bool("local", local)
     check_timeout("timeout_s", timeout_s)
