@@ -23,6 +23,7 @@ import msgpack
 
 from emu.errors import EmulatorInternalError, UsageError
 from emu.hw import msr
+from emu.machine.config import check_log_rotation
 from emu.machine.procs import fork_child, readable
 
 PROTO = 1
@@ -95,8 +96,9 @@ class DomainChannels:
         hypercalls."""
         from emu.domains.dom0 import dom0_main
         hooks = dict(self.dom0_hooks, pause=self.dom0_paused)
+        rot = check_log_rotation(self.cfg.extra)
         self.dom0 = self._fork_domain(
-            lambda ch: dom0_main(ch, self.dom0_log_path, self.dom0_fsync, hooks))
+            lambda ch: dom0_main(ch, self.dom0_log_path, self.dom0_fsync, hooks, **rot))
 
     def _start_guest(self, d: int) -> None:
         """Fork guest domain ``d``'s kernel. The coordinator serves its channel as
@@ -149,11 +151,26 @@ class DomainChannels:
         self._rid_origin.pop(rid, None)
 
     def _log_file_counts(self) -> dict[int, int] | None:
-        """Record id -> how many times it is in Dom0's durable log (complete lines
-        only); None if there is no log yet. Reads the whole log (in bounded pieces, a
-        regular file only): for checks after a run, not for the restart path."""
+        """Record id -> how many times it is in Dom0's durable log, its rotated parts
+        included (complete lines only); None if there is no log yet. Reads every part
+        (in bounded pieces, regular files only): for checks after a run, not for the
+        restart path."""
         from emu.domains.dom0 import log_id_counts
-        return log_id_counts(self.dom0_log_path)
+        from emu.domains.logfiles import dom0_log_parts
+        parts = [p for p in dom0_log_parts(self.dom0_log_path) if os.path.exists(p)]
+        if not parts:
+            return None
+        counts: dict[int, int] = {}
+        for part in parts:   # rotated parts too
+            for rid, n in (log_id_counts(part) or {}).items():
+                counts[rid] = counts.get(rid, 0) + n
+        return counts
+
+    def _recent_log_parts(self) -> list[str]:
+        """The live log and its newest rotated part (a record written just before a
+        rotation is at the end of that part): all the restart path reads."""
+        from emu.domains.logfiles import rotated_parts
+        return rotated_parts(self.dom0_log_path)[-1:] + [self.dom0_log_path]
 
     def _reconcile_logged(self) -> None:
         """A Dom0 that died after its write (or ack) never said ``logged``; its
@@ -162,8 +179,9 @@ class DomainChannels:
         # last it wrote (Xen's pool holds 30), and the log may hold a million.
         from emu.domains.dom0 import tail_records
         counts: dict[int, int] = {}
-        for obj in tail_records(self.dom0_log_path):
-            counts[obj["id"]] = counts.get(obj["id"], 0) + 1
+        for part in self._recent_log_parts():
+            for obj in tail_records(part):
+                counts[obj["id"]] = counts.get(obj["id"], 0) + 1
         now = time.monotonic_ns()
         for rid, n in counts.items():
             if self.logged.get(rid, [0])[0] != n:
@@ -177,7 +195,7 @@ class DomainChannels:
         to an existing log (a reused log_dir) so continues that log's boot numbering,
         or its records would be acked as logged and never written."""
         from emu.domains.dom0 import last_boot
-        return last_boot(self.dom0_log_path)   # bounded: checkpoint and tail
+        return max(last_boot(p) for p in self._recent_log_parts())   # bounded
 
     def _dom0_fds(self) -> list:
         fds = [self.dom0[1].fileno(), self.dom0[2]] if self.dom0 else []
