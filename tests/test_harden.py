@@ -536,13 +536,14 @@ def test_11_emu_log_wrong_typed_or_nested_lines_exit_2_naming_the_line(capsys, t
     assert code == 2 and "line 2" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("what", ["/dev/zero", "fifo", "dir"])
+@pytest.mark.parametrize("what", ["/dev/zero", "fifo", "fifo-in-run-dir"])
 def test_11_emu_log_refuses_what_is_not_a_regular_file(tmp_path, what):
     path = what
     if what == "fifo":
         path = str(tmp_path / "fifo")
         os.mkfifo(path)
-    elif what == "dir":
+    elif what == "fifo-in-run-dir":      # a run directory whose Dom0 log is a FIFO
+        os.mkfifo(tmp_path / "dom0.jsonl")
         path = str(tmp_path)
     p = emu("log", path, timeout=30)
     assert p.returncode == 2 and "not a regular file" in p.stderr

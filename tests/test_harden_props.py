@@ -164,7 +164,7 @@ def _log_property(lines, torn):
             assert code in (0, 2), (lines, code, err)
             assert "Traceback" not in err
             if code == 2:
-                assert "line " in err and err.startswith("emu: error: log:")
+                assert "line " in err and err.startswith("emu: error: ")
 
 
 @settings(max_examples=60, deadline=None, database=None,

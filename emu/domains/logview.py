@@ -98,8 +98,8 @@ def _lines(path: str, offset: int = 0) -> tuple[list[tuple[int, bytes]], int, bo
                 return out, offset, False
             if not raw.endswith(b"\n"):
                 if len(raw) > MAX_LINE:
-                    raise UsageError("file", f"{path}: a line longer than {MAX_LINE} bytes: "
-                                     "not an emu log")
+                    raise UsageError("file", f"{path} line {n + 1}: longer than {MAX_LINE} "
+                                     "bytes: not an emu log")
                 return out, offset, True
             n += 1
             offset += len(raw)
