@@ -19,7 +19,6 @@ import errno
 import fcntl
 import os
 import stat
-import tempfile
 import time
 
 from emu.errors import UsageError
@@ -30,8 +29,9 @@ LOG_NAMES = ("dom0.jsonl", "dom0.jsonl.kernel", "dom0.jsonl.idx") + tuple(
 
 
 def default_log_dir() -> str:
-    """A new run directory under ``$TMPDIR/emu-runs``."""
-    return os.path.join(tempfile.gettempdir(), "emu-runs",
+    """A new run directory under ``$TMPDIR/emu-runs`` (:mod:`emu.machine.runs`)."""
+    from emu.machine.runs import default_root
+    return os.path.join(default_root(),
                         time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{os.urandom(3).hex()}")
 
 
@@ -73,7 +73,8 @@ def _bad(path, why: str) -> UsageError:
 def claim(path=None) -> LogDir:
     """Check, create and lock the log directory ``path`` (None: a new default one)."""
     from emu.domains.dom0 import check_log
-    if path is None:
+    default = path is None
+    if default:
         path = default_log_dir()
     if not isinstance(path, (str, os.PathLike)):
         raise UsageError("log-dir", f"{path!r}: give a directory path")
@@ -124,6 +125,9 @@ def claim(path=None) -> LogDir:
             if not os.access(p, os.R_OK | os.W_OK):
                 raise _bad(p, "not readable and writable")
         check_log(os.path.join(path, "dom0.jsonl"))
+        if default:   # keep the newest EMU_KEEP_RUNS default run directories
+            from emu.machine.runs import prune_runs
+            prune_runs(os.path.dirname(path), current=path)
     except BaseException:
         os.close(fd)
         raise
