@@ -4,11 +4,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 from emu.errors import EmuError, UsageError
 from emu.hw.msr import hexs
+
+EXIT_NOT_DURABLE = 4   # a record of the run could not be made durable (the log's disk)
+
+
+def _int(field: str):
+    """An option's integer: ASCII digits only (int() takes any Unicode digit)."""
+    def conv(text: str) -> int:
+        t = text.strip()
+        if not t.isascii() or not t.lstrip("+-").isdigit():
+            raise UsageError(field, f"{text!r} is not a decimal integer (ASCII digits)")
+        if len(t) > 40:
+            raise UsageError(field, f"{text[:20]!r}...: too many digits")
+        return int(t)
+    return conv
+
+
+def _float(field: str):
+    """An option's finite number, ASCII only (float() takes Unicode digits, nan, inf)."""
+    def conv(text: str) -> float:
+        t = text.strip()
+        try:
+            if not t.isascii() or len(t) > 40:
+                raise ValueError
+            v = float(t)
+        except ValueError:
+            raise UsageError(field, f"{text!r} is not a number") from None
+        if not math.isfinite(v):
+            raise UsageError(field, f"{text!r}: give a finite number")
+        return v
+    return conv
 
 
 class _Parser(argparse.ArgumentParser):
@@ -18,36 +49,41 @@ class _Parser(argparse.ArgumentParser):
 
 def _machine_args(p):
     p.add_argument("--topology", default="1x2x2", help="SxCxT (default 1x2x2: 4 CPUs)")
-    p.add_argument("--banks", type=int, default=10, help="MCG_CAP.COUNT (default 10)")
-    p.add_argument("--bank-scopes", default="0-3:core,4-9:package",
-                   help="BANK[-BANK]:thread|core|package,... (default 0-3:core,4-9:package)")
+    p.add_argument("--banks", type=_int("banks"), default=10, help="MCG_CAP.COUNT (default 10)")
+    p.add_argument("--bank-scopes", default=None,
+                   help="BANK[-BANK]:thread|core|package,... (default 0-3:core,4-9:package, "
+                        "clipped to --banks)")
     p.add_argument("--handler", default="seed", help="handler version (default seed)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chaos", type=float, default=0.0,
+    p.add_argument("--seed", type=_int("seed"), default=0, help="0..2**64-1 (default 0)")
+    p.add_argument("--chaos", type=_float("chaos"), default=0.0,
                    help="perturbation probability per yield point (each trial reseeds from "
                         "its trial seed (--seed, trial))")
-    p.add_argument("--starve", type=float, default=0.05,
+    p.add_argument("--starve", type=_float("starve"), default=0.05,
                    help="with chaos on: probability per trial that one seeded process is "
                         "starved 10 µs-100 ms at a seeded yield point (default 0.05)")
-    p.add_argument("--watchdog", type=float, default=2.0, help="hang bound in seconds (default 2)")
+    p.add_argument("--watchdog", type=_float("watchdog"), default=2.0,
+                   help="hang bound in seconds (default 2)")
     p.add_argument("--no-ser", action="store_true", help="clear MCG_CAP.SER_P")
     p.add_argument("--no-pin", action="store_true",
                    help="let the host scheduler move CPU processes between cores")
-    p.add_argument("--guests", type=int, default=1, help="HVM guests besides Dom0 (default 1)")
-    p.add_argument("--memory-pages", type=int, default=16384,
-                   help="machine pages of 4 KiB (default 16384; each domain owns 4096)")
-    p.add_argument("--guest-vcpus", type=int, default=2, help="vCPUs per guest (default 2)")
+    p.add_argument("--guests", type=_int("guests"), default=1,
+                   help="HVM guests besides Dom0 (default 1)")
+    p.add_argument("--memory-pages", type=_int("memory-pages"), default=16384,
+                   help="machine pages of 4 KiB (default 16384): Xen's 512 and 4096 per "
+                        "domain, so at least 512 + 4096 x (guests + 1): 8704 with one guest")
+    p.add_argument("--guest-vcpus", type=_int("guest-vcpus"), default=2,
+                   help="vCPUs per guest (default 2)")
     p.add_argument("--vmce-policy", default="owner",
                    help="owner: vMCE to the impacted domain (default); dom0: to Dom0 only")
     p.add_argument("--no-cmci", action="store_true", help="clear MCG_CAP.CMCI_P")
     p.add_argument("--cmci-banks", default="all",
                    help="banks that can signal CMCI: all, none or BANK[-BANK],... (default all)")
-    p.add_argument("--cmci-threshold", type=int, default=2,
+    p.add_argument("--cmci-threshold", type=_int("cmci-threshold"), default=2,
                    help="Xen's cmci-threshold boot option (default 2)")
-    p.add_argument("--poll-period", type=float, default=0.0,
+    p.add_argument("--poll-period", type=_float("poll-period"), default=0.0,
                    help="start Xen's polling timer with this first period in seconds "
                         "(adapts between a quarter and twice it; default 0: no timer)")
-    p.add_argument("--idle-poll-us", type=int, default=1000,
+    p.add_argument("--idle-poll-us", type=_int("idle-poll-us"), default=1000,
                    help="the most an idle CPU polls before sleeping; the window adapts "
                         "to how soon machine checks come (default 1000; 0: sleep at once)")
     p.add_argument("--sched", default="os", help="os: the host schedules the CPU processes "
@@ -55,14 +91,14 @@ def _machine_args(p):
     p.add_argument("--strategy", default=None,
                    help="under --sched controlled: random (default), pct:D, replay:TOKEN, "
                         "dfs:P (every schedule with at most P preemptions)")
-    p.add_argument("--trials", type=int, default=1,
+    p.add_argument("--trials", type=_int("trials"), default=1,
                    help="under --sched controlled with random or pct:D: run up to N trials, "
                         "each seeded from --seed and its index, stopping at the first finding")
 
 
 def _config(a):
     from emu.machine.config import MachineConfig
-    extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) else {}
+    extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) is not None else {}
     return MachineConfig(topology=a.topology, nbanks=a.banks, bank_scopes=a.bank_scopes,
                          handler=a.handler, seed=a.seed, chaos=a.chaos, starve=a.starve,
                          watchdog_s=a.watchdog,
@@ -265,6 +301,13 @@ def cmd_run(a) -> int:
                         "chrome://tracing)"), (a.trace_png, "swimlane picture")):
         if path:
             print(f"{what}: {path}", file=out)
+    nd = not_durable(res)
+    if nd:
+        f = nd[0]["not_durable"]
+        print(f"emu: error: log-dir: {len(nd)} record{'s' if len(nd) > 1 else ''} could not be "
+              f"made durable: {f['path']}: {f['errno']} ({f['message']}); they wait in Xen's "
+              "telemetry pool: free space or give another --log-dir", file=sys.stderr)
+        return EXIT_NOT_DURABLE
     return 1 if res["violations"] else 0
 
 
@@ -283,6 +326,13 @@ def cmd_versions(a) -> int:
         if i["family"]:
             print(f"{'':<22}   family:     {i['family']}")
     return 0
+
+
+def not_durable(res: dict) -> list[dict]:
+    """The Dom0 log entries of a trial result that Dom0 could not write."""
+    ents = [d for e in res.get("errors", []) for d in e.get("dom0_log", [])]
+    ents += [b["dom0_log"] for b in res.get("boot_log", []) if b.get("dom0_log")]
+    return [d for d in ents if d.get("not_durable")]
 
 
 # --- inputs people already write: mce-inject files, xen-mceinj, mce-test cases ----------
@@ -543,10 +593,10 @@ def _run_args(r) -> None:
                    help='"cpu=N bank=N status=0x.. [addr= misc= mcg= via=mce|cmci|poll]"')
     r.add_argument("--local", action="store_true",
                    help="deliver as LMCE to the first error's CPU (or the --raise CPU)")
-    r.add_argument("--raise", dest="raise_cpu", type=int, metavar="CPU",
+    r.add_argument("--raise", dest="raise_cpu", type=_int("raise"), metavar="CPU",
                    help="raise the #MC on CPU (broadcast unless --local); without --error, no "
                         "bank is written: a #MC with no valid bank")
-    r.add_argument("--offline", type=int, action="append",
+    r.add_argument("--offline", type=_int("offline"), action="append",
                    help="take this CPU offline (Xen's cpu_down) before injecting; repeatable")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     _log_dir_arg(r)
@@ -573,17 +623,18 @@ def main(argv=None) -> int:
                    help="the trace file (default emu-trace.json)")
     rp = sub.add_parser("replay", help="replay a schedule token under controlled scheduling")
     rp.add_argument("--schedule", help="the token (from an `emu replay --schedule` line)")
-    rp.add_argument("--repeat", type=int, default=1, help="replay N times; count verdicts")
+    rp.add_argument("--repeat", type=_int("repeat"), default=1,
+                    help="replay N times; count verdicts")
     rp.add_argument("--shrink", action="store_true",
                     help="remove preemptions while the finding persists; print the shortest")
     rp.add_argument("--json", action="store_true", help="print one JSON object")
     rp.add_argument("--log-dir", help="run directory for Dom0's log")
-    rp.add_argument("--seed", type=int, default=None, help="the machine's seed (pinning)")
+    rp.add_argument("--seed", type=_int("seed"), default=None, help="the machine's seed (pinning)")
     for opt in ("topology", "bank-scopes", "handler", "vmce-policy"):
         rp.add_argument(f"--{opt}", default=None,
                         help="must match the token's machine (default: the token's)")
     for opt in ("banks", "guests", "memory-pages", "guest-vcpus"):
-        rp.add_argument(f"--{opt}", type=int, default=None,
+        rp.add_argument(f"--{opt}", type=_int(opt), default=None,
                         help="must match the token's machine (default: the token's)")
     i = sub.add_parser("inject", help="run an mce-inject input file (- for stdin): each "
                        "injection on one booted machine")
@@ -702,6 +753,10 @@ def main(argv=None) -> int:
     except BrokenPipeError:   # e.g. `emu run | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception:  # noqa: BLE001 - a bug of emu: exit 3, the traceback on stderr only
+        import traceback
+        traceback.print_exc(file=sys.stderr)
+        return 3
     return 0
 
 

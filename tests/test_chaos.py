@@ -179,7 +179,8 @@ def test_same_trial_seed_gives_the_same_starvation_in_a_real_machine(emu_machine
 def test_fault_kill_cpu_mid_handler_is_cpu_died_once(emu_machine):
     m = emu_machine(watchdog_s=1.0)
     r = m.inject(_srao(0, 1), fault={"kind": "kill_cpu", "cpu": 1, "phase": "barrier_b"})
-    assert r["outcome"] == "cpu_died" and r["cpus"] == [1] and r["resets"] == 1
+    assert r["outcome"] == "cpu_died" and r["dead_cpus"] == [1] and r["resets"] == 1
+    assert len(r["cpus"]) == 4   # issue 16: the per-CPU list is kept
     assert r["fault"] == {"kind": "kill_cpu", "cpu": 1, "phase": "barrier_b",
                           "expected": "cpu_died", "happened": True, "held": True}
     # per trial: the next trial runs without it

@@ -32,10 +32,14 @@ overflow, mcelog's triggers and page-error counting.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import stat
 import sys
 import time
+from collections import deque
 
 from emu.domains.guest import Channel, ChannelClosed, GuestKernel
 from emu.domains.mcelog import format_record
@@ -53,6 +57,15 @@ _GLOBAL_HEX = ("mc_gstatus", "mcgcap")
 
 
 # --- the durable log --------------------------------------------------------------------
+IDX_SCHEMA = "emu.mcelog.idx/1"
+MAX_LINE = 1 << 20            # a record line is a few hundred bytes; longer is corruption
+RECENT_IDS = 256              # ids kept for the dedup (Xen's pool holds 30 records)
+RECENT_BYTES = 128 << 10      # where those ids are looked for before a checkpoint
+CHECKPOINT_BYTES = 256 << 10  # appended bytes between two checkpoints
+IDX_TAIL = 4096               # bytes before the checkpointed size, hashed into it
+_CHUNK = 1 << 20
+
+
 class DurableLog:
     """Append-only JSON Lines file; a line is on disk (fsync) before :meth:`append` returns.
 
@@ -61,39 +74,53 @@ class DurableLog:
     is truncated away and the byte count kept in :attr:`dropped`. Those lines were never
     acknowledged (the ack follows the fsync), so Xen still holds them. Any other
     unreadable line is corruption, not a crash: :class:`UsageError`.
+
+    A restart costs the same at 1k records as at 1M: a checkpoint beside the log
+    (``<log>.idx``: size, line count, largest id, and a hash of the 4 KiB before that
+    size) lets :meth:`open` check only what was appended after it, plus the last
+    ``RECENT_BYTES`` before it for the ids the dedup needs. Only the last
+    :data:`RECENT_IDS` ids are kept: Xen hands out again only records still in its
+    pool (30 entries), which Dom0 wrote last. A checkpoint whose size, file or hash
+    does not match the log is ignored (the whole log is checked, in bounded memory,
+    and a new checkpoint written); it is a cache, never fsync'd.
     """
 
     def __init__(self, path, fsync: bool = True):
         self.path = os.fspath(path)
+        self.idx_path = self.path + ".idx"
         self.fsync = fsync
         self.dropped = 0
+        self.scanned = 0                  # bytes open() parsed (the restart's cost)
+        self.lines = 0
+        self.max_id = -1
         self._ids: set[int] = set()
+        self._recent: deque = deque()
         self._fd: int | None = None
+        self._size = 0
+        self._tail = b""                  # the last IDX_TAIL bytes of the log
+        self._ckpt_size = 0
 
     def open(self) -> int:
         """Open (creating if needed), repair a torn end; return the bytes dropped."""
         created = not os.path.exists(self.path)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
         try:
-            size = os.fstat(fd).st_size
-            data = os.pread(fd, size, 0) if size else b""
-            good = data.rfind(b"\n") + 1           # keep everything up to the last newline
-            lines = data[:good].split(b"\n")[:-1]
-            if lines and _parse_line(lines[-1]) is None:
-                good -= len(lines[-1]) + 1         # a complete but unreadable last line
-                lines.pop()
-            ids = set()
-            for n, raw in enumerate(lines, 1):
-                obj = _parse_line(raw)
-                if obj is None:
-                    raise UsageError("log", f"{self.path} line {n}: not an {SCHEMA} record; "
-                                     "the log is corrupt (not a torn write): move it aside")
-                ids.add(obj["id"])
-            if good < size:
-                os.ftruncate(fd, good)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError("log-dir", f"{self.path}: not a regular file; Dom0's log must "
+                                 "be one (give a --log-dir of its own)")
+            scan = scan_log(fd, self.path, st)
+            if scan.good < st.st_size:
+                os.ftruncate(fd, scan.good)
                 os.fsync(fd)
-            self.dropped = size - good
-            self._ids = ids
+            self.dropped = st.st_size - scan.good
+            self.scanned = scan.scanned
+            self.lines, self.max_id, self._size = scan.lines, scan.max_id, scan.good
+            for rid in scan.recent:
+                self._remember(rid)
+            self._tail = os.pread(fd, IDX_TAIL, max(0, scan.good - IDX_TAIL)) \
+                if scan.good else b""
+            self._ckpt_size = scan.start
             os.lseek(fd, 0, os.SEEK_END)
         except BaseException:
             os.close(fd)
@@ -101,7 +128,17 @@ class DurableLog:
         if created:
             _fsync_dir(self.path)
         self._fd = fd
+        if self._size - self._ckpt_size >= CHECKPOINT_BYTES:
+            self._checkpoint(st)
         return self.dropped
+
+    def _remember(self, rid: int) -> None:
+        self._recent.append(rid)
+        self._ids.add(rid)
+        if len(self._recent) > RECENT_IDS:
+            old = self._recent.popleft()
+            if old not in self._recent:
+                self._ids.discard(old)
 
     def append(self, records: list[dict]) -> None:
         """Write one line per record; fsync (unless ``fsync=False``) before returning."""
@@ -111,7 +148,37 @@ class DurableLog:
         self._write_all(data)
         if self.fsync:
             os.fsync(self._fd)
-        self._ids.update(r["id"] for r in records)
+        for r in records:
+            self._remember(r["id"])
+            self.max_id = max(self.max_id, r["id"])
+        self.lines += len(records)
+        self._size += len(data)
+        self._tail = (self._tail + data)[-IDX_TAIL:]
+        if self._size - self._ckpt_size >= CHECKPOINT_BYTES:
+            self._checkpoint()
+
+    def _checkpoint(self, st=None) -> None:
+        """Write ``<log>.idx`` (atomically: a temporary file renamed); best effort."""
+        st = st or os.fstat(self._fd)
+        idx = {"schema": IDX_SCHEMA, "dev": st.st_dev, "ino": st.st_ino, "size": self._size,
+               "lines": self.lines, "max_id": self.max_id,
+               "tail": hashlib.sha256(self._tail).hexdigest()}
+        tmp = f"{self.idx_path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                data = json.dumps(idx).encode()
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.idx_path)
+            self._ckpt_size = self._size
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -119,7 +186,7 @@ class DurableLog:
             view = view[os.write(self._fd, view):]
 
     def ids(self) -> set[int]:
-        """Ids of the records in the log."""
+        """Ids of the last :data:`RECENT_IDS` records in the log."""
         return set(self._ids)
 
     def __contains__(self, record_id: int) -> bool:
@@ -139,6 +206,188 @@ class DurableLog:
         self.close()
 
 
+class _Scan:
+    __slots__ = ("start", "good", "lines", "max_id", "recent", "scanned")
+
+
+def _read_checkpoint(path: str, st, fd: int):
+    """(size, lines, max_id) of a checkpoint that matches the log, else None."""
+    try:
+        with open(path + ".idx", "rb") as f:
+            idx = json.loads(f.read(4096))
+        size, lines, max_id = int(idx["size"]), int(idx["lines"]), int(idx["max_id"])
+        if idx.get("schema") != IDX_SCHEMA or idx.get("ino") != st.st_ino \
+                or idx.get("dev") != st.st_dev or not 0 <= size <= st.st_size or lines < 0:
+            return None
+        tail = os.pread(fd, IDX_TAIL, max(0, size - IDX_TAIL)) if size else b""
+        if hashlib.sha256(tail).hexdigest() != idx.get("tail") or (size and tail[-1:] != b"\n"):
+            return None
+        return size, lines, max_id
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+
+
+def _lines(fd: int, start: int, end: int):
+    """(offset, line without its newline) of every complete line of ``fd`` in
+    [start, end), read in bounded pieces; a line longer than MAX_LINE comes as
+    (offset, None) and is never held whole. A last segment without newline (a torn
+    write) is not yielded."""
+    with os.fdopen(os.dup(fd), "rb", buffering=_CHUNK) as f:
+        f.seek(start)
+        off = start
+        while off < end:
+            raw = f.readline(min(MAX_LINE + 1, end - off))
+            if not raw:
+                return
+            if raw.endswith(b"\n"):
+                yield off, raw[:-1]
+                off += len(raw)
+                continue
+            at = off
+            off += len(raw)
+            while off < end:          # an overlong line: skip to its end
+                more = f.readline(min(_CHUNK, end - off))
+                if not more:
+                    return
+                off += len(more)
+                if more.endswith(b"\n"):
+                    yield at, None
+                    break
+
+
+def scan_log(fd: int, path: str, st=None) -> _Scan:
+    """Check a Dom0 log (from its checkpoint on, if one matches): the offset of the end
+    of its last good line (``good``; anything after it is a torn write), its line count,
+    largest id and most recent ids. A bad line that is not the last one raises
+    :class:`UsageError` naming ``log-dir`` and the line number."""
+    st = st or os.fstat(fd)
+    size = st.st_size
+    ck = _read_checkpoint(path, st, fd)
+    s = _Scan()
+    s.start, s.lines, s.max_id = ck if ck else (0, 0, -1)
+    recent: deque = deque(maxlen=RECENT_IDS)
+    if ck and s.start:
+        # the ids the dedup needs: the last lines before the checkpoint
+        lo = max(0, s.start - RECENT_BYTES)
+        for off, raw in _lines(fd, lo, s.start):
+            if lo and off == lo:
+                continue      # may be the second half of a line
+            obj = _parse_line(raw) if raw is not None else None
+            if obj is not None:
+                recent.append(obj["id"])
+    good = s.start
+    n = s.lines
+    bad = None                # (line number, offset) of an unreadable line
+    for off, raw in _lines(fd, s.start, size):
+        n += 1
+        obj = _parse_line(raw) if raw is not None else None
+        if bad is not None:
+            raise UsageError("log-dir", f"{path} line {bad[0]}: not an {SCHEMA} record; the "
+                             "log is corrupt (not a torn write): move it aside")
+        if obj is None:
+            bad = (n, off)
+            continue
+        recent.append(obj["id"])
+        s.max_id = max(s.max_id, obj["id"])
+        good = off + len(raw) + 1
+    if bad is not None:
+        n -= 1               # a complete but unreadable last line: a torn write too
+    s.good, s.lines, s.recent = good, n, list(recent)
+    s.scanned = size - s.start
+    return s
+
+
+def check_log(path: str) -> None:
+    """Refuse (:class:`UsageError` naming ``log-dir``) a Dom0 log that is not a regular
+    file or is corrupt before its last line; a torn end is fine (Dom0 repairs it).
+    Nothing is written."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError("log-dir", f"{path}: cannot open Dom0's log ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError("log-dir", f"{path}: not a regular file (Dom0's log must be one); "
+                             "give a --log-dir of its own")
+        scan_log(fd, path, st)
+    finally:
+        os.close(fd)
+
+
+TAIL_BYTES = 64 << 10   # the coordinator's reconcile: Xen's pool holds 30 records
+
+
+def tail_records(path: str, max_bytes: int = TAIL_BYTES) -> list[dict]:
+    """The valid records among the complete lines of the last ``max_bytes`` of the log
+    (bounded, whatever the log's size; a regular file only)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return []
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return []
+        lo = max(0, st.st_size - max_bytes)
+        out = []
+        for off, raw in _lines(fd, lo, st.st_size):
+            if lo and off == lo:
+                continue
+            obj = _parse_line(raw) if raw is not None else None
+            if obj is not None:
+                out.append(obj)
+        return out
+    finally:
+        os.close(fd)
+
+
+def log_id_counts(path: str) -> dict[int, int] | None:
+    """Record id -> how many times it is in the log (complete, valid lines); None if
+    there is no log. The whole log, read in bounded pieces; a regular file only."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return {}
+        counts: dict[int, int] = {}
+        for _off, raw in _lines(fd, 0, st.st_size):
+            obj = _parse_line(raw) if raw is not None else None
+            if obj is not None:
+                counts[obj["id"]] = counts.get(obj["id"], 0) + 1
+        return counts
+    finally:
+        os.close(fd)
+
+
+def last_boot(path: str) -> int:
+    """The boot number (id >> 32) of the log's newest record (0 for none): ids grow
+    with the boots, so the checkpoint and the log's tail suffice."""
+    best = -1
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return 0
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            ck = _read_checkpoint(path, st, fd)
+            if ck:
+                best = ck[2]
+    finally:
+        os.close(fd)
+    for obj in tail_records(path):
+        best = max(best, obj["id"])
+    return max(0, best) >> 32
+
+
 def _dump(obj: dict) -> bytes:
     return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
 
@@ -146,10 +395,11 @@ def _dump(obj: dict) -> bytes:
 def _parse_line(raw: bytes) -> dict | None:
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(obj, dict) or obj.get("schema") != SCHEMA \
-            or not isinstance(obj.get("id"), int):
+            or not isinstance(obj.get("id"), int) or isinstance(obj.get("id"), bool) \
+            or not 0 <= obj["id"] < 1 << 64:
         return None
     return obj
 
@@ -204,28 +454,65 @@ def log_line(fetched: dict, cpuid: int = DEFAULT_CPUID, now: float | None = None
             "logged_at": time.time() if now is None else now}
 
 
-def _hexint(v) -> int:
-    if isinstance(v, int):
-        return v
+class _BadField(ValueError):
+    def __init__(self, name: str, value):
+        super().__init__(f"{name}: {str(value)[:60]!r} is not a 64-bit number")
+        self.name = name
+
+
+def _hexint(v, name: str = "value") -> int:
+    """A register of a logged line: an int or a hex string, 0..2**64-1 (None: 0)."""
+    if v is None:
+        return 0
+    if isinstance(v, bool):
+        raise _BadField(name, v)
     if isinstance(v, str):
-        return int(v, 16)
-    return 0
+        t = v.strip()
+        if not t.isascii() or len(t) > 20:
+            raise _BadField(name, v)
+        try:
+            v = int(t, 16)
+        except ValueError:
+            raise _BadField(name, v) from None
+    if not isinstance(v, int) or not 0 <= v < 1 << 64:
+        raise _BadField(name, v)
+    return v
+
+
+def _small(v, name: str, hi: int = 1 << 32) -> int:
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < hi:
+        raise _BadField(name, v)
+    return v
 
 
 def mcelog_records(line: dict) -> list[dict]:
-    """One :mod:`emu.domains.mcelog` record per bank of a logged line (Linux ``convert_log``)."""
+    """One :mod:`emu.domains.mcelog` record per bank of a logged line (Linux ``convert_log``).
+
+    Every field is type-checked: a wrong one raises ``ValueError`` naming it."""
     g = line.get("global") or {}
-    cpu = line.get("cpu") or 0
+    if not isinstance(g, dict):
+        raise _BadField("global", g)
+    banks = line.get("banks") or []
+    if not isinstance(banks, list):
+        raise _BadField("banks", banks)
+    cpu = _small(line.get("cpu"), "cpu")
     out = []
-    for b in line.get("banks") or []:
-        m = {"cpu": cpu, "extcpu": cpu, "bank": b.get("bank", 0),
-             "status": _hexint(b.get("status")),
-             "addr": _hexint(b.get("addr")), "misc": _hexint(b.get("misc")),
-             "mcgstatus": _hexint(g.get("mc_gstatus")), "mcgcap": _hexint(g.get("mcgcap")),
-             "apicid": g.get("mc_apicid", 0) or 0, "socketid": g.get("mc_socketid", 0) or 0}
+    for k, b in enumerate(banks):
+        if not isinstance(b, dict):
+            raise _BadField(f"banks[{k}]", b)
+        m = {"cpu": cpu, "extcpu": cpu, "bank": _small(b.get("bank", 0), f"banks[{k}].bank", 256),
+             "status": _hexint(b.get("status"), f"banks[{k}].status"),
+             "addr": _hexint(b.get("addr"), f"banks[{k}].addr"),
+             "misc": _hexint(b.get("misc"), f"banks[{k}].misc"),
+             "mcgstatus": _hexint(g.get("mc_gstatus"), "global.mc_gstatus"),
+             "mcgcap": _hexint(g.get("mcgcap"), "global.mcgcap"),
+             "apicid": _small(g.get("mc_apicid", 0), "global.mc_apicid"),
+             "socketid": _small(g.get("mc_socketid", 0), "global.mc_socketid")}
         if line.get("cpuid"):
-            m["cpuvendor"] = line.get("cpuvendor", 0) or 0
-            m["cpuid"] = line["cpuid"]
+            m["cpuvendor"] = _small(line.get("cpuvendor", 0), "cpuvendor", 256)
+            m["cpuid"] = _small(line["cpuid"], "cpuid")
         out.append(m)
     return out
 
@@ -233,40 +520,55 @@ def mcelog_records(line: dict) -> list[dict]:
 def render_log(path, json_out: bool = False) -> str:
     """``emu log FILE``: mcelog --ascii text of every bank record, or the JSON lines.
 
-    A torn or unreadable line is a :class:`UsageError` naming its line number.
+    Only a regular file is read (a FIFO or a device is refused, never waited on), in
+    bounded pieces: a line longer than MAX_LINE is refused. A torn, unreadable or
+    wrong-typed line is a :class:`UsageError` naming its line number.
     """
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise UsageError("log", f"{path}: cannot read the log ({exc.strerror}); give the "
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise UsageError("log", f"{path}: cannot read the log ({why}); give the "
                          "path of a Dom0 log (JSON Lines)") from None
-    if not data:
-        return ""
-    raw_lines = data.split(b"\n")
-    torn = raw_lines[-1] != b""
-    if not torn:
-        raw_lines.pop()
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError("log", f"{path}: not a regular file (a FIFO, device or "
+                             "directory); give the path of a Dom0 log (JSON Lines)")
+        return _render(fd, path, st.st_size, json_out)
+    finally:
+        os.close(fd)
+
+
+def _render(fd: int, path: str, size: int, json_out: bool) -> str:
     out: list[str] = []
-    for n, raw in enumerate(raw_lines, 1):
-        if torn and n == len(raw_lines):
-            raise UsageError("log", f"{path} line {n}: torn line (no newline at the end: Dom0 "
-                             "died while writing it); Dom0 repairs it at its next start, or "
-                             "delete that partial line")
+    n = 0
+    end = 0
+    for off, raw in _lines(fd, 0, size):
+        n += 1
+        end = off + (len(raw) + 1 if raw is not None else 0)
+        if raw is None:
+            raise UsageError("log", f"{path} line {n}: longer than {MAX_LINE} bytes: not an "
+                             f"{SCHEMA} record; the log is corrupt: move the line aside")
         obj = _parse_line(raw)
         if obj is None:
             raise UsageError("log", f"{path} line {n}: not a valid {SCHEMA} JSON record; the "
                              "log is corrupt: move the line aside")
-        if json_out:
-            out.append(raw.decode() + "\n")
-        else:
-            try:
-                recs = mcelog_records(obj)
-            except (ValueError, TypeError, AttributeError) as exc:
-                raise UsageError("log", f"{path} line {n}: bad field ({exc})") from None
-            for m in recs:
-                out.extend(line + "\n" for line in format_record(m))
+        try:
+            recs = mcelog_records(obj)
+            text = [] if json_out else [x + "\n" for m in recs for x in format_record(m)]
+        except _BadField as exc:
+            raise UsageError("log", f"{path} line {n}: bad field {exc}") from None
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError,
+                OverflowError, RecursionError) as exc:
+            raise UsageError("log", f"{path} line {n}: bad field ({type(exc).__name__}: "
+                             f"{str(exc)[:80]})") from None
+        out.append(raw.decode() + "\n" if json_out else "".join(text))
+    if end < size:
+        raise UsageError("log", f"{path} line {n + 1}: torn line (no newline at the end: Dom0 "
+                         "died while writing it); Dom0 repairs it at its next start, or "
+                         "delete that partial line")
     return "".join(out)
 
 
@@ -377,6 +679,7 @@ class Dom0Logger:
                 self.log._write_all(data[:max(1, len(data) // 2)])
                 os.fsync(self.log._fd)
                 os._exit(9)
+            _maybe_fail_write(self.hooks, self.log.path)
             self.log.append([line])
         self._maybe_die("after_write")
         if self.hooks.get("forge_ack") and self.fetched == 1:
@@ -430,17 +733,63 @@ def dom0_main(conn, log_path, fsync: bool = True, hooks: dict | None = None, *,
     from emu.domains.logfiles import open_dom0_log
     ch = Channel(conn)
     log = open_dom0_log(log_path, fsync=fsync, rotate_bytes=rotate_bytes, keep=rotate_keep)
-    dropped = log.open()
-    if dropped:
-        print(f"dom0: {log.path}: torn last line repaired, {dropped} bytes dropped",
-              file=sys.stderr, flush=True)
-    klog = kernel_log_path if kernel_log_path is not None else f"{os.fspath(log_path)}.kernel"
-    kernel = GuestKernel(0, ch, klog, fsync=fsync)
+    kernel = None
     try:
+        _maybe_fail_write(hooks, log.path)
+        dropped = log.open()
+        if dropped:
+            print(f"dom0: {log.path}: torn last line repaired, {dropped} bytes dropped",
+                  file=sys.stderr, flush=True)
+        klog = kernel_log_path if kernel_log_path is not None \
+            else f"{os.fspath(log_path)}.kernel"
+        kernel = GuestKernel(0, ch, klog, fsync=fsync)
         Dom0Logger(ch, log, kernel, hooks, cpuid).run()
     except ChannelClosed:
         pass
+    except (OSError, UsageError) as exc:
+        # The log cannot be written (ENOSPC, EIO, EROFS, /dev/full, corrupt): nothing
+        # unwritten was acked, so Xen keeps the record; say why, then exit (the
+        # coordinator restarts Dom0 with a back-off, so it recovers with the disk).
+        _report_log_failure(ch, log.path, exc)
+        if kernel is not None:
+            kernel.close()
+        log.close()
+        os._exit(EXIT_LOG_FAILED)
     finally:
-        kernel.close()
+        if kernel is not None:
+            kernel.close()
         log.close()
     return ch.rejected
+
+
+EXIT_LOG_FAILED = 74   # EX_IOERR
+
+
+def log_failure(path: str, exc: BaseException) -> dict:
+    """What the result and stderr say about a log Dom0 could not write."""
+    if isinstance(exc, OSError):
+        name = errno.errorcode.get(exc.errno or 0, "EIO")
+        path = exc.filename or path
+        return {"errno": name, "path": os.fspath(path), "message": exc.strerror or str(exc)}
+    return {"errno": "ECORRUPT", "path": path, "message": str(exc)}
+
+
+def _report_log_failure(ch: Channel, path: str, exc: BaseException) -> None:
+    f = log_failure(path, exc)
+    try:
+        print(f"dom0: cannot write {f['path']}: {f['errno']} ({f['message']}); the record "
+              "stays in Xen's telemetry pool", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+    try:
+        ch.send("log_failed", f)
+    except (OSError, ValueError):
+        pass
+
+
+def _maybe_fail_write(hooks: dict | None, path: str) -> None:
+    """Test hook ``fail_write``: the path of a file; while it exists, writing the
+    log fails with ENOSPC (a full disk that space can come back to)."""
+    flag = (hooks or {}).get("fail_write")
+    if flag and os.path.exists(flag):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)

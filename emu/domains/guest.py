@@ -31,6 +31,7 @@ handler in turn), CMCI, the poller, guest LMCE (MCG_EXT_CTL), real page tables.
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import sys
@@ -48,6 +49,17 @@ GUEST_LOG_SCHEMA = "emu.guestlog/1"
 REPLY_TIMEOUT_S = 30.0
 REPLY_SPIN_S = 0.0002
 NOTIFICATIONS = frozenset({"virq", "vmce", "quit", "pause", "resume", "probe"})
+
+
+def _readable(fd: int, timeout: float | None) -> bool:
+    """``fd`` readable within ``timeout``: select below FD_SETSIZE (sub-ms timeouts),
+    poll above it (a domain keeps its channel's descriptor number, which is above 1023
+    on a machine of 1024 CPUs)."""
+    if fd < 1024:
+        return bool(select.select([fd], [], [], timeout)[0])
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(p.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
 
 
 class ChannelClosed(Exception):
@@ -138,10 +150,9 @@ class Channel:
         ready = False
         if spin_s > 0:
             end = time.monotonic() + spin_s
-            while not (ready := bool(select.select([fd], [], [], 0)[0])) \
-                    and time.monotonic() < end:
+            while not (ready := _readable(fd, 0)) and time.monotonic() < end:
                 os.sched_yield()
-        if not ready and not select.select([fd], [], [], timeout)[0]:
+        if not ready and not _readable(fd, timeout):
             return None
         try:
             raw = self.conn.recv_bytes()

@@ -98,8 +98,8 @@ def _lines(path: str, offset: int = 0) -> tuple[list[tuple[int, bytes]], int, bo
                 return out, offset, False
             if not raw.endswith(b"\n"):
                 if len(raw) > MAX_LINE:
-                    raise UsageError("file", f"{path}: a line longer than {MAX_LINE} bytes: "
-                                     "not an emu log")
+                    raise UsageError("file", f"{path} line {n + 1}: longer than {MAX_LINE} "
+                                     "bytes: not an emu log")
                 return out, offset, True
             n += 1
             offset += len(raw)
@@ -169,13 +169,16 @@ def dom0_header(obj: dict, trials: dict[int, dict]) -> str:
 
 
 def _dom0_text(obj: dict, trials: dict[int, dict], where: str) -> list[str]:
+    # Every field is type-checked by mcelog_records (naming the field); the header and
+    # the formatting are guarded too: a wrong-typed line is exit 2, never a traceback.
     try:
         recs = mcelog_records(obj)
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise UsageError("file", f"{where}: bad field ({exc})") from None
-    out = [dom0_header(obj, trials)]
-    for m in recs:
-        out += format_record(m)
+        out = [dom0_header(obj, trials)]
+        for m in recs:
+            out += format_record(m)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError,
+            RecursionError) as exc:
+        raise UsageError("file", f"{where}: bad field ({str(exc)[:120]})") from None
     return out
 
 
@@ -207,7 +210,7 @@ def _render_lines(kind: str, path: str, lines, trials, raw: bool) -> list[str]:
         where = f"{path} line {n}"
         try:
             obj = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):   # RecursionError: nested
             obj = None
         want = {"dom0": MCELOG_SCHEMA, "kernel": GUEST_LOG_SCHEMA, "guest": GUEST_LOG_SCHEMA,
                 "trials": TRIALNOTE_SCHEMA}[kind]
@@ -221,7 +224,10 @@ def _render_lines(kind: str, path: str, lines, trials, raw: bool) -> list[str]:
         elif kind == "trials":
             out.append(json.dumps(obj, sort_keys=True))
         else:
-            out += _guest_text(obj)
+            try:
+                out += _guest_text(obj)
+            except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
+                raise UsageError("file", f"{where}: bad field ({str(exc)[:120]})") from None
     return out
 
 

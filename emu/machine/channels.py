@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import resource
-import select
 import signal
+import sys
 import time
 
 import msgpack
@@ -24,11 +24,14 @@ import msgpack
 from emu.errors import EmulatorInternalError, UsageError
 from emu.hw import msr
 from emu.machine.config import check_log_rotation
-from emu.machine.procs import fork_child
+from emu.machine.procs import fork_child, readable
 from emu.xen.mctelem import MctelemBug
 
 PROTO = 1
 GUEST_SPIN_S = 0.0002  # see Coordinator._poll
+DOM0_BACKOFF_MIN_S = 0.05  # a Dom0 that keeps dying is restarted after this, doubling...
+DOM0_BACKOFF_MAX_S = 2.0   # ...up to this: never given up (it recovers with the disk)
+LOGGED_KEEP = 4096         # record ids whose Dom0 counts the coordinator keeps
 
 
 def keep_only_fds(*keep: int) -> None:
@@ -124,32 +127,68 @@ class DomainChannels:
             self._stop_guest(d, "machine reset")
 
     def _stop_dom0(self) -> None:
+        self._dom0_restart_at = None
         if self.dom0 is not None:
             _reap(*self.dom0)
             self.dom0 = None
 
+    def _mark_logged(self, rid: int, n: int | None = None, now: int | None = None,
+                     dup: bool = False) -> None:
+        """Dom0 logged ``rid`` once more (or ``n`` times in all, from its durable log;
+        ``dup``: it found it already there, so it counts once at least). Bounded: only
+        the last LOGGED_KEEP ids are kept (a trial needs its own, a reset those still in
+        Xen's pool: 30 at most); the totals stay exact."""
+        ent = self.logged.get(rid)
+        if ent is None:
+            ent = self.logged[rid] = [0, now or time.monotonic_ns()]
+            if len(self.logged) > 2 * LOGGED_KEEP:
+                for old in list(self.logged)[:LOGGED_KEEP]:
+                    del self.logged[old]
+        before = ent[0]
+        ent[0] = n if n is not None else max(ent[0], 1) if dup else ent[0] + 1
+        if before == 0 and ent[0] > 0:
+            self.logged_total += 1
+        if ent[0] > 1:
+            self.logged_multi.add(rid)
+        self._acked_unlogged.discard(rid)
+        self._rid_origin.pop(rid, None)
+
     def _log_file_counts(self) -> dict[int, int] | None:
         """Record id -> how many times it is in Dom0's durable log, its rotated parts
-        included (complete lines only); None if there is no log yet."""
-        from emu.domains.logfiles import dom0_log_parts, read_ids
+        included (complete lines only); None if there is no log yet. Reads every part
+        (in bounded pieces, regular files only): for checks after a run, not for the
+        restart path."""
+        from emu.domains.dom0 import log_id_counts
+        from emu.domains.logfiles import dom0_log_parts
         parts = [p for p in dom0_log_parts(self.dom0_log_path) if os.path.exists(p)]
         if not parts:
             return None
         counts: dict[int, int] = {}
         for part in parts:   # rotated parts too
-            for rid in read_ids(part):
-                counts[rid] = counts.get(rid, 0) + 1
+            for rid, n in (log_id_counts(part) or {}).items():
+                counts[rid] = counts.get(rid, 0) + n
         return counts
+
+    def _recent_log_parts(self) -> list[str]:
+        """The live log and its newest rotated part (a record written just before a
+        rotation is at the end of that part): all the restart path reads."""
+        from emu.domains.logfiles import rotated_parts
+        return rotated_parts(self.dom0_log_path)[-1:] + [self.dom0_log_path]
 
     def _reconcile_logged(self) -> None:
         """A Dom0 that died after its write (or ack) never said ``logged``; its
         durable log is the truth, so recount from it (complete lines only)."""
-        counts = self._log_file_counts()
-        if counts is None:
-            return
+        # Only the log's tail: a record Dom0 wrote and had not reported is one of the
+        # last it wrote (Xen's pool holds 30), and the log may hold a million.
+        from emu.domains.dom0 import tail_records
+        counts: dict[int, int] = {}
+        for part in self._recent_log_parts():
+            for obj in tail_records(part):
+                counts[obj["id"]] = counts.get(obj["id"], 0) + 1
         now = time.monotonic_ns()
         for rid, n in counts.items():
-            self.logged.setdefault(rid, [0, now])[0] = n
+            if self.logged.get(rid, [0])[0] != n:
+                self._mark_logged(rid, n, now)
             self._acked_unlogged.discard(rid)
             self._rid_origin.pop(rid, None)
 
@@ -158,12 +197,8 @@ class DomainChannels:
         one it wrote before a crash (acked, not written again). A machine appending
         to an existing log (a reused log_dir) so continues that log's boot numbering,
         or its records would be acked as logged and never written."""
-        from emu.domains.logfiles import dom0_log_parts, read_ids
-        last = 0
-        for part in dom0_log_parts(self.dom0_log_path):   # rotated parts too
-            for rid in read_ids(part):
-                last = max(last, rid >> 32)
-        return last
+        from emu.domains.dom0 import last_boot
+        return max(last_boot(p) for p in self._recent_log_parts())   # bounded
 
     def _dom0_fds(self) -> list:
         fds = [self.dom0[1].fileno(), self.dom0[2]] if self.dom0 else []
@@ -198,7 +233,7 @@ class DomainChannels:
                 return
             self._hypercall(conn, raw, d)
             self._served += 1
-            if not select.select([fd], [], [], 0)[0]:
+            if not readable([fd], 0):
                 return
 
     def _deliver_vmce(self) -> None:
@@ -230,28 +265,56 @@ class DomainChannels:
             if self.tev is not None:
                 self.tev.append([self.delivered[-1]["t"], f"dom{d}", "vmce", {"vcpus": vcpus}])
 
+    def _dom0_restart_due(self) -> None:
+        at = self._dom0_restart_at
+        if at is not None and time.monotonic() >= at:
+            self._dom0_restart_at = None
+            self._reconcile_logged()
+            self._start_dom0()
+
+    def _dom0_restart_in(self, cap: float) -> float:
+        """Seconds until a pending Dom0 restart (at most ``cap``): how long to sleep."""
+        at = self._dom0_restart_at
+        return cap if at is None else max(0.0, min(cap, at - time.monotonic()))
+
     def _service(self, ready) -> None:
         """Serve Dom0's hypercalls; forward VIRQ_MCA; restart a dead Dom0."""
         if self.dom0 is None:
+            self._dom0_restart_due()
             return
         pid, conn, pidfd = self.dom0
         if pidfd in ready:
             # Dom0 died (e.g. SIGKILL mid-log): reap it and start it again; it
             # fetches from the head again, and its durable log dedups.
+            if conn.fileno() in ready:
+                self._serve_channel(conn, 0, ready)   # its last words (log_failed)
             how = _reap(pid, conn, pidfd)
             self.dom0 = None
             self.dom0_restarts += 1
             self.dom0_exits.append(how)
+            del self.dom0_exits[:-64]
             self.dom0_hooks.pop("die_at", None)   # a fault hook fires once
             if self._dom_ctl.get(0):
                 self._dom_ctl[0].pop("die", None)   # so does a trial's kill_dom0
             now = time.monotonic()
             self.dom0_deaths = [t for t in self.dom0_deaths if now - t < 1.0] + [now]
-            if len(self.dom0_deaths) > 5:
-                print("coordinator: Dom0 keeps dying; not restarting it", flush=True)
-                return
-            self._reconcile_logged()
-            self._start_dom0()
+            if len(self.dom0_deaths) > 5 or self.dom0_failure is not None:
+                # Keeps dying: restart it with a back-off, never give up (a full disk
+                # gets space back; a stopped logger would leave the pool full for good).
+                self._dom0_backoff = min(DOM0_BACKOFF_MAX_S,
+                                         max(DOM0_BACKOFF_MIN_S, 2 * self._dom0_backoff))
+                if not self._dom0_warned:
+                    self._dom0_warned = True
+                    f = self.dom0_failure
+                    why = f" ({f['path']}: {f['errno']}, {f['message']})" if f else ""
+                    print(f"coordinator: Dom0 keeps dying ({how}){why}; restarting it with "
+                          f"a back-off of up to {DOM0_BACKOFF_MAX_S:g} s",
+                          file=sys.stderr, flush=True)
+            else:
+                self._dom0_backoff = 0.0
+            self._dom0_restart_at = now + self._dom0_backoff
+        if self.dom0 is None:
+            self._dom0_restart_due()
             return
         self._serve_channel(conn, 0, ready)
         if self.dom0 is None:
@@ -290,7 +353,7 @@ class DomainChannels:
             return
         if cmd in ("handled", "probe_result", "perturbed"):
             pass
-        elif domid != 0 and cmd in ("fetch", "ack", "logged", "paused"):
+        elif domid != 0 and cmd in ("fetch", "ack", "logged", "paused", "log_failed"):
             # HYPERVISOR_mca is privileged (XSM): only the hardware domain may use it.
             self.refused += 1
             self.refused_by.setdefault(domid, []).append(cmd)
@@ -341,11 +404,20 @@ class DomainChannels:
             if self.tev is not None:
                 self.tev.append([now, "dom0", "write", {"ids": list(args.get("ids", []))}])
             for rid in args.get("ids", []):
-                ent = self.logged.setdefault(int(rid), [0, now])
-                # A duplicate was counted from the durable log when its writer died.
-                ent[0] = max(ent[0], 1) if dup else ent[0] + 1
-                self._acked_unlogged.discard(int(rid))
-                self._rid_origin.pop(int(rid), None)
+                self._mark_logged(int(rid), None, now, dup=dup)
+            if self.dom0_failure is not None:
+                print(f"coordinator: Dom0 writes its log again ({self.dom0_failure['path']})",
+                      file=sys.stderr, flush=True)
+                self.dom0_failure = None
+            self._dom0_backoff = 0.0
+            self._dom0_warned = False
+        elif cmd == "log_failed":
+            f = {k: str(args.get(k))[:300] for k in ("errno", "path", "message")}
+            if self.dom0_failure is None:
+                print(f"coordinator: Dom0 cannot write its log: {f['path']}: {f['errno']} "
+                      f"({f['message']}); records wait in Xen's telemetry pool",
+                      file=sys.stderr, flush=True)
+            self.dom0_failure = dict(f, trial=self.trial_gen)
         elif cmd == "paused":
             self._pause_acked = True
         elif cmd in ("rdmsr", "wrmsr"):
@@ -436,8 +508,9 @@ class DomainChannels:
                     for k in ("uncommitted", "committed", "processing")}
         return {"paused": self.dom0_paused, "pid": self.dom0[0] if self.dom0 else None,
                 "restarts": self.dom0_restarts, "refused": self.refused,
-                "logged": sum(1 for v in self.logged.values() if v[0] > 0),
-                "logged_more_than_once": sorted(r for r, v in self.logged.items() if v[0] > 1),
+                "logged": self.logged_total,
+                "logged_more_than_once": sorted(self.logged_multi),
+                "log_failure": self.dom0_failure,
                 "drained": self._dom0_drained(), "lost_at_reset": self.lost_total,
                 "pool": {"free": self.tele.free_count(), "drops": self.tele.drops(),
                          **by_state},
@@ -521,7 +594,8 @@ class DomainChannels:
     def _await_logged(self, rids: set, timeout_s: float) -> None:
         # A paused (or given-up) Dom0 fetches nothing: waiting would only burn the
         # watchdog; those records are reported pending, not lost.
-        if self.dom0_paused or self.dom0 is None:
+        if self.dom0_paused or self.dom0_failure is not None or \
+                (self.dom0 is None and self._dom0_restart_at is None):
             return
         deadline = time.monotonic() + timeout_s
 
@@ -540,6 +614,12 @@ class DomainChannels:
             return ent
         if rid in lost:
             ent["lost"] = lost[rid]
+        elif self.dom0_failure is not None:
+            f = self.dom0_failure
+            ent["pending"] = (f"Dom0 cannot make it durable: {f['path']}: {f['errno']} "
+                              f"({f['message']}); the record waits in Xen's telemetry pool and "
+                              "is logged once Dom0 can write again")
+            ent["not_durable"] = dict(f)
         elif self._not_awaited:
             ent["pending"] = ("not awaited (wait_dom0=False): Dom0 logs it in the background; "
                               "dom0_drain() then dom0_log_counts() checks it")

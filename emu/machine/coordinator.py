@@ -14,7 +14,6 @@ Requests arrive as msgpack arrays ``[1, command, args]`` on one pipe.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import struct
 import time
@@ -30,10 +29,11 @@ from emu.hw.cpu import deliver_mc
 from emu.hw.yieldpoint import SITES
 from emu.machine import chaos as ch
 from emu.machine.channels import GUEST_SPIN_S, PROTO, DomainChannels
+from emu.machine.checks import check_timeout
 from emu.machine.config import MachineConfig
 from emu.machine.cpu_process import cpu_process
 from emu.machine.interrupts import IrqPaths
-from emu.machine.procs import child_signals, fork_child, set_pdeathsig
+from emu.machine.procs import child_signals, fork_child, readable, set_pdeathsig
 from emu.machine.regions import Regions
 from emu.machine.runs import note_trial
 from emu.machine.sched import OVER_DEADLOCK, OVER_DONE, SchedControl, controlled_record
@@ -76,6 +76,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         self.rung_late: list[int] = []
         self.cpu_pids: dict[int, int] = {}
         self.pidfds: dict[int, int] = {}
+        _raise_nofile(2 * self.n + 256)   # a pidfd per CPU, a channel and a pidfd per domain
         self.hooks: dict = dict(cfg.extra.get("hooks", {}))
         self.last_boot_log: list = []
         self.domids = cfg.domids
@@ -120,12 +121,20 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         self.dom0_restarts = 0
         self.dom0_exits: list[str] = []     # how each Dom0 that had to be restarted ended
         self.dom0_deaths: list[float] = []
+        self.dom0_failure: dict | None = None   # why Dom0 could not write its log (last)
+        self._dom0_restart_at: float | None = None
+        self._dom0_backoff = 0.0
+        self._dom0_warned = False
+        self.logged_total = 0               # record ids Dom0 logged (at least once)
+        self.logged_multi: set[int] = set()  # ... more than once
         self.virq_seen = 0
         self.logged: dict[int, list] = {}   # record id -> [count, t_logged_ns]
         self.refused = 0                    # forged or unprivileged hypercalls
         self.refused_by: dict[int, list] = {}   # domid -> refused privileged commands
         self.handled: list = []             # reports of guest #MC handlers
         self.last_ready: list = []
+        self.parent_pidfd: int | None = None   # see coordinator_process
+        self.died_between: list[dict] = []     # CPUs that died between trials (not yet told)
         # Controlled scheduling (emu.machine.sched): None when the OS schedules.
         self.sched = SchedControl(self.R, self.R.S) if self.R.S is not None else None
         # Per-trial perturbation and faults (emu.machine.chaos).
@@ -261,8 +270,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 self._fault_resume()
             else:
                 timeout = min(timeout, left)
-        r = ready if ready is not None else select.select(self._poll_fds(extra), [], [],
-                                                          timeout)[0]
+        r = ready if ready is not None else readable(self._poll_fds(extra), timeout)
         try:
             os.eventfd_read(self.R.efd)
         except BlockingIOError:
@@ -279,7 +287,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         while self._served and time.monotonic() < end:
             if done is not None and done():
                 break
-            rr, _, _ = select.select(self._dom0_fds() + extra, [], [], 0)
+            rr = readable(self._dom0_fds() + extra, 0)
             if any(fd in rr for fd in extra):
                 r = list(r) + rr   # what the caller waits for (e.g. the next request)
                 break
@@ -423,6 +431,9 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         :meth:`emu.machine.Machine.inject`."""
         X, L = self.R.X, self.R.L
         # Validate everything before anything runs.
+        check_timeout("timeout_s", timeout_s)
+        if then is not None and not isinstance(then, dict):
+            raise UsageError("then", f"{then!r}: give a dict")
         if raise_cpu is not None and (isinstance(raise_cpu, bool) or not isinstance(
                 raise_cpu, int) or not 0 <= raise_cpu < self.n):
             raise UsageError("raise_cpu", f"{raise_cpu!r}: give a CPU 0..{self.n - 1}")
@@ -430,6 +441,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             raise UsageError("error", "no error given; give at least one, or raise_cpu=N "
                              "to raise a #MC on CPU N without writing any bank")
         first = self._validated(errors) if errors else []
+        self._check_cpus()
         vias = {e.via for e in first} | ({e.via for e in self._validated(then["errors"])}
                                          if then else set())
         if vias and vias != {"mce"}:
@@ -511,7 +523,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         # Straight to sleep: the signal woke CPUs on this core, and every microsecond
         # of Python here before the coordinator blocks is taken from their handler.
         ring_late_s = self._ring_late_s()
-        ready = select.select(fds, [], [], ring_late_s)[0] if sd is None and not then else None
+        ready = readable(fds, ring_late_s) if sd is None and not then else None
         wait_targets = {c: gen for c in targets}
         shutdown_wave, left = (1 if sd is not None else None), True
         if sd is None and then:
@@ -598,7 +610,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 e["lost"] = self._lost_reason(res, e, recs, lost)
         res["dom0_log_path"] = self.dom0_log_path
         res["dom0"] = {"restarts": self.dom0_restarts, "exits": list(self.dom0_exits),
-                       "refused": self.refused}
+                       "refused": self.refused, "log_failure": self.dom0_failure}
         res["perturbation"] = self._domain_perturbation(perturb, gen=first_gen)
         res["fault"] = self._fault_result(fault, fstate, res, detail, wait_dom0)
         if res["outcome"] == "hang":
@@ -614,11 +626,49 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 res["lost_at_reset"] = boot["lost_at_reset"]
         self._not_awaited = False
         res["hazards"] = self._hazards(res, local or bool(then and then.get("local")))
+        if self.died_between:
+            res["died_between_trials"], self.died_between = self.died_between, []
         res["violations"] = check_trial(res, self.topo)
         if self.sched is not None:
             controlled_record(res, self.cfg, errors, local)
         note_trial(self.log_dir, res)
         return res
+
+    def _check_cpus(self) -> None:
+        """Before an injection: has a CPU died since the last trial? (One waitid
+        when none has; the serve loop usually noticed it already, through its pidfd.)"""
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None:
+            return
+        r = readable(list(self.pidfds.values()), 0)
+        dead = [c for c, fd in self.pidfds.items() if fd in r]
+        if dead:
+            self._cpus_died_between(dead)
+
+    def _cpus_died_between(self, dead: list[int]) -> None:
+        """CPUs died between trials (outside any #MC): warm-reset now, so the next
+        trial runs on a whole machine and is not blamed; the next trial's result
+        reports it under ``died_between_trials`` with the trial it followed."""
+        how = []
+        for c in dead:
+            ent = {"cpu": c, "exit": "unknown"}
+            try:
+                pid, st = os.waitpid(self.cpu_pids[c], os.WNOHANG)
+                if pid:
+                    ent["exit"] = (f"signal {os.WTERMSIG(st)}" if os.WIFSIGNALED(st)
+                                   else f"exit {os.WEXITSTATUS(st)}")
+            except ChildProcessError:
+                pass
+            how.append(ent)
+        after = self.trial_gen
+        boot = self.warm_reset(f"CPUs {dead} died after trial {after}")
+        self.died_between.append({"cpus": dead, "after_trial": after, "exits": how,
+                                  "lost_at_reset": boot["lost_at_reset"],
+                                  "boot_log": boot["boot_log"]})
+        del self.died_between[:-16]
 
     # -- per-trial perturbation and faults (emu.machine.chaos) --------------------------
     def _trial_control(self, gen: int, tseed: tuple, chaos: float, starve: float,
@@ -751,7 +801,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         out = dict(fault)
         kind, exp = fault["kind"], fault["expected"]
         if kind == "kill_cpu":
-            happened = res["outcome"] == "cpu_died" and fault["cpu"] in detail.get("cpus", ())
+            happened = res["outcome"] == "cpu_died" and fault["cpu"] in detail.get("dead_cpus", ())
             held = True if happened else None
         elif kind == "stall_cpu":
             happened = fault["phase"] in res["cpus"][fault["cpu"]]["phases"]
@@ -861,7 +911,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         if ready is not None:
             dead = self._poll(0, ready=ready, done=done)
             if dead:
-                return "cpu_died", {"cpus": dead}
+                return "cpu_died", {"dead_cpus": dead}
         while True:
             if X.load(L.reset_req) != RESET_NONE:
                 raw = b"".join(X.load(L.panic_msg + 8 * j).to_bytes(8, "little") for j in range(8))
@@ -882,7 +932,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 self._ring_late(wait_targets)
             dead = self._poll(0.02 if ring_at is None else max(0.0, ring_at - now), done=done)
             if dead:
-                return "cpu_died", {"cpus": dead}
+                return "cpu_died", {"dead_cpus": dead}
             p = self._progress()
             now = time.monotonic()
             if p != last_progress:
@@ -1020,29 +1070,46 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             # Between requests, keep serving Dom0 (boot records, VIRQs).
             fd = conn.fileno()
             # select, not Connection.poll: that builds a selector per call (5 µs here)
-            while not select.select([fd], [], [], 0)[0]:
-                self._poll(1.0, extra=[fd])
+            watch = [fd] if self.parent_pidfd is None else [fd, self.parent_pidfd]
+            while not readable(watch, 0):
+                dead = self._poll(self._dom0_restart_in(1.0), extra=watch)
+                if dead:
+                    self._cpus_died_between(dead)
+            if self.parent_pidfd is not None and readable([self.parent_pidfd], 0):
+                return    # the front end's process is gone (see coordinator_process)
             try:
                 raw = conn.recv_bytes()
             except (EOFError, OSError):
                 return
+            rid = None   # the request's id, echoed in its reply (Machine._call)
             try:
-                ver, cmd, args = msgpack.unpackb(raw, strict_map_key=False)
+                msg = msgpack.unpackb(raw, strict_map_key=False)
+                if not isinstance(msg, list) or len(msg) not in (3, 4):
+                    raise UsageError("protocol", "a request is [version, command, args, id]")
+                ver, cmd, args = msg[:3]
+                rid = msg[3] if len(msg) == 4 else None
                 if ver != PROTO:
                     raise UsageError("protocol", f"version {ver}, expected {PROTO}")
                 if cmd == "quit":
                     conn.send_bytes(msgpack.packb([True, None]))
                     return
                 reply = self.dispatch(cmd, args)
-                conn.send_bytes(msgpack.packb([True, reply]))
+                out = [True, reply]
             except EmuError as exc:
-                conn.send_bytes(msgpack.packb([False, {"type": type(exc).__name__,
-                                                       "field": getattr(exc, "field", None),
-                                                       "message": str(exc)}]))
+                out = [False, {"type": type(exc).__name__, "field": getattr(exc, "field", None),
+                               "message": str(exc)}]
             except Exception as exc:  # noqa: BLE001 - reported as an internal error
-                conn.send_bytes(msgpack.packb([False, {
-                    "type": "EmulatorInternalError", "field": None,
-                    "message": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}]))
+                out = [False, {"type": "EmulatorInternalError", "field": None,
+                               "message": f"{type(exc).__name__}: {exc}\n"
+                                          f"{traceback.format_exc()}"}]
+            if rid is not None:
+                out.append(rid)
+            try:
+                data = msgpack.packb(out)
+            except (TypeError, ValueError, OverflowError) as exc:
+                data = msgpack.packb([False, {"type": "EmulatorInternalError", "field": None,
+                                              "message": f"reply not packable: {exc}"}, rid])
+            conn.send_bytes(data)
 
     def dispatch(self, cmd: str, args: dict):
         if cmd == "boot":
@@ -1085,14 +1152,40 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         raise UsageError("command", f"unknown command {cmd!r}")
 
 
-def coordinator_process(conn, cfg: MachineConfig, parent_pid: int) -> None:
-    """Body of the coordinator process (never returns)."""
+def _raise_nofile(need: int) -> None:
+    """Raise the soft descriptor limit towards ``need`` (at most the hard limit): a
+    1024-CPU machine holds over 1024 descriptors, a common default soft limit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def coordinator_process(conn, cfg: MachineConfig, parent_pid: int,
+                        watch_parent: bool = False) -> None:
+    """Body of the coordinator process (never returns).
+
+    ``watch_parent``: forked from a thread other than the front end's main thread,
+    whose exit would fire a parent-death signal though the front end lives on; the
+    coordinator then watches a pidfd on the front end's process (readable when the
+    whole process has exited) between requests instead."""
     code = 0
     co = None
     try:
-        set_pdeathsig(parent_pid)
+        ppfd = None
+        if watch_parent:
+            ppfd = os.pidfd_open(parent_pid)
+            if os.getppid() != parent_pid:
+                os._exit(0)
+        else:
+            set_pdeathsig(parent_pid)
         child_signals()
         co = Coordinator(conn, cfg)
+        co.parent_pidfd = ppfd
         co.serve()
     except BaseException:  # noqa: BLE001
         traceback.print_exc()

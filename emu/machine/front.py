@@ -2,20 +2,30 @@
 
 ``Machine`` forks the coordinator process (which forks the CPUs), talks to it over
 one pipe with msgpack, and tears everything down on :meth:`close` — or when this
-process dies, through the parent-death signal every emulator process sets.
+process dies: started from the main thread, through the parent-death signal every
+emulator process sets; started from another thread (whose exit would fire that
+signal), through a pidfd on this process that the coordinator watches instead.
+
+Requests carry an id and replies echo it: a reply to a call that failed after its
+request went out (a timeout, ^C) is recognised and dropped by the next call, so
+requests and replies never get out of step. Every argument is checked here first
+(:mod:`emu.machine.checks`), before anything is sent.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-import select
 import signal
+import threading
 import time
 
 import msgpack
 import multiprocess
 
 from emu.errors import EmulatorInternalError, Finding, UsageError
+from emu.machine import checks
 from emu.machine.config import MachineConfig
+from emu.machine.procs import readable
 
 _ERRORS = {"UsageError": UsageError, "EmulatorInternalError": EmulatorInternalError}
 
@@ -28,34 +38,90 @@ class Machine:
     """
 
     def __init__(self, config: MachineConfig | None = None, **kw):
-        self.config = (config or MachineConfig(**kw)).validate()
+        if config is not None and not isinstance(config, MachineConfig):
+            raise UsageError("config", f"{type(config).__name__}: give a MachineConfig or "
+                             "keyword options")
+        if config is None:
+            try:
+                config = MachineConfig(**kw)
+            except TypeError as exc:
+                raise UsageError("machine", f"{exc}; see MachineConfig for the options") \
+                    from None
+        elif kw:
+            raise UsageError("machine", "give a MachineConfig or keyword options, not both")
+        self.config = config.validate()
+        from emu.hw.topology import Topology
+        self._topo = Topology(self.config)
         self.pid = None
         self._conn = None
+        self._logdir = None
+        self._seq = 0
+        self._broken: str | None = None
+        self._seen: set = set()          # error lists already validated (checks.py)
         self.boot_info = None
+        self.log_dir: str | None = None
         self.sched_k: int | None = None   # controlled: PCT's k, from the first run
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Machine":
         from emu.machine.coordinator import coordinator_process
-        ours, theirs = multiprocess.Pipe(duplex=True)
+        from emu.machine.logdir import claim, close_others
+        if self.pid is not None:
+            raise UsageError("machine", "already started")
+        from emu.hw.topology import Topology
+        self._topo = Topology(self.config.validate())   # changed since __init__?
+        self._seen = set()
+        self._logdir = claim(self.config.extra.get("log_dir"))
+        self.log_dir = self._logdir.path
+        cfg = dataclasses.replace(self.config, extra=dict(self.config.extra,
+                                                          log_dir=self._logdir.path))
+        # A parent-death signal follows the forking *thread*: from any other thread
+        # than the main one, the coordinator watches this process instead.
+        watch = threading.current_thread() is not threading.main_thread()
+        try:
+            ours, theirs = multiprocess.Pipe(duplex=True)
+        except OSError:
+            self._release()
+            raise
         me = os.getpid()
         pid = os.fork()
         if pid == 0:
             ours.close()
-            coordinator_process(theirs, self.config, me)
+            close_others(self._logdir.fd)
+            coordinator_process(theirs, cfg, me, watch_parent=watch)
         theirs.close()
         self.pid, self._conn = pid, ours
-        self.boot_info = self._call("boot", {})
+        self._seq, self._broken = 0, None
+        try:
+            self.boot_info = self._call("boot", {})
+        except BaseException:
+            self.close()   # a failed boot leaves nothing running
+            raise
         return self
+
+    def _release(self) -> None:
+        if self._logdir is not None:
+            self._logdir.release()
+            self._logdir = None
 
     def close(self) -> None:
         if self.pid is None:
+            self._release()
             return
+        if self._broken:   # the pipe is out of step: nothing said on it can be trusted
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
-            self._conn.send_bytes(msgpack.packb([1, "quit", {}]))
-            if self._conn.poll(10):
-                self._conn.recv_bytes()
-        except (OSError, EOFError):
+            if not self._broken:
+                self._conn.send_bytes(msgpack.packb([1, "quit", {}]))
+                deadline = time.monotonic() + 10
+                while readable([self._conn.fileno()], max(0.0, deadline - time.monotonic())):
+                    msg = msgpack.unpackb(self._conn.recv_bytes(), strict_map_key=False)
+                    if len(msg) < 3:   # quit's reply has no id; older replies do
+                        break
+        except (OSError, EOFError, ValueError, msgpack.UnpackException):
             pass
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -68,6 +134,7 @@ class Machine:
             os.waitpid(self.pid, 0)
         self._conn.close()
         self.pid = None
+        self._release()
 
     def __enter__(self) -> "Machine":
         return self.start()
@@ -79,12 +146,43 @@ class Machine:
     def _call(self, cmd: str, args: dict, timeout: float = 120.0):
         if self.pid is None:
             raise UsageError("machine", "not started; use `with Machine(...) as m:` or m.start()")
+        if self._broken:
+            raise EmulatorInternalError(f"this Machine is unusable ({self._broken}); close it "
+                                        "and start a new one")
+        self._seq += 1
+        rid = self._seq
         try:
-            self._conn.send_bytes(msgpack.packb([1, cmd, args]))
-            # select, not Connection.poll: that builds a selector per call
-            if not select.select([self._conn.fileno()], [], [], timeout)[0]:
-                raise EmulatorInternalError(f"coordinator did not answer {cmd!r} in {timeout} s")
-            ok, payload = msgpack.unpackb(self._conn.recv_bytes(), strict_map_key=False)
+            data = msgpack.packb([1, cmd, args, rid])
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UsageError(cmd, f"an argument cannot be sent ({exc}); give numbers of at "
+                             "most 64 bits, strings, lists and dicts") from None
+        fd = self._conn.fileno()
+        try:
+            try:
+                self._conn.send_bytes(data)
+            except BaseException as exc:
+                if not isinstance(exc, (OSError, EOFError)):
+                    self._broken = f"{type(exc).__name__} while sending {cmd!r}"
+                raise
+            deadline = time.monotonic() + timeout
+            while True:
+                # select/poll, not Connection.poll: that builds a selector per call
+                left = deadline - time.monotonic()
+                if left <= 0 or not readable([fd], left):
+                    # its reply, if it comes, is dropped by the next call (by its id)
+                    raise EmulatorInternalError(f"coordinator did not answer {cmd!r} in "
+                                                f"{timeout} s")
+                try:
+                    raw = self._conn.recv_bytes()
+                except BaseException as exc:
+                    if not isinstance(exc, (OSError, EOFError)):
+                        self._broken = f"{type(exc).__name__} while reading a reply"
+                    raise
+                msg = msgpack.unpackb(raw, strict_map_key=False)
+                if len(msg) == 3 and msg[2] == rid:
+                    ok, payload = msg[0], msg[1]
+                    break
+                # a stale reply: to a call that timed out or was interrupted
         except (EOFError, OSError) as exc:
             raise EmulatorInternalError(f"coordinator is gone ({exc})") from None
         if ok:
@@ -132,19 +230,26 @@ class Machine:
         * ``wait_dom0=False``: return once Xen's part and the guests are done, without
           waiting for Dom0 to log the records (their ``dom0_log`` shows
           ``pending``); see :meth:`dom0_drain` and :meth:`dom0_log_counts`.
+
+        Every argument is checked before anything is sent (UsageError, field named).
         """
-        if isinstance(errors, (str, dict)):
-            errors = [errors]
+        errors = checks.error_list("errors", errors)
         if via is not None:
+            if not isinstance(via, str):
+                raise UsageError("via", f"{via!r}: give mce, cmci or poll")
             errors = [dict(e, via=e.get("via", via)) if isinstance(e, dict) else
                       e if "via=" in str(e).lower() else f"{e} via={via}" for e in errors]
-        if then and isinstance(then.get("errors"), (str, dict)):
-            then = dict(then, errors=[then["errors"]])
+        errors, local, timeout_s, then = checks.check_inject(
+            errors, local, timeout_s, then, self._topo.ncpus, self._topo.nbanks,
+            self.config.domids, self._seen, allow_empty=raise_cpu is not None,
+            ser=self.config.ser)
+        checks.check_per_trial(seed, chaos, starve, fault, raise_cpu, wait_dom0,
+                               self._topo.ncpus)
         spec = None
         if self.config.sched == "controlled" or schedule is not None:
             from emu.machine.sched import resolve
             spec = resolve(self.config, schedule, schedule_seed, self.sched_k, errors, local)
-        args = {"errors": list(errors), "local": local, "timeout_s": timeout_s, "then": then,
+        args = {"errors": errors, "local": local, "timeout_s": timeout_s, "then": then,
                 "schedule": spec}
         # Only what was given travels (the default trial costs no more than before).
         for k, v in (("seed", seed), ("chaos", chaos), ("starve", starve), ("fault", fault),
@@ -175,6 +280,7 @@ class Machine:
     def poll(self, timeout_s: float | None = None) -> dict:
         """One round of Xen's polling timer now (``mce_checkregs`` on every online CPU,
         from CPU 0's timer); the result lists what it logged (``logouts``)."""
+        checks.check_timeout("timeout_s", timeout_s)
         return self._call("poll", {"timeout_s": timeout_s})
 
     def cpu_offline(self, cpu: int, errors=None) -> dict:
@@ -182,9 +288,10 @@ class Machine:
         ``errors`` reported by silicon meanwhile (nobody owns those banks), then
         CPU_DEAD (every online CPU rediscovers and logs what its new banks hold).
         The result has ``ownership_before``, ``ownership``, ``log`` and ``errors``."""
-        if isinstance(errors, (str, dict)):
-            errors = [errors]
-        return self._call("cpu_offline", {"cpu": cpu, "errors": list(errors or [])})
+        if isinstance(cpu, bool) or not isinstance(cpu, int):
+            raise UsageError("cpu", f"{cpu!r}: give a CPU number")
+        errors = checks.error_list("errors", errors) if errors is not None else []
+        return self._call("cpu_offline", {"cpu": cpu, "errors": errors})
 
     def cpu_online(self, cpu: int) -> dict:
         """Bring ``cpu`` back: it runs mcheck_init again (post-reset logout, CMCI
@@ -228,6 +335,7 @@ class Machine:
     def dom0_drain(self, timeout_s: float = 10.0) -> dict:
         """Wait (at most ``timeout_s``) until Dom0 has logged and acked everything
         Xen committed; the status, with ``drained`` true if it did."""
+        checks.check_timeout("timeout_s", timeout_s, optional=False)
         return self._call("dom0", {"op": "drain", "timeout_s": timeout_s},
                           timeout=timeout_s + 120.0)
 
@@ -255,6 +363,10 @@ class Machine:
         ``op="rdmsr", vcpu=, msr=`` / ``op="wrmsr", vcpu=, msr=, value=`` (a #GP comes
         back as ``{"ok": False, "gp": {...}}``) / ``op="call", cmd=, args=`` (a raw
         hypercall, e.g. a privileged one a guest may not make)."""
+        if isinstance(domid, bool) or not isinstance(domid, int):
+            raise UsageError("domid", f"{domid!r}: give a guest's domain id (an integer)")
+        if not isinstance(op, str):
+            raise UsageError("op", f"{op!r}: give rdmsr, wrmsr or call")
         return self._call("probe", dict(kw, domid=domid, op=op))
 
     def domains(self) -> list[dict]:

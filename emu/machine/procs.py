@@ -7,7 +7,9 @@ that forked it (DESIGN.md §2): a SIGKILLed front end or coordinator leaves noth
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import select
 import signal
 
 PR_SET_PDEATHSIG = 1
@@ -67,3 +69,22 @@ def pin_to_host_core(cpu: int, shift: int = 0) -> None:
     """
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[(cpu + shift) % len(cores)]})
+
+
+FD_SETSIZE = 1024
+
+
+def readable(fds, timeout: float | None) -> list[int]:
+    """The descriptors of ``fds`` that are readable (or hung up), waiting at most
+    ``timeout`` seconds (None: forever). ``select`` while every descriptor is below
+    FD_SETSIZE (it takes a sub-millisecond timeout: the late doorbell ring waits
+    0.5 ms), ``poll`` otherwise: ``select`` cannot take descriptors above 1023, and a
+    machine of 1024 CPUs holds a pidfd per CPU."""
+    fds = list(fds)
+    if not fds or max(fds) < FD_SETSIZE:
+        return select.select(fds, [], [], timeout)[0]
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN | select.POLLPRI)
+    ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+    return [fd for fd, _ev in p.poll(ms)]

@@ -43,6 +43,9 @@ def parse_number(field: str, text) -> int:
         v = text
     else:
         t = str(text).strip().replace("_", "")
+        if not t.isascii():   # int() takes any Unicode digit ("٠"): not a register value
+            raise UsageError(field, f"{text!r} is not a number; write hex as 0x... or "
+                             "decimal, in ASCII digits")
         try:
             v = int(t, 16) if t.lower().startswith("0x") else int(t, 10)
         except ValueError:
