@@ -1,4 +1,4 @@
-"""Command line: ``emu run|log|bench`` (also ``python -m emu``)."""
+"""Command line: ``emu run|trace|log|bench|stress|replay|merge`` (also ``python -m emu``)."""
 from __future__ import annotations
 
 import argparse
@@ -153,6 +153,95 @@ def _run_args(r) -> None:
                    help="trace the trial and tell it in a few lines")
 
 
+def _machine_dict(a) -> dict:
+    """MachineConfig fields from the machine options (the campaign's chaos is per trial)."""
+    extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) else {}
+    return {"topology": a.topology, "nbanks": a.banks, "bank_scopes": a.bank_scopes,
+            "handler": a.handler, "seed": a.seed, "watchdog_s": a.watchdog,
+            "ser": not a.no_ser, "pin_cpus": not a.no_pin, "guests": a.guests,
+            "memory_pages": a.memory_pages, "guest_vcpus": a.guest_vcpus,
+            "vmce_policy": a.vmce_policy, "idle_poll_us": a.idle_poll_us, "extra": extra}
+
+
+def _campaign_args(p) -> None:
+    """Options a campaign and a replay share (what rebuilds a trial)."""
+    _machine_args(p)
+    p.add_argument("--scenario", default="all", help="FAMILY[:WEIGHT],... (default all: the "
+                   "nine families; also no_bank)")
+    p.add_argument("--starve", type=float, help="probability per trial of starving one "
+                   "seeded victim process (default: the machine's, 0.05 with chaos)")
+    p.add_argument("--faults", default="", help="fault kinds drawn per trial: kill_cpu, "
+                   "stall_cpu, kill_dom0, pause_dom0 or all (default none)")
+    p.add_argument("--fault-rate", type=float, default=0.1,
+                   help="probability per trial of a fault (default 0.1)")
+    p.add_argument("--fail-on", default="violation", choices=None,
+                   help="violation (default) or hazard: hazards exit 1 too")
+    p.add_argument("--hazard-c", type=float, default=0.0,
+                   help="probability that an lmce trial is hazard C's LMCE (a hang)")
+    p.add_argument("--test-violate", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--log-dir", help="run directory for Dom0's log")
+
+
+def _options(a, **kw):
+    from emu.campaign.stress import Options
+    hooks = {}
+    if a.test_violate:
+        try:
+            s, i = (int(x) for x in a.test_violate.split(":"))
+        except ValueError:
+            raise UsageError("test-violate", f"{a.test_violate!r}: write S:I") from None
+        hooks["violate_trial"] = [s, i]
+    return Options(seed=a.seed, scenario=a.scenario, chaos=a.chaos, starve=a.starve,
+                   faults=a.faults, fault_rate=a.fault_rate, fail_on=a.fail_on,
+                   hazard_c=a.hazard_c, json=a.json, hooks=hooks, machine=_machine_dict(a),
+                   **kw).validate()
+
+
+def cmd_stress(a) -> int:
+    from emu.campaign.stress import Campaign
+    db = False if a.no_db else a.db
+    o = _options(a, trials=a.trials, duration=a.duration, stop_on_first=a.stop_on_first,
+                 jobs=a.jobs, shard=a.shard or (0, 1), dask=a.dask, block=a.block, out=a.out,
+                 db=db, progress=False if a.no_progress else None)
+    return Campaign(o).run()["exit_code"]
+
+
+def cmd_replay(a) -> int:
+    from emu.campaign.replay import replay
+    o = _options(a, db=False, progress=False)
+    r = replay(o, a.seed, a.trial, a.family, a.repeat)
+    if a.json:
+        print(json.dumps({k: v for k, v in r.items() if k != "records"}, sort_keys=True))
+    else:
+        print(f"trial {r['trial']} of seed {r['seed']} ({r['family']}): "
+              f"{r['reproduced']}/{r['repeat']} repeats reproduced a finding")
+        print("  specs: " + "; ".join(r["specs"]["errors"]) if r["specs"]["errors"]
+              else f"  specs: (none; raise_cpu {r['specs'].get('raise_cpu')})")
+        print("  outcomes: " + ", ".join(f"{k} {v}" for k, v in r["outcomes"].items()))
+        for k, v in r["findings"].items():
+            first = next(f for x in r["records"] for f in x["findings"]
+                         if (f["kind"] if f["kind"] == "violation" else f"hazard {f['id']}")
+                         == k)
+            print(f"  {k}: in {v}/{r['repeat']} repeats: {first['text'][:200]}")
+    return 1 if r["reproduced"] else 0
+
+
+def cmd_merge(a) -> int:
+    from emu.campaign.coverage import table
+    from emu.campaign.shards import merge
+    if a.out:
+        _check_writable(a.out, "out")
+    s = merge(a.files)
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            f.write(json.dumps(s, sort_keys=True) + "\n")
+    print(table(s), file=sys.stderr)
+    if a.json:
+        print(json.dumps(s, sort_keys=True))
+    return 1 if s["violations"] else 0
+
+
 def main(argv=None) -> int:
     p = _Parser(prog="emu", description="Concurrency-faithful emulator of Xen's x86 MCA handling")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -197,8 +286,40 @@ def main(argv=None) -> int:
                    help="compare two --out files: ratio, bootstrap interval, verdict")
     b.add_argument("--min-change", type=float, default=0.02,
                    help="--compare: smallest change called faster/slower (default 0.02)")
+    st = sub.add_parser("stress", help="a seeded campaign: many trials, checked by the "
+                        "oracle and the expected-outcome model; replay lines for findings")
+    _campaign_args(st)
+    st.add_argument("--trials", type=int, help="trial indices 0..N-1 (default 100 without "
+                    "--duration)")
+    st.add_argument("--duration", help="run for this long, e.g. 30s, 2m")
+    st.add_argument("--stop-on-first", action="store_true", help="stop at the first failure")
+    st.add_argument("--jobs", type=int, default=1, help="workers, each with its own machine")
+    st.add_argument("--shard", help="i/N: run trial indices i, i+N, ... only")
+    st.add_argument("--dask", help="local or tcp://host:port: Dask workers, one machine each")
+    st.add_argument("--block", type=int, default=50, help="trial indices per Dask task")
+    st.add_argument("--out", help="JSON Lines: one emu.stress.trial/1 per trial, then the "
+                    "emu.stress.summary/1")
+    st.add_argument("--db", help="failure database (default $TMPDIR/emu-runs/"
+                    "stress-failures.jsonl); its failures are replayed first")
+    st.add_argument("--no-db", action="store_true", help="no failure database")
+    st.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rp = sub.add_parser("replay", help="rebuild trial I of seed S and run it --repeat times")
+    _campaign_args(rp)
+    rp.add_argument("--trial", type=int, required=True, help="the trial index")
+    rp.add_argument("--family", help="the family the campaign drew (checked)")
+    rp.add_argument("--repeat", type=int, default=20, help="repeats (default 20)")
+    mg = sub.add_parser("merge", help="one summary from several emu stress --out files")
+    mg.add_argument("files", nargs="+", help="--out files of emu stress (e.g. shards)")
+    mg.add_argument("--json", action="store_true", help="print the summary as JSON")
+    mg.add_argument("--out", help="write the merged summary to this file")
     try:
         a = p.parse_args(argv)
+        if a.cmd == "stress":
+            return cmd_stress(a)
+        if a.cmd == "replay":
+            return cmd_replay(a)
+        if a.cmd == "merge":
+            return cmd_merge(a)
         if a.cmd == "run":
             return cmd_run(a)
         if a.cmd == "trace":
