@@ -744,7 +744,6 @@ class Campaign:
     # -- the whole campaign ------------------------------------------------------------------
     def run(self) -> dict:
         import signal
-        import sys
         o = self.o
         t0 = time.monotonic()
         deadline = t0 + o.duration if o.duration else None
@@ -794,7 +793,14 @@ class Campaign:
                               warm_resets=self.warm_resets, interrupted=interrupted,
                               db=o.db or None)
         if error is not None:
+            from emu.errors import EmuError
             summ["error"] = f"{type(error).__name__}: {error}"
+            self.code = error.exit_code if isinstance(error, EmuError) else 3
+        elif interrupted:
+            self.code = 130
+        elif o.fail_on == "hazard" and self.s.hazards():
+            self.code = 1
+        summ["exit_code"] = self.code
         if self.out:
             self.out.write(json.dumps(summ, sort_keys=True) + "\n")
             self.out.close()
@@ -804,17 +810,6 @@ class Campaign:
             print(f"emu: error: {summ['error']}", file=self.stderr, flush=True)
         if o.json:
             print(json.dumps(summ, sort_keys=True), file=self.stdout, flush=True)
-        if error is not None:
-            from emu.errors import EmuError
-            self.code = error.exit_code if isinstance(error, EmuError) else 3
-            if isinstance(error, UsageError):
-                self.code = 2
-        elif interrupted:
-            self.code = 130
-        elif o.fail_on == "hazard" and self.s.hazards():
-            self.code = 1
-        summ["exit_code"] = self.code
-        _ = sys
         return summ
 
 
