@@ -32,6 +32,14 @@ def _machine_args(p):
     p.add_argument("--guest-vcpus", type=int, default=2, help="vCPUs per guest (default 2)")
     p.add_argument("--vmce-policy", default="owner",
                    help="owner: vMCE to the impacted domain (default); dom0: to Dom0 only")
+    p.add_argument("--no-cmci", action="store_true", help="clear MCG_CAP.CMCI_P")
+    p.add_argument("--cmci-banks", default="all",
+                   help="banks that can signal CMCI: all, none or BANK[-BANK],... (default all)")
+    p.add_argument("--cmci-threshold", type=int, default=2,
+                   help="Xen's cmci-threshold boot option (default 2)")
+    p.add_argument("--poll-period", type=float, default=0.0,
+                   help="start Xen's polling timer with this first period in seconds "
+                        "(adapts between a quarter and twice it; default 0: no timer)")
     p.add_argument("--idle-poll-us", type=int, default=1000,
                    help="the most an idle CPU polls before sleeping; the window adapts "
                         "to how soon machine checks come (default 1000; 0: sleep at once)")
@@ -45,6 +53,8 @@ def _config(a):
                          ser=not a.no_ser, pin_cpus=not a.no_pin, guests=a.guests,
                          memory_pages=a.memory_pages, guest_vcpus=a.guest_vcpus,
                          vmce_policy=a.vmce_policy, idle_poll_us=a.idle_poll_us,
+                         cmci=not a.no_cmci, cmci_banks=a.cmci_banks,
+                         cmci_threshold=a.cmci_threshold, poll_period_s=a.poll_period,
                          extra=extra).validate()
 
 
@@ -52,6 +62,13 @@ def _print_trial(res: dict, out) -> None:
     print(f"outcome: {res['outcome']}   resets: {res['resets']}   trial {res['trial']} "
           f"({res['handler']}, {res['topology']})", file=out)
     for e in res["errors"]:
+        if e.get("via", "mce") != "mce":
+            ci = e["cmci"]
+            raised = f"raised on CPUs {ci['cpus']}" if ci["raised"] else "not raised"
+            print(f"  cpu{e['cpu']} bank{e['bank']} {e['status']} {e['class']} via {e['via']}: "
+                  f"CMCI {raised} ({ci['why']}); bank owner {e['cmci_owner']}; "
+                  f"{e['terminal']}", file=out)
+            continue
         line = (f"  cpu{e['cpu']} bank{e['bank']} {e['status']} {e['class']}: owners {e['owners']}"
                 f"{' cleared' if e['cleared'] else ' not cleared'}, action {e['action']}")
         if "page_offline" in e:
@@ -71,6 +88,8 @@ def _print_trial(res: dict, out) -> None:
             print(f"    no Dom0 record: {e['lost']}", file=out)
     if res.get("panic"):
         print(f"  panic: {res['panic']}", file=out)
+    for h in res.get("hazards", []):
+        print(f"  HAZARD {h['kind']}: {h['detail']}", file=out)
     for b in res["boot_log"]:
         print(f"  boot-time logout: cpu{b['cpu']} bank{b['bank']} {b['status']}", file=out)
     for d in res.get("domains", []):
@@ -105,7 +124,11 @@ def cmd_run(a) -> int:
     from emu.hw.topology import Topology
     topo = Topology(cfg)
     errors = a.error or DEMO
-    validate_errors(errors, topo.ncpus, topo.nbanks, cfg.domids)   # nothing runs on bad input
+    validate_errors(errors, topo.ncpus, topo.nbanks, cfg.domids, cfg.ser)   # before anything runs
+    for c in a.offline or []:
+        if not 1 <= c < topo.ncpus:
+            raise UsageError("offline", f"CPU {c}: give 1..{topo.ncpus - 1} (CPU 0, the boot "
+                             "CPU, cannot go offline)")
     tracing = bool(a.trace or a.trace_png or a.explain)
     for path, field in ((a.trace, "trace"), (a.trace_png, "trace-png")):
         if path:
@@ -117,8 +140,11 @@ def cmd_run(a) -> int:
     if tracing:
         cfg = dataclasses.replace(cfg, trace=True)
     with Machine(cfg) as m:
+        offline = [m.cpu_offline(c) for c in dict.fromkeys(a.offline or [])]
         res = m.inject(errors, local=a.local)
         tr = m.trace() if tracing else None
+    if offline:
+        res["offline"] = offline
     if tr is not None:
         from emu.formats import trace as T
         if a.trace:
@@ -143,8 +169,11 @@ def cmd_run(a) -> int:
 
 
 def _run_args(r) -> None:
-    r.add_argument("--error", action="append", help='"cpu=N bank=N status=0x.. [addr= misc= mcg=]"')
+    r.add_argument("--error", action="append",
+                   help='"cpu=N bank=N status=0x.. [addr= misc= mcg= via=mce|cmci|poll]"')
     r.add_argument("--local", action="store_true", help="deliver as LMCE to the first error's CPU")
+    r.add_argument("--offline", type=int, action="append",
+                   help="take this CPU offline (Xen's cpu_down) before injecting; repeatable")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument("--log-dir", help="run directory for Dom0's log (default: a new one under "
                    "$TMPDIR/emu-runs)")

@@ -287,7 +287,11 @@ def test_default_raise_mode_and_overrides():
     assert (ce.mode, uc.mode, ce_x.mode, uc_p.mode) == ("poll", "exception", "exception", "poll")
     inj = mi.plan([uc_p])[0]
     assert not inj.broadcast and inj.targets == (0,)    # a poll trigger forces NOBROADCAST
-    assert inj.refusal[0] == "<stdin>:4" and "EXCP" in inj.refusal[1]
+    # UNCORRECTED without S is a UCNA: the poller logs it (via=poll)
+    assert inj.refusal is None and inj.emu_local is False and inj.specs[0].endswith("via=poll")
+    (fatal,) = mi.parse("CPU 0 STATUS UNCORRECTED PCC POLL")
+    inj = mi.plan([fatal])[0]
+    assert inj.refusal[0] == "<stdin>:1" and "EXCP" in inj.refusal[1]
 
 
 def test_hold_joins_the_next_trigger():
@@ -464,7 +468,8 @@ def test_lmce_cmci_dump_help():
     assert lm.emu_local is True and lm.spec.endswith("mcg=0xd") and lm.expected.path == "LMCE"
     assert lm.hypercalls[-1].startswith("XEN_MC_inject_v2 flags=TYPE_LMCE")
     cm = xm.parse(["-t", "2"])
-    assert cm.delivery == "cmci" and cm.refusal[0] == "-t" and cm.emu_local is None
+    assert cm.delivery == "cmci" and cm.refusal is None and cm.emu_local is False
+    assert cm.spec.endswith("via=cmci")
     assert cm.hypercalls[-1] == "XEN_MC_inject_v2 flags=TYPE_CMCI|CPU_BROADCAST"
     d = xm.parse(["-Dc", "2", "-d", "0", "-p", "0x3000"])
     assert (d.action, d.cpu, d.spec, d.output[-1]) == ("dump", 2, None, "Dom0: gaddr=0x3000")

@@ -312,3 +312,19 @@ def test_a_cpu_that_sleeps_through_its_signal_is_rung_late(emu_machine):
         assert 1 in r["rung_late"], r["rung_late"]
         assert r["cpus"][1]["t_us"]["entered"] >= 500, r["cpus"][1]["t_us"]
         assert all(c["t_us"]["handler_exit"] is not None for c in r["cpus"])
+
+
+def test_errors_merged_into_one_bank_are_judged_by_what_the_handler_found(emu_machine):
+    """A CE then an SRAO in one package bank: the overwrite rules leave the SRAO (with
+    OVER), which is clearable, so both errors report one owner and no violation."""
+    from emu.hw.topology import Topology
+    from emu.trial import model
+    specs = ["cpu=0 bank=8 status=0x9000000000000000",
+             "cpu=1 bank=8 status=0xBD000000004000CF addr=0x181000 misc=0x86 mcg=0x5"]
+    m = emu_machine(topology="1x2x2")
+    r = m.inject(specs)
+    assert r["violations"] == []
+    assert [e["clearable"] for e in r["errors"]] == [True, True]
+    assert len(r["errors"][0]["owners"]) == 1
+    exp = model.expected(specs, Topology(m.config), owners=model.owners_of(r))
+    assert model.compare(exp, r) == []

@@ -181,6 +181,8 @@ def log_line(fetched: dict, cpuid: int = DEFAULT_CPUID, now: float | None = None
         bank, status, addr, misc, domid = (list(b) + [0] * 5)[:5]
         banks.append({"bank": bank, "status": hexs(status), "addr": hexs(addr),
                       "misc": hexs(misc), "domid": domid, "flags": status_flags(status)})
+        if len(b) >= 7:   # a CMCI record's mc_ctrl2 and mc_tsc
+            banks[-1].update(ctrl2=hexs(b[5]), tsc=b[6])
     recovery = []
     for r in rec.get("r") or []:
         if isinstance(r, (list, tuple)) and len(r) == 5:

@@ -72,16 +72,16 @@ Exception: M Bank B: S``               (``0x...``, or a value the same read as h
                                        §10.2 D): :func:`to_specs` refuses it
 ``NMIBROADCAST``                       accepted: the tool's default kick, a no-op there
 ``EXCP``                               modelled: #MC delivery
-``POLL`` (and the no-UC default)       described (``Injection.mode == "poll"``); emu has
-                                       no poller, so :func:`to_specs` refuses it
+``POLL`` (and the no-UC default)       modelled: ``via=poll`` (Xen's poller runs a round
+                                       at once and logs it); a status silicon signals by
+                                       #MC (fatal, SRAO, SRAR) is refused: add EXCP
 ``IRQBROADCAST``                       refused: an IRQ kick that CPUs with interrupts off
                                        take late; emu raises every target at once
 ``IN_IRQ``, ``IN_PROC``                refused: the Linux context the record is raised
                                        from; emu's #MC hits what the CPU is running
 ``CMCI``                               refused: not an mce-inject keyword (the tool has
-                                       POLL and EXCP), and emu models no CMCI; use
-                                       :mod:`emu.formats.xen_mceinj` ``-t 2`` to describe
-                                       Xen's CMCI path
+                                       POLL and EXCP); write the spec with ``via=cmci``, or
+                                       use :mod:`emu.formats.xen_mceinj` ``-t 2``
 =====================================  =====================================================
 
 Also refused, each with FILE:LINE: unknown keywords (with a close match when there
@@ -110,6 +110,7 @@ from typing import NamedTuple
 
 from emu.errors import UsageError
 from emu.hw import msr
+from emu.xen import severity as sev
 
 __all__ = [
     "Record", "Injection", "STATUS_WORDS", "MCGSTATUS_WORDS", "REFUSED",
@@ -150,9 +151,9 @@ REFUSED: dict[str, str] = {
     "IRQBROADCAST": "IRQBROADCAST makes mce-inject kick the other CPUs with an IRQ, which a "
                     "CPU with interrupts off takes late; emu raises every target CPU at once "
                     "(what NMIBROADCAST, the default, approximates): remove IRQBROADCAST",
-    "CMCI": "CMCI is not an mce-inject keyword (the tool raises by POLL or EXCP) and emu "
-            "models no CMCI delivery: use EXCP for a #MC, or describe Xen's CMCI path with "
-            "xen-mceinj -t 2 (emu.formats.xen_mceinj)",
+    "CMCI": "CMCI is not an mce-inject keyword (the tool raises by POLL or EXCP): use EXCP "
+            "for a #MC or POLL for the poller, or give emu the spec with via=cmci (or "
+            "xen-mceinj -t 2, emu.formats.xen_mceinj)",
 }
 _PANIC_WORDS = ("MACHINE", "CHECK", "EXCEPTION")
 _FIELDS = ("BANK", "STATUS", "MCGSTATUS", "ADDR", "MISC", "RIP", "TSC", "TIME", "SOCKETID",
@@ -709,19 +710,28 @@ def _injection(index: int, trigger: Record, held: dict[int, Record], replaced: l
             notes.append(f"{trigger.where_of('MCGSTATUS')}: LMCES with a broadcast: every "
                          f"CPU takes the #MC but CPU {trigger.cpu}'s handler sees LMCE_S and "
                          "skips the rendezvous (add NOBROADCAST for a real LMCE)")
-    specs = tuple(to_spec(r) for r in records if r.status & msr.MCi_STATUS_VAL)
+    via = " via=poll" if mode == "poll" else ""
+    specs = tuple(to_spec(r) + via for r in records if r.status & msr.MCi_STATUS_VAL)
     targets = None if broadcast else tuple(r.cpu for r in records)
     every_cpu = ncpus is not None and targets is not None and set(targets) == set(range(ncpus))
 
     refusal = None
     emu_local: bool | None = None
     polled = [r for r in records if r.mode == "poll"]
-    if mode == "poll":
+    by_mc = [r for r in records if r.status & msr.MCi_STATUS_VAL and sev.intel_check_mce_type(
+        r.status, True) not in (sev.CORRECTED, sev.UCNA)]
+    if mode == "poll" and by_mc:
         why = ("POLL" if trigger.raise_mode == "poll" else
                f"no UC in its STATUS {trigger.status:#x}")
-        refusal = (trigger.where, f"the trigger (CPU {trigger.cpu}) is raised by the poller "
-                   f"({why}); emu models only #MC delivery, not a poller: add EXCP to raise it "
+        refusal = (by_mc[0].where, f"the trigger (CPU {trigger.cpu}) is raised by the poller "
+                   f"({why}), but STATUS {by_mc[0].status:#x} is one silicon signals by #MC "
+                   "(only corrected and UCNA errors wait for the poller): add EXCP to raise it "
                    "as a #MC")
+    elif mode == "poll" and specs:
+        emu_local = False     # via=poll: Xen's poller, a round at once
+    elif mode == "poll":
+        refusal = (trigger.where, "no record of this injection has VAL in its STATUS: the "
+                   "poller finds nothing (add VAL, e.g. STATUS CORRECTED ...)")
     elif polled:
         r = polled[0]
         refusal = (r.where, f"the HOLD record for CPU {r.cpu} is raised by the poller (no UC, "
@@ -790,7 +800,8 @@ def to_specs(records, *, ncpus: int | None = None) -> list[list[str]]:
     """The emu spec strings of each injection (:func:`plan`), in order.
 
     Raises :class:`UsageError` (FILE:LINE, why, the fix) for the first injection emu
-    cannot run as written: poll delivery, a partial NOBROADCAST #MC, an LMCE with
+    cannot run as written: a poll of an error silicon signals by #MC, a poll record held
+    for a #MC trigger, a partial NOBROADCAST #MC, an LMCE with
     records for several CPUs, no record with VAL. Use :func:`plan` for the delivery
     (``Injection.emu_local``) and the notes.
     """

@@ -29,8 +29,12 @@ missing or malformed values (where the tool would ignore trailing characters of
 DOMID_XEN, ``--cpu``/``--domain``/``--page`` (declared without an argument, so the
 tool crashes on them), ``--type`` (not declared), stray arguments (ignored by the tool).
 
-Not modelled, and said so in :attr:`Plan.refusal` or :attr:`Plan.notes`: CMCI (emu's
-handler has only the #MC path, so the UCNA type cannot run), MSR interposition (the
+The CMCI type (2) runs as ``via=cmci``: silicon reports the UCNA and raises the CMCI
+on the CPUs sharing the bank; the owner logs it (xen-mceinj's software CMCI to every
+CPU reaches the same handler; the CPUs that own nothing scan nothing).
+
+Not modelled, and said so in :attr:`Plan.refusal` or :attr:`Plan.notes`: MSR
+interposition (the
 tool's values are seen only by the target CPU, which reads them through
 ``mca_rdmsr``; emu writes the bank itself, so siblings sharing it see it too - make
 the bank thread-scoped to keep it private), the 2010 tool's own GPA→MFN translation
@@ -536,18 +540,18 @@ def parse(argv, *, numbering: str = "current", ncpus: int | None = None,
                      "with local=False")
     spec = (f"cpu={cpu} bank={error.bank} status={msr.hexs(error.status)} "
             f"addr={msr.hexs(addr)} misc={msr.hexs(error.misc)} mcg={mcg:#x}"
-            + (f" domain={domain}" if domain is not None else ""))
+            + (f" domain={domain}" if domain is not None else "")
+            + (" via=cmci" if delivery == "cmci" else ""))
     emu_local: bool | None = delivery == "lmce"
     refusal = None
     if action == "dump":
         spec, emu_local = None, None
         refusal = ("-D", "-D only prints the address: xen-mceinj injects nothing")
     elif delivery == "cmci":
-        emu_local = None
-        refusal = ("-t", f"type {type_} ({error.description}) is delivered by CMCI "
-                   "(XEN_MC_inject_v2, CMCI to every CPU); emu's handler models only the #MC "
-                   "path, not the CMCI handler: pick a #MC type, or write the spec as a #MC "
-                   "experiment")
+        emu_local = False
+        notes.append("XEN_MC_inject_v2 sends the CMCI vector to every CPU; emu's silicon "
+                     "raises it on the CPUs sharing the bank (via=cmci): either way only the "
+                     "bank's CMCI owner logs it")
     return Plan(argv=argv, numbering=numbering, action=action, type=type_, error=error,
                 cpu=cpu, domid=domid, domain=domain, addr=addr, lmce=lmce, mcg_status=mcg,
                 delivery=delivery, gpaddr=gpaddr, hypercalls=hyper, output=tuple(output),

@@ -8,7 +8,14 @@ the machine down instead (the SDM's rule, any #MC), and the bank is left as it i
 Before the signal, delivery bumps the CPU's doorbell (its interrupt line), so a CPU
 about to sleep sees the pending #MC.
 
-Not modelled: CR4.MCE (always set), parked/offline CPUs, NMI.
+Interrupts (:func:`deliver_interrupt`): a CMCI or an IPI sets its vector in the
+CPU's IRR word (the local APIC's pending vectors), bumps the doorbell and sends
+``SIG_INTR``, a second signal. An interrupt is not an exception: no MCG_STATUS, no
+MCIP. The CPU's code decides when it takes it (interrupts are off in the #MC
+handler and in another interrupt's handler: it runs after them).
+
+Not modelled: CR4.MCE (always set), an offline CPU's #MC (delivery goes to online
+CPUs only), NMI, interrupt priorities (all pending vectors are taken in one go).
 """
 from __future__ import annotations
 
@@ -19,6 +26,25 @@ import time
 from emu.hw import msr
 
 SIG_MC = signal.SIGUSR1
+SIG_INTR = signal.SIGUSR2
+# IRR bits (vectors): the CMCI (its LVT entry), a call-function IPI (on_each_cpu).
+VEC_CMCI = 1
+VEC_CALL = 2
+
+
+def deliver_interrupt(banks, targets, vector: int, pids: dict[int, int]) -> int:
+    """Raise interrupt ``vector`` on ``targets``: IRR, doorbell, signal. Returns the
+    ``time.monotonic_ns()`` of the raise. The caller rings the doorbells after
+    (``Events.ring_doorbell``): a CPU that checked its doorbell just before going to
+    sleep would otherwise sleep through the signal."""
+    HW, HL = banks.HW, banks.L
+    for cpu in targets:
+        HW.fetch_or(HL.irr(cpu), vector)
+        HW.fetch_add(HL.doorbell(cpu), 1)
+    t = time.monotonic_ns()
+    for cpu in targets:
+        os.kill(pids[cpu], SIG_INTR)
+    return t
 
 
 def deliver_mc(banks, targets: list[int], mcg_status: dict[int, int], pids: dict[int, int],

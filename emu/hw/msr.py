@@ -86,6 +86,25 @@ MCi_STATUS_MSEC = 0xFFFF0000      # MSCOD
 MCi_STATUS_OTHER = 0x01FFFFFF00000000
 MCi_STATUS_FWST = 1 << 37         # firmware updated this error (meaningful with MCG_SER_P)
 
+# Corrected-error count, bits 52:38, when MCG_CMCI_P (§1.2)
+MCi_STATUS_CEC_SHIFT = 38
+MCi_STATUS_CEC_MAX = 0x7FFF
+MCi_STATUS_CEC = MCi_STATUS_CEC_MAX << MCi_STATUS_CEC_SHIFT
+
+# --- MCi_CTL2 (Intel, with MCG_CMCI_P; §1.2): shared by a core's threads ---------------
+CMCI_EN = 1 << 30
+CMCI_THRESHOLD_MASK = 0x7FFF
+
+
+def cec(status: int) -> int:
+    """The corrected-error count of an MCi_STATUS value."""
+    return (status & MCi_STATUS_CEC) >> MCi_STATUS_CEC_SHIFT
+
+
+def with_cec(status: int, count: int) -> int:
+    return (status & ~MCi_STATUS_CEC) | (min(count, MCi_STATUS_CEC_MAX) << MCi_STATUS_CEC_SHIFT)
+
+
 # MCi_MISC: address mode bits 8:6, LSB bits 5:0 (§1.2)
 MCi_MISC_ADDRMOD_MASK = 0x7 << 6
 MCi_MISC_PHYSMOD = 0x2 << 6

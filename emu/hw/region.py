@@ -5,6 +5,11 @@ The region itself is an anonymous ``MAP_SHARED`` mapping (``emu.machine.regions`
 that survives a warm reset and is zeroed at power-off. The doorbell models an
 interrupt line: delivery bumps it before the signal, so a CPU about to halt (sleep)
 sees the pending #MC and does not (see :class:`emu.hw.futex.Events`).
+
+Interrupts (a CMCI, an IPI) share that line: each CPU also has an *IRR* word, the
+local APIC's pending vectors (``VEC_*`` in :mod:`emu.hw.cpu`), set by the sender
+before the doorbell and the signal. Silicon-wide words: the banks that can signal
+CMCI (their CTL2.CMCI_EN sticks) and the largest CMCI threshold CTL2 holds.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from emu.hw import msr
 
 MCG_K_STATUS, MCG_K_CTL, MCG_K_CAP, MCG_K_EXT_CTL = range(4)
 MCG_WORDS = 4
-CPU_WORDS = 2     # per CPU: the #MC doorbell, the channel it sleeps on (0: awake)
+CPU_WORDS = 3     # per CPU: the doorbell, the channel it sleeps on (0: awake), the IRR
 
 
 class Alloc:
@@ -37,6 +42,8 @@ class HwLayout:
         self.banks = h.words(topo.ninst * msr.NREGS)
         self.mcg = h.words(n * MCG_WORDS)     # per CPU: STATUS, CTL, CAP, EXT_CTL
         self.cpu_words = h.words(n * CPU_WORDS)
+        self.cmci_cap = h.words()            # bit i: bank i can signal CMCI
+        self.cmci_max_threshold = h.words()  # what CTL2's threshold field holds at most
         h.page_align()
         self.size = h.size
 
@@ -48,3 +55,6 @@ class HwLayout:
 
     def sleep_reg(self, cpu: int) -> int:
         return self.cpu_words + 8 * (cpu * CPU_WORDS + 1)
+
+    def irr(self, cpu: int) -> int:
+        return self.cpu_words + 8 * (cpu * CPU_WORDS + 2)

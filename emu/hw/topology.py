@@ -4,7 +4,8 @@ Modelled: CPU numbering as APIC-like ``cpu = (socket * cores + core) * threads +
 thread``; every bank has a *scope* (``thread``, ``core`` or ``package``) that decides
 which CPUs see one register set (a bank *instance*).
 
-Not modelled: NUMA, CPU hotplug, per-CPU bank counts.
+Not modelled: NUMA, per-CPU bank counts. (CPU offline/online is Xen's, at the MCA
+level: :mod:`emu.xen.mce_intel`.)
 """
 from __future__ import annotations
 
@@ -44,6 +45,27 @@ def parse_scopes(s: str, nbanks: int) -> tuple[str, ...]:
         for b in range(lo, hi + 1):
             scopes[b] = m.group(3)
     return tuple(scopes)
+
+
+def parse_bank_set(field: str, s: str, nbanks: int) -> int:
+    """``"all"``, ``"none"`` or ``"0-3,5"`` → a bank mask (e.g. the banks that can
+    signal CMCI)."""
+    t = str(s).strip().lower()
+    if t == "all":
+        return (1 << nbanks) - 1
+    if t in ("none", ""):
+        return 0
+    mask = 0
+    for part in filter(None, (p.strip() for p in t.split(","))):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise UsageError(field, f"{part!r}: write all, none or BANK[-BANK],..., e.g. 0-8")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if not (0 <= lo <= hi < nbanks):
+            raise UsageError(field, f"{part!r}: banks must lie in 0..{nbanks - 1}")
+        for b in range(lo, hi + 1):
+            mask |= 1 << b
+    return mask
 
 
 class Topology:

@@ -309,7 +309,7 @@ class DomainChannels:
                     self.tev.append([time.monotonic_ns(), "dom0", "fetch",
                                      {"id": self.tele.record_id(i), "cls": CLASS_NAMES[cls]}])
                 out = {"id": self.tele.record_id(i), "cls": CLASS_NAMES[cls],
-                       "source": {1: "mce", 2: "poll", 3: "poll", 4: "boot"}.get(rec.get("who"),
+                       "source": {1: "mce", 2: "poll", 3: "cmci", 4: "boot"}.get(rec.get("who"),
                                                                                  "mce"),
                        "record": rec}
                 self.tele.consume_oldest_end(i)

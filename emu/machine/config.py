@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from emu.errors import UsageError
 from emu.hw import msr
-from emu.hw.topology import MAX_BANKS, parse_scopes, parse_topology
+from emu.hw.topology import MAX_BANKS, parse_bank_set, parse_scopes, parse_topology
 from emu.xen.page_alloc import DOM_BASE, DOM_PAGES
 from emu.xen.versions import HANDLERS
 from emu.xen.vmce import MAX_DOMS, MAX_VCPUS
@@ -40,6 +40,11 @@ class MachineConfig:
     guests: int = 1               # HVM guests besides Dom0 (domids 1..guests)
     guest_vcpus: int = 2
     vmce_policy: str = "owner"    # owner: vMCE to the impacted domain; dom0: to Dom0 only
+    cmci: bool = True             # MCG_CAP.CMCI_P (with a local APIC)
+    cmci_banks: str = "all"       # the banks whose CTL2.CMCI_EN sticks (silicon)
+    cmci_max_threshold: int = 0x7FFF   # the most CTL2's threshold field holds (silicon)
+    cmci_threshold: int = 2       # Xen's cmci-threshold boot option
+    poll_period_s: float = 0.0    # the polling timer's first period (0: no timer)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "MachineConfig":
@@ -66,6 +71,16 @@ class MachineConfig:
                 or not 0 <= self.idle_poll_us <= 100_000:
             raise UsageError("idle-poll-us", f"{self.idle_poll_us!r}: give 0..100000 µs "
                              "(0: an idle CPU sleeps at once)")
+        parse_bank_set("cmci-banks", self.cmci_banks, self.nbanks)
+        for name, v, hi in (("cmci-threshold", self.cmci_threshold, 0x7FFF),
+                            ("cmci-max-threshold", self.cmci_max_threshold, 0x7FFF)):
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+                raise UsageError(name, f"{v!r}: give 0..{hi} (CTL2's 15-bit threshold field)")
+        if isinstance(self.poll_period_s, bool) or \
+                not isinstance(self.poll_period_s, (int, float)) or \
+                not (self.poll_period_s == 0 or 0.001 <= self.poll_period_s <= 3600):
+            raise UsageError("poll-period", f"{self.poll_period_s!r}: give seconds in "
+                             "[0.001, 3600], or 0 for no polling timer")
         if self.vmce_policy not in VMCE_POLICIES:
             raise UsageError("vmce-policy", f"{self.vmce_policy!r}: choose owner or dom0")
         return self
@@ -84,4 +99,11 @@ class MachineConfig:
             cap |= msr.MCG_CTL_P
         if self.lmce:
             cap |= msr.MCG_LMCE_P
+        if self.cmci:
+            cap |= msr.MCG_CMCI_P
         return cap
+
+    @property
+    def cmci_cap(self) -> int:
+        """The banks that can signal CMCI (silicon), as a mask."""
+        return parse_bank_set("cmci-banks", self.cmci_banks, self.nbanks)

@@ -29,6 +29,7 @@ from emu.hw.cpu import deliver_mc
 from emu.machine.channels import GUEST_SPIN_S, PROTO, DomainChannels
 from emu.machine.config import MachineConfig
 from emu.machine.cpu_process import cpu_process
+from emu.machine.interrupts import IrqPaths
 from emu.machine.procs import child_signals, fork_child, set_pdeathsig
 from emu.machine.regions import Regions
 from emu.machine.tracing import TraceRecorder
@@ -48,7 +49,7 @@ RING_LATE_S = 0.0005   # at the earliest; see Coordinator._ring_late
 RING_LATE_MAX_S = 0.02
 
 
-class Coordinator(DomainChannels, TraceRecorder):
+class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
     def __init__(self, conn, cfg: MachineConfig):
         self.conn = conn
         self.cfg = cfg
@@ -120,7 +121,7 @@ class Coordinator(DomainChannels, TraceRecorder):
     # -- lifecycle --------------------------------------------------------------------
     def power_on(self) -> dict:
         self.R.power_off()
-        self.banks.power_on(self.cfg.mcg_cap)
+        self.banks.power_on(self.cfg.mcg_cap, self.cfg.cmci_cap, self.cfg.cmci_max_threshold)
         return self.boot()
 
     def boot(self) -> dict:
@@ -134,6 +135,8 @@ class Coordinator(DomainChannels, TraceRecorder):
         for k, d in enumerate(self.domids[1:], start=1):
             self.vmce.create(k, d, hvm=True, nvcpus=self.cfg.guest_vcpus, hwdom=False)
         X.store(L.trial_gen, self.trial_gen)
+        X.store(L.poll_period_ns, int(self.cfg.poll_period_s * 1e9))
+        self.poll_k = 0
         handler = handler_class(self.cfg.handler)   # imported before forking, not in every CPU
         self.pgid = None
         for cpu in range(self.n):
@@ -167,7 +170,8 @@ class Coordinator(DomainChannels, TraceRecorder):
                 raise EmulatorInternalError(f"boot failed: domains "
                                             f"{sorted(set(self.domids) - self.ready_doms)} not up")
         return {"boot": self.boots, "cpus": self.n, "pids": dict(self.cpu_pids),
-                "boot_ms": (time.monotonic() - t0) * 1e3, "boot_log": self.last_boot_log}
+                "boot_ms": (time.monotonic() - t0) * 1e3, "boot_log": self.last_boot_log,
+                "ownership": self._ownership()}
 
     def _kill_cpus(self) -> None:
         for pid in self.cpu_pids.values():
@@ -309,7 +313,7 @@ class Coordinator(DomainChannels, TraceRecorder):
             isinstance(e, str) for e in errors) else None
         hit = self._spec_cache.get(key) if key is not None else None
         if hit is None:
-            hit = validate_errors(errors, self.n, self.topo.nbanks, self.domids)
+            hit = validate_errors(errors, self.n, self.topo.nbanks, self.domids, self.cfg.ser)
             if key is not None:
                 if len(self._spec_cache) >= 4096:
                     self._spec_cache.clear()
@@ -344,9 +348,19 @@ class Coordinator(DomainChannels, TraceRecorder):
                                      f"of domain {e.domain}")
                 addr = mfn << 12 | (e.addr & 0xFFF)
             maddrs.append(addr)
+        online = self._online()
+        if local and errs[0].cpu not in online:   # refused before any bank is written
+            raise UsageError("error.cpu", f"CPU {errs[0].cpu} is offline: an LMCE needs an "
+                             "online CPU (bring it up with cpu_online)")
         written = [(e, addr, self.banks.hw_report(e.cpu, e.bank, e.status, addr, e.misc))
                    for e, addr in zip(errs, maddrs, strict=True)]
-        targets = [errs[0].cpu] if local or not self.cfg.mce_broadcast else list(range(self.n))
+        # What the #MC's handler finds in each bank instance: the wave's last write
+        # into it (a later error in the same bank merges with an earlier one).
+        found = {self.topo.inst[e.cpu][e.bank]: w["status"] for e, _, w in written
+                 if w["written"]}
+        for e, _, w in written:
+            w["found"] = found.get(self.topo.inst[e.cpu][e.bank], e.status)
+        targets = [errs[0].cpu] if local or not self.cfg.mce_broadcast else online
         dflt = msr.MCG_STATUS_MCIP | msr.MCG_STATUS_RIPV
         mcg = {c: dflt for c in targets}
         seen = set()
@@ -365,6 +379,16 @@ class Coordinator(DomainChannels, TraceRecorder):
         X, L = self.R.X, self.R.L
         # Validate everything before anything runs.
         first = self._validated(errors)
+        vias = {e.via for e in first} | ({e.via for e in self._validated(then["errors"])}
+                                         if then else set())
+        if vias != {"mce"}:
+            if len(vias) > 1:
+                raise UsageError("error.via", f"{', '.join(sorted(vias))}: one trial's errors "
+                                 "arrive one way; give every error the same via")
+            if local or then:
+                raise UsageError("error.via", "--local and then= raise a #MC; with via=cmci "
+                                 "or via=poll give neither")
+            return self._trial_irq(first, vias.pop(), timeout_s)
         second = None
         if then:
             second = self._validated(then["errors"])
@@ -451,6 +475,7 @@ class Coordinator(DomainChannels, TraceRecorder):
         res["dom0_log_path"] = self.dom0_log_path
         res["dom0"] = {"restarts": self.dom0_restarts, "exits": list(self.dom0_exits),
                        "refused": self.refused}
+        res["hazards"] = self._hazards(res, local or bool(then and then.get("local")))
         res["violations"] = check_trial(res, self.topo)
         return res
 
@@ -606,14 +631,14 @@ class Coordinator(DomainChannels, TraceRecorder):
             acts = [a for a in actions if topo.inst[a["cpu"]][a["bank"]] == inst]
             cls = sev.intel_check_mce_type(e.status, self.cfg.ser)
             item = {"cpu": e.cpu, "bank": e.bank, "status": msr.hexs(e.status),
-                    "addr": msr.hexs(maddr), "misc": msr.hexs(e.misc),
+                    "addr": msr.hexs(maddr), "misc": msr.hexs(e.misc), "via": "mce",
                     "class": cls,
                     "written": w["written"], "kept": w["kept"],
                     "bank_status": msr.hexs(w.get("status", 0)),
                     "owners": sorted({x["cpu"] for x in logged}),
                     "cleared": any(x["cleared"] for x in logged),
                     "clearable": sev.intel_need_clearbank_scan(
-                        sev.MCA_MCE_SCAN, w.get("status", e.status), self.cfg.ser),
+                        sev.MCA_MCE_SCAN, w.get("found", e.status), self.cfg.ser),
                     "sharers": topo.sharers(e.cpu, e.bank),
                     "action": sev.mcer_name(acts[0]["result"]) if acts else None}
             if acts:
@@ -729,6 +754,14 @@ class Coordinator(DomainChannels, TraceRecorder):
             return None
         if cmd == "probe":
             return self._probe(args)
+        if cmd == "poll":
+            return self._trial_irq([], "poll", args.get("timeout_s"))
+        if cmd == "cpu_offline":
+            return self.cpu_offline(args.get("cpu"), args.get("errors") or [])
+        if cmd == "cpu_online":
+            return self.cpu_online(args.get("cpu"))
+        if cmd == "ownership":
+            return {"ownership": self._ownership(), "online": self._online()}
         if cmd == "trace":
             return self._trace_payload()
         if cmd == "banks":

@@ -4,6 +4,9 @@ Modelled: the CPU process boots (Xen's ``intel_init_mce`` runs in it, through th
 handler it is handed), then idles or runs its softirq work; the #MC is a signal
 whose handler is the handler version's ``do_machine_check`` (see :mod:`emu.hw.cpu`).
 An idle CPU polls before it sleeps, as halt polling does (:func:`idle_poll_window`).
+Interrupts (CMCI, IPIs) are a second signal, handled by ``do_interrupt``. CPU 0
+also runs Xen's polling timer (``mce_work_fn``) in its idle loop: when the period
+is due, or at once when the coordinator asks (``L.poll_req``).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import os
 import signal
 import time
 
-from emu.hw.cpu import SIG_MC
+from emu.hw.cpu import SIG_INTR, SIG_MC
 from emu.hw.yieldpoint import YieldPoints
 from emu.machine.procs import pin_to_host_core
 
@@ -35,6 +38,7 @@ def cpu_process(R, cpu: int, handler, hooks: dict, pgid: int = 0) -> None:
     x = handler(R, cpu, yps, hooks)
     X.store(L.pc(cpu, L.P_PID), os.getpid())
     signal.signal(SIG_MC, x.do_machine_check)
+    signal.signal(SIG_INTR, x.do_interrupt)
     x.boot()
     soft = L.pc(cpu, L.P_SOFTIRQ)
     kick = L.pc(cpu, L.P_KICK)
@@ -43,15 +47,32 @@ def cpu_process(R, cpu: int, handler, hooks: dict, pgid: int = 0) -> None:
     cap = R.cfg.idle_poll_us * 1000
     poll = min(IDLE_POLL_START_NS, cap)
     X.store(poll_word, poll)
+    timer = cpu == 0     # the polling timer lives on CPU 0
+    preq, pdone = L.poll_req, L.poll_done
+    if timer:
+        x.poll_rearm()
+
+        def woken():
+            return X.load(soft) != 0 or X.load(preq) > X.load(pdone)
+    else:
+        def woken():
+            return X.load(soft) != 0
     while True:
         # xchg, not load+store: a #MC between the two would lose its raise.
         if X.xchg(soft, 0):
             x.mce_softirq()
             continue
+        if timer and (X.load(preq) > X.load(pdone) or x.poll_due(time.monotonic_ns())):
+            x.mce_work_fn()        # TIMER_SOFTIRQ: the poll round
+            x.poll_rearm()
+            continue
         # Idle: poll (yielding) before sleeping, as halt polling does, for a window
         # that adapts to how soon the machine checks come (idle_poll_window).
         t = time.monotonic_ns()
-        R.ev.wait(kick, lambda: X.load(soft) != 0, slice_s=1.0, spin_ns=poll)
+        until = None
+        if timer and x._next_poll_ns < 1 << 61:
+            until = max(0.0, (x._next_poll_ns - t) / 1e9)   # the timer's expiry
+        R.ev.wait(kick, woken, timeout_s=until, slice_s=1.0, spin_ns=poll)
         entered = X.load(t_enter)        # the #MC that ended this idle period
         poll = idle_poll_window(poll, (entered if entered > t else time.monotonic_ns()) - t,
                                 cap)

@@ -95,18 +95,49 @@ class Machine:
         raise cls(payload["message"])
 
     def inject(self, errors, local: bool = False, timeout_s: float | None = None,
-               then: dict | None = None) -> dict:
+               then: dict | None = None, via: str | None = None) -> dict:
         """Write ``errors`` into their banks, raise one #MC, return the trial result.
+
+        Errors with ``via=cmci`` are reported by silicon and raise the CMCIs their banks
+        ask for; ``via=poll`` adds one poll round at once (see :meth:`poll`). ``via``
+        here gives that key to every error that has none.
 
         ``then={"errors": [...], "after_phase": "barrier_b", "local": False}`` raises
         a second #MC once a first-wave CPU has reached that handler phase.
         """
         if isinstance(errors, (str, dict)):
             errors = [errors]
+        if via is not None:
+            errors = [dict(e, via=e.get("via", via)) if isinstance(e, dict) else
+                      e if "via=" in str(e).lower() else f"{e} via={via}" for e in errors]
         if then and isinstance(then.get("errors"), (str, dict)):
             then = dict(then, errors=[then["errors"]])
         return self._call("trial", {"errors": list(errors), "local": local,
                                     "timeout_s": timeout_s, "then": then})
+
+    def poll(self, timeout_s: float | None = None) -> dict:
+        """One round of Xen's polling timer now (``mce_checkregs`` on every online CPU,
+        from CPU 0's timer); the result lists what it logged (``logouts``)."""
+        return self._call("poll", {"timeout_s": timeout_s})
+
+    def cpu_offline(self, cpu: int, errors=None) -> dict:
+        """Xen's ``cpu_down(cpu)`` for MCA: CPU_DYING (the CPU releases its CMCI banks),
+        ``errors`` reported by silicon meanwhile (nobody owns those banks), then
+        CPU_DEAD (every online CPU rediscovers and logs what its new banks hold).
+        The result has ``ownership_before``, ``ownership``, ``log`` and ``errors``."""
+        if isinstance(errors, (str, dict)):
+            errors = [errors]
+        return self._call("cpu_offline", {"cpu": cpu, "errors": list(errors or [])})
+
+    def cpu_online(self, cpu: int) -> dict:
+        """Bring ``cpu`` back: it runs mcheck_init again (post-reset logout, CMCI
+        ownership of what nobody owns)."""
+        return self._call("cpu_online", {"cpu": cpu})
+
+    def ownership(self) -> dict:
+        """CMCI bank ownership now: ``ownership`` (one entry per bank instance that can
+        signal CMCI: ``sharers``, ``owners``, ``ctl2``) and ``online``."""
+        return self._call("ownership", {})
 
     def check(self, result: dict) -> dict:
         """Raise :class:`Finding` if the trial violated an invariant."""

@@ -22,7 +22,8 @@ def _trace_names(L) -> dict:
     return {L.mce_logout_lock: "mce_logout_lock", L.process_lock: "mce_process_lock",
             L.mce_trap_bar: "mce_trap_bar", L.mce_inside_bar: "mce_inside_bar",
             L.mce_severity_bar: "mce_severity_bar", L.found_error: "found_error",
-            L.severity_cpu: "severity_cpu", L.sirq_severity_cpu: "sirq_severity_cpu"}
+            L.severity_cpu: "severity_cpu", L.sirq_severity_cpu: "sirq_severity_cpu",
+            L.cmci_discover_lock: "cmci_discover_lock", L.poll_adjust: "poll_adjust"}
 
 
 class TraceRecorder:

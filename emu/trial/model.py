@@ -354,6 +354,8 @@ def _write_wave(ctx: _Ctx, banks: dict, specs: list, base: int) -> list[dict]:
         banks[inst] = [st, ad, mi, s["bank"], s["cpu"]]
         out.append({"index": i, "spec": s, "inst": inst, "maddr": addr, "bank_status": st,
                     "kept": kept})
+    for x in out:   # what the wave's handler finds: the wave's last write into the bank
+        x["found"] = banks[x["inst"]][0]
     return out
 
 
@@ -637,7 +639,7 @@ def _predict(ctx: _Ctx, waves: list, owner_of: dict, choices: dict, broken: set,
         e = {"cpu": s["cpu"], "bank": s["bank"], "inst": inst,
              "class": classify(s["status"], ctx.ser),
              "bank_status": msr.hexs(x["bank_status"]), "kept": x["kept"],
-             "clearable": clearable(x["bank_status"], ctx.ser),
+             "clearable": clearable(x["found"], ctx.ser),
              "addr": msr.hexs(x["maddr"]),
              "owners": sorted(run.loggers.get(inst, ())),
              "cleared": inst in run.cleared,

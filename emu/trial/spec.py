@@ -2,8 +2,11 @@
 
 Forms accepted: ``key=value`` strings (``--error "cpu=0 bank=8 status=0xBD... addr=
 0x180020 misc=0x86 mcg=0x5"``; numbers in hex or decimal) and dicts with the same
-keys. Every problem is a :class:`~emu.errors.UsageError` naming the field and the
-fix, raised before anything runs.
+keys. ``via`` says how the error arrives: ``mce`` (default: written as given, then a
+#MC), ``cmci`` (reported by silicon, which raises a CMCI if the bank's CTL2 asks for
+one) or ``poll`` (reported by silicon, then a poll round at once). Every problem is
+a :class:`~emu.errors.UsageError` naming the field and the fix, raised before
+anything runs.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from emu.errors import UsageError
 from emu.hw import msr
 from emu.xen.page_alloc import DOM_PAGES
 
-KEYS = ("cpu", "bank", "status", "addr", "misc", "mcg", "domain")
+KEYS = ("cpu", "bank", "status", "addr", "misc", "mcg", "domain", "via")
+VIAS = ("mce", "cmci", "poll")
 REQUIRED = ("cpu", "bank", "status")
 
 
@@ -26,6 +30,7 @@ class ErrorSpec:
     misc: int = 0
     mcg: int | None = None       # MCG_STATUS for this CPU (MCIP is added by delivery)
     domain: int | None = None    # addr is this domain's guest-physical address
+    via: str = "mce"             # how it arrives: mce, cmci or poll
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,7 +72,13 @@ def parse_error(spec, index: int = 0) -> dict:
             raise UsageError(f"{where}.{k}", f"unknown key {k!r}; use {', '.join(KEYS)}")
         if k in out:
             raise UsageError(f"{where}.{k}", "given twice; give each key once")
-        if v is None and k in ("mcg", "domain"):
+        if v is None and k in ("mcg", "domain", "via"):
+            continue
+        if k == "via":
+            v = str(v).strip().lower()
+            if v not in VIAS:
+                raise UsageError(f"{where}.via", f"{v!r}: use one of {', '.join(VIAS)}")
+            out[k] = v
             continue
         out[k] = parse_number(f"{where}.{k}", v)
     for k in REQUIRED:
@@ -76,7 +87,11 @@ def parse_error(spec, index: int = 0) -> dict:
     return out
 
 
-def validate_errors(specs, ncpus: int, nbanks: int, domids=None) -> list[ErrorSpec]:
+def validate_errors(specs, ncpus: int, nbanks: int, domids=None,
+                    ser: bool = True) -> list[ErrorSpec]:
+    """Parse and range-check ``specs``. ``ser``: MCG_SER_P, which decides which errors
+    can arrive without a #MC (``via=cmci``/``poll``: corrected and UCNA only)."""
+    from emu.xen import severity as sev
     errs = []
     for i, spec in enumerate(specs):
         d = parse_error(spec, i)
@@ -99,7 +114,18 @@ def validate_errors(specs, ncpus: int, nbanks: int, domids=None) -> list[ErrorSp
         if "domain" in d and d.get("addr", 0) >> 12 >= DOM_PAGES:
             raise UsageError(f"{where}.addr", f"{d['addr']:#x} is beyond the domain's memory; "
                              f"a guest-physical address is below {DOM_PAGES << 12:#x}")
+        via = d.get("via", "mce")
+        if via != "mce":
+            cls = sev.intel_check_mce_type(d["status"], ser)
+            if cls not in (sev.CORRECTED, sev.UCNA):
+                raise UsageError(f"{where}.via", f"{d['status']:#x} is {cls}: silicon signals "
+                                 f"it by #MC, not by {'CMCI' if via == 'cmci' else 'polling'}; "
+                                 "use via=mce (only corrected and UCNA errors arrive this way)")
         errs.append(ErrorSpec(**d))
+    vias = sorted({e.via for e in errs})
+    if len(vias) > 1:
+        raise UsageError("error.via", f"{', '.join(vias)}: one trial's errors arrive one way; "
+                         "give every error the same via")
     if not errs:
         raise UsageError("error", "no error given")
     return errs

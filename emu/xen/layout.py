@@ -44,6 +44,17 @@ class XenLayout:
         self.process_lock = w(3)             # xen-2009-03's mce_process_lock
         self.mced_cpus = w(self.mcefatal_words * 3)  # xen-2009-03 cpumasks
         self.worst = w(2)                    # xen-2009-03 worst severity, cpu
+        self.online_map = w(self.mcefatal_words)   # cpu_online_map
+        # mce_intel.c / intel-nonfatal.c (CMCI and the poller)
+        self.cmci_discover_lock = w(3)
+        self.call_pending = w()              # on_each_cpu(..., wait=1): CPUs still to run
+        self.call_ev = w(2)
+        self.poll_period_ns = w()            # intel-nonfatal.c's period (0: no timer)
+        self.poll_adjust = w()               # its racy `adjust` count
+        self.poll_req = w()                  # a poll asked for now (gen); CPU 0 runs it
+        self.poll_done = w()                 # the gen of the last poll round completed
+        self.poll_started = w()              # the gen of the last poll round begun
+        self.poll_rounds = w()
         # deferred-action log (for the trial result)
         self.action_n = w()
         self.action_log = w(ACTION_RING * 32)   # 256-byte msgpack slots
@@ -67,8 +78,9 @@ class XenLayout:
      P_SOFTIRQ, P_NEST, P_CLEAR_BANKS, P_CURRENT_DOM, P_CURRENT_VCPU, P_PENDING,
      P_LMCE_PENDING, P_HALTED, P_LOGOUT_N, P_PID, P_INTERRUPTED, P_T_SOFTIRQ_START,
      P_KICK, _P_KICK_SLEEPERS, P_T_BARRIER_A, P_SIRQ_ROLE, P_PROGRESS, P_IDLE_POLL,
-     P_T_FATAL, P_T_MCIP) = range(28)
-    P_LOGOUT = 28
+     P_T_FATAL, P_T_MCIP, P_BANKS_OWNED, P_NO_CMCI, P_POLL_MASK, P_CMCI_N, P_CALL_FN,
+     P_CALL_N, P_OFFLINE, P_T_CMCI, P_DISCOVER_N, P_POLL_N) = range(38)
+    P_LOGOUT = 38
 
     def pc(self, cpu: int, word: int) -> int:
         return self.pcpu + 8 * (cpu * self.PCPU_WORDS + word)

@@ -13,8 +13,12 @@ reset controller for a warm reset without touching the banks; every spinner halt
 in ``mce_panic_check``. Boot-time logout (``MCA_RESET``) after a reset, then the
 bank initialisation of ``intel_init_mce``.
 
-Not modelled: interposed MSRs, the extended (P4) MSR record, CMCI and the poller,
-AMD, console output (the trial result carries what Xen would have printed).
+CMCI, bank ownership, interrupts and CPU offline/online are in
+:mod:`emu.xen.mce_intel`, the polling timer in :mod:`emu.xen.intel_nonfatal` (mixins
+of :class:`XenCpu`).
+
+Not modelled: interposed MSRs, the extended (P4) MSR record, AMD, console output
+(the trial result carries what Xen would have printed).
 """
 from __future__ import annotations
 
@@ -32,8 +36,11 @@ from emu.hw.banks import Banks
 from emu.hw.region import MCG_K_CAP, MCG_K_STATUS
 from emu.xen import mcaction, severity as sev, vmce
 from emu.xen.barrier import McaBarrier
+from emu.xen.intel_nonfatal import IntelNonfatal
 from emu.xen.layout import ACTION_RING, LOGOUT_RING
+from emu.xen.mce_intel import IntelCmci
 from emu.xen.mctelem import (
+    MC_FLAG_CMCI,
     MC_FLAG_CORRECTABLE,
     MC_FLAG_MCE,
     MC_FLAG_POLLED,
@@ -51,7 +58,7 @@ from emu.xen.spinlock import SpinLock
 # Phases a CPU reports (for the trial result and the watchdog's snapshot).
 PHASES = ("idle", "boot", "entered", "logout", "barrier_a", "barrier_b", "fatal_check",
           "barrier_c", "exit", "softirq", "softirq_worker", "softirq_done", "halted",
-          "panic")
+          "panic", "offline")
 PH = {n: i for i, n in enumerate(PHASES)}
 (PH_ENTERED, PH_LOGOUT, PH_BARRIER_A, PH_BARRIER_B, PH_FATAL_CHECK, PH_BARRIER_C,
  PH_EXIT) = (PH[n] for n in ("entered", "logout", "barrier_a", "barrier_b", "fatal_check",
@@ -88,7 +95,7 @@ MCG_BANK = 0xFF
 R_STATUS, R_ADDR, R_MISC = msr.REG_STATUS, msr.REG_ADDR, msr.REG_MISC
 
 
-class XenCpu:
+class XenCpu(IntelCmci, IntelNonfatal):
     """Xen's machine-check code as it runs on one physical CPU (one process)."""
 
     version = "seed"
@@ -160,6 +167,9 @@ class XenCpu:
         self._urgent = (None, None)  # (slot, record) kept from logout for the urgent action
         self.vmce = vmce.Vmce(R)
         self.mcaction = mcaction.McAction(self)
+        self.HW = R.HW
+        self._cmci_init()
+        self._next_poll_ns = 1 << 62
 
     # -- per-CPU bookkeeping (what the trial result reads) --------------------------
     def pc(self, word: int) -> int:
@@ -319,7 +329,11 @@ class XenCpu:
                 domid = self.pages.owner(addr >> 12)
             if slot is not None:
                 if mcinfo_fits(len(banks_rec) + 1):
-                    banks_rec.append([i, status, addr, misc, domid])
+                    if who == sev.MCA_CMCI_HANDLER:   # mc_ctrl2 and mc_tsc, CMCI only
+                        banks_rec.append([i, status, addr, misc, domid,
+                                          load(boff[i][msr.REG_CTL2]), _monotonic_ns()])
+                    else:
+                        banks_rec.append([i, status, addr, misc, domid])
                 else:
                     flags |= MCINFO_FLAGS_UNCOMPLETE
             pend.append((who, i, status, addr, misc, rid))
@@ -346,7 +360,8 @@ class XenCpu:
         """The telemetry entry of the last logout (Xen's mc_info: the global record,
         then one per bank), in the positional form ``Mctelem.write`` takes."""
         _, (who, flags, gstatus, banks_rec, bs) = self._urgent
-        flag = MC_FLAG_MCE if who == sev.MCA_MCE_SCAN else MC_FLAG_POLLED
+        flag = MC_FLAG_MCE if who == sev.MCA_MCE_SCAN else \
+            MC_FLAG_CMCI if who == sev.MCA_CMCI_HANDLER else MC_FLAG_POLLED
         if bs.pcc:
             flag |= MC_FLAG_UNCORRECTABLE
         elif bs.uc:
@@ -415,6 +430,8 @@ class XenCpu:
             self.mcheck_cmn_handler()
         finally:
             X.fetch_sub(o.nest, 1)
+            if self._irq_pending and not self._irq_off:
+                self.do_interrupt()   # interrupts were off in the handler
 
     def mcheck_cmn_handler(self) -> None:
         X, cpu, yp, check, o, phase = self.X, self.cpu, self.yp, self.check, self._o, self._phase
@@ -564,7 +581,7 @@ class XenCpu:
             if lmce:
                 self.tele.mctelem_process_deferred(cpu, self.mce_delayed_action, True)
             else:
-                for w in range(X.load(L.online)):
+                for w in self.online_cpus():
                     yp("softirq", w)
                     self.tele.mctelem_process_deferred(w, self.mce_delayed_action, False)
             self.send_global_virq()
@@ -606,11 +623,10 @@ class XenCpu:
             self.tele.mv[base + 2:base + 2 + len(data)] = data
 
     # -- boot (§4.2) ------------------------------------------------------------------------
-    def boot(self) -> None:
-        """intel_init_mce: post-reset logout, bank init; APs come up one at a time."""
-        X, L, cpu = self.X, self.L, self.cpu
-        self.set_phase("boot")
-        self.ev.wait(L.boot_ev, lambda: X.load(L.boot_token) == cpu, slice_s=0.2)
+    def intel_init_mce(self) -> None:
+        """intel_mce_post_reset (MCA_RESET logout, committed without VIRQ), then the
+        banks nobody initialised yet (CTL 0), MCG_CTL."""
+        cpu = self.cpu
         slot, bs = self.mcheck_mca_logout(sev.MCA_RESET, self.mca_allbanks, None)
         if slot is not None:
             if bs.errcnt:
@@ -623,7 +639,19 @@ class XenCpu:
                 self.banks.write(cpu, i, msr.REG_STATUS, 0)
         if self.banks.mcg(cpu, 2) & msr.MCG_CTL_P:
             self.banks.set_mcg(cpu, msr.U64, 1)
+
+    def boot(self) -> None:
+        """intel_init_mce: post-reset logout, bank init; APs come up one at a time."""
+        X, L, cpu = self.X, self.L, self.cpu
+        self.set_phase("boot")
+        self.ev.wait(L.boot_ev, lambda: X.load(L.boot_token) == cpu, slice_s=0.2)
+        self._booting = True
+        self.intel_init_mce()
+        self.intel_init_cmci()
+        self.set_poll_bankmask()
+        self._booting = False
         X.store(self.pc(L.P_CURRENT_DOM), DOMID_IDLE)
+        X.fetch_or(L.online_map + 8 * (cpu // 64), 1 << (cpu % 64))
         X.fetch_add(L.online, 1)
         X.store(L.boot_token, cpu + 1)
         self.ev.bump(L.boot_ev)

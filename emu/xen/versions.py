@@ -10,6 +10,8 @@ import importlib
 
 HANDLERS = {
     "seed": "emu.xen.mce:XenCpu",
+    # The seed without 3e15c37e68: CMCI banks still polled (xen-mca.md §10.1 item 4).
+    "no-3e15c37e68": "emu.xen.no_3e15c37e68:XenCpuNo3e15c37e68",
 }
 
 
