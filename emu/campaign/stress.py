@@ -425,10 +425,10 @@ class Worker:
         r = self.m.inject(list(errors), local=local, then=then, **kw)
         vt = self.o.hooks.get("violate_trial")
         if vt is not None and seed is not None and list(vt) == list(seed) and r["cpus"]:
-            # test hook: this trial's handler "left MCIP set" (the oracle must see it)
-            from emu.trial.oracle import check_trial
-            r["cpus"][0]["mcip_after"] = True
-            r["violations"] = check_trial(r, self.topo)
+            # test hook: this trial violates an invariant on purpose, whatever it did
+            r["violations"] = list(r["violations"]) + [
+                f"test hook violate_trial {list(vt)}: cpu{r['cpus'][0].get('cpu', 0)}: MCIP "
+                "still set after the handler (on purpose)"]
         findings = [{"kind": "violation", "id": "oracle", "text": v} for v in r["violations"]]
         fl = r.get("fault")
         skip_model = bool(fl and fl.get("happened") and fl["kind"] in ("kill_cpu", "stall_cpu"))
@@ -455,11 +455,13 @@ class Worker:
                              for h in exp["hazards"]
                              if h["id"] not in ("C", "D") or r["outcome"] == "hang"]
         seen = {f["id"] for f in findings if f["kind"] == "hazard"}
-        for h in r.get("hazards") or ():
-            hid = h.get("id") if isinstance(h, dict) else str(h)
+        for h in r.get("hazards") or ():     # the machine's own ({kind, detail, ...})
+            if not isinstance(h, dict):
+                h = {"kind": str(h)}
+            hid = str(h.get("id") or h.get("kind"))
             if hid not in seen:
-                findings.append({"kind": "hazard", "id": hid, "text": h.get("text", str(h))
-                                 if isinstance(h, dict) else str(h)})
+                findings.append({"kind": "hazard", "id": hid,
+                                 "text": str(h.get("text") or h.get("detail") or hid)})
                 seen.add(hid)
         # what the next trial starts from
         dirty = False
