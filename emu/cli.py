@@ -197,8 +197,9 @@ def _campaign_args(p) -> None:
     _machine_args(p)
     p.add_argument("--scenario", default="all", help="FAMILY[:WEIGHT],... (default all: the "
                    "nine families; also no_bank)")
-    p.add_argument("--starve", type=float, help="probability per trial of starving one "
-                   "seeded victim process (default: the machine's, 0.05 with chaos)")
+    if "--starve" not in p._option_string_actions:    # a machine option once chaos has it
+        p.add_argument("--starve", type=float, help="probability per trial of starving one "
+                       "seeded victim process (default: the machine's, 0.05 with chaos)")
     p.add_argument("--faults", default="", help="fault kinds drawn per trial: kill_cpu, "
                    "stall_cpu, kill_dom0, pause_dom0 or all (default none)")
     p.add_argument("--fault-rate", type=float, default=0.1,
