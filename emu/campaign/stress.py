@@ -160,13 +160,20 @@ def scenario(seed: int, i: int, mix: dict, topo, opts=None) -> F.Scenario:
 def fault_for(scn: F.Scenario, kinds, rate: float, topo, watchdog_s: float) -> dict | None:
     """Trial ``scn``'s fault, drawn from its fault stream alone: with probability
     ``rate`` one of ``kinds`` (kill_cpu, stall_cpu, kill_dom0, pause_dom0), else None.
-    A stall lasts 1.5 watchdog periods (a hang: it costs that much time)."""
+    A stall lasts 1.5 watchdog periods (a hang: it costs that much time).
+
+    A scenario with a second wave (``then``) gets no CPU fault: a stalled CPU meets the
+    second #MC with MCIP still set (a shutdown, not the stall's hang), and the
+    machine's kill_cpu does not compose with ``then`` (seen: shutdown although the
+    kill never fired); the draw is made all the same, so other trials keep theirs."""
     if not kinds or rate <= 0:
         return None
     rng = np.random.default_rng(scn.streams["fault"])
     if rng.random() >= rate:
         return None
     kind = kinds[int(rng.integers(len(kinds)))]
+    if scn.then and kind in ("kill_cpu", "stall_cpu"):
+        return None
     if kind == "kill_cpu":
         return {"kind": kind, "cpu": int(rng.integers(topo.ncpus)),
                 "phase": FAULT_PHASES[int(rng.integers(len(FAULT_PHASES)))]}
