@@ -424,7 +424,8 @@ class Worker:
             kw["fault"] = fault
         if raise_cpu is not None:
             kw["raise_cpu"] = raise_cpu
-        if not self.wait:
+        # a Dom0 fault is judged once Dom0 has logged (and a pause must end in the trial)
+        if not self.wait and not (fault and fault["kind"] in ("kill_dom0", "pause_dom0")):
             kw["wait_dom0"] = False
         if not self.wait and self.free < LOW_POOL and not self.paused:
             self._drain()
@@ -804,7 +805,9 @@ class Campaign:
         if error is not None:
             from emu.errors import EmuError
             summ["error"] = f"{type(error).__name__}: {error}"
-            self.code = error.exit_code if isinstance(error, EmuError) else 3
+            # bad input was refused before the start: anything raised now is emu's fault
+            self.code = error.exit_code if isinstance(error, EmuError) and not \
+                isinstance(error, UsageError) else 3
         elif interrupted:
             self.code = 130
         elif o.fail_on == "hazard" and self.s.hazards():
