@@ -353,3 +353,15 @@ def test_a_long_campaign_of_the_seed_handler_over_every_family_with_chaos():
     assert set(s["coverage"]["families"]) >= set(S.F.FAMILIES)
     if chaos:
         assert s["perturbations"] > 0
+
+
+def test_bench_stress_smoke():
+    """bench/stress.py runs (tiny sizes only) and its first key is trials_per_s."""
+    p = subprocess.run([sys.executable, "bench/stress.py", "--cpus", "4", "--trials", "3",
+                        "--variants", "plain", "--json"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout.splitlines()[0])
+    assert next(iter(r)) == "trials_per_s" and r["trials_per_s"] > 0
+    assert {"coordinator", "cpus", "dom0", "front", "front_model"} <= set(r["cpu_us_per_trial"])
+    assert r["violations"] == 0
