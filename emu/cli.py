@@ -1,4 +1,4 @@
-"""Command line: ``emu run|trace|log|bench|stress|replay|merge`` (also ``python -m emu``)."""
+"""Command line: ``emu run|trace|replay|log|bench|stress|merge`` (also ``python -m emu``)."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +21,11 @@ def _machine_args(p):
     p.add_argument("--handler", default="seed", help="handler version (default seed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chaos", type=float, default=0.0,
-                   help="perturbation probability per yield point")
+                   help="perturbation probability per yield point (each trial reseeds from "
+                        "its trial seed (--seed, trial))")
+    p.add_argument("--starve", type=float, default=0.05,
+                   help="with chaos on: probability per trial that one seeded process is "
+                        "starved 10 µs-100 ms at a seeded yield point (default 0.05)")
     p.add_argument("--watchdog", type=float, default=2.0, help="hang bound in seconds (default 2)")
     p.add_argument("--no-ser", action="store_true", help="clear MCG_CAP.SER_P")
     p.add_argument("--no-pin", action="store_true",
@@ -43,24 +47,45 @@ def _machine_args(p):
     p.add_argument("--idle-poll-us", type=int, default=1000,
                    help="the most an idle CPU polls before sleeping; the window adapts "
                         "to how soon machine checks come (default 1000; 0: sleep at once)")
+    p.add_argument("--sched", default="os", help="os: the host schedules the CPU processes "
+                   "(default); controlled: one runs at a time, chosen by --strategy")
+    p.add_argument("--strategy", default=None,
+                   help="under --sched controlled: random (default), pct:D, replay:TOKEN, "
+                        "dfs:P (every schedule with at most P preemptions)")
+    p.add_argument("--trials", type=int, default=1,
+                   help="under --sched controlled with random or pct:D: run up to N trials, "
+                        "each seeded from --seed and its index, stopping at the first finding")
 
 
 def _config(a):
     from emu.machine.config import MachineConfig
     extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) else {}
     return MachineConfig(topology=a.topology, nbanks=a.banks, bank_scopes=a.bank_scopes,
-                         handler=a.handler, seed=a.seed, chaos=a.chaos, watchdog_s=a.watchdog,
+                         handler=a.handler, seed=a.seed, chaos=a.chaos, starve=a.starve,
+                         watchdog_s=a.watchdog,
                          ser=not a.no_ser, pin_cpus=not a.no_pin, guests=a.guests,
                          memory_pages=a.memory_pages, guest_vcpus=a.guest_vcpus,
                          vmce_policy=a.vmce_policy, idle_poll_us=a.idle_poll_us,
                          cmci=not a.no_cmci, cmci_banks=a.cmci_banks,
                          cmci_threshold=a.cmci_threshold, poll_period_s=a.poll_period,
-                         extra=extra).validate()
+                         sched=a.sched, extra=extra).validate()
 
 
 def _print_trial(res: dict, out) -> None:
     print(f"outcome: {res['outcome']}   resets: {res['resets']}   trial {res['trial']} "
           f"({res['handler']}, {res['topology']})", file=out)
+    if res.get("raise_cpu") is not None and not res["errors"]:
+        print(f"  #MC raised on cpu{res['raise_cpu']} ({'LMCE' if res['local'] else 'broadcast'})"
+              " with no valid bank", file=out)
+    pt = res.get("perturbation") or {}
+    if pt.get("chaos") or (pt.get("starvation") or {}).get("armed"):
+        n = pt["counts"]
+        st = pt["starvation"]
+        print(f"  perturbation: trial seed {pt['seed']}, chaos {pt['chaos']:g}: "
+              + ", ".join(f"{k} {v}" for k, v in n.items())
+              + (f"; starved {st['victim']} {st['s'] * 1e3:.3g} ms at yield point {st['point']}"
+                 f" ({'at ' + str(st.get('site')) if st['happened'] else 'not reached'})"
+                 if st.get("armed") else ""), file=out)
     for e in res["errors"]:
         if e.get("via", "mce") != "mce":
             ci = e["cmci"]
@@ -107,6 +132,67 @@ def _print_trial(res: dict, out) -> None:
         print(f"  VIOLATION: {v}", file=out)
 
 
+def _print_sched(sc: dict, out) -> None:
+    d = f"   DIVERGED at step {sc['diverged']['step']}: {sc['diverged']['reason']}" \
+        if sc.get("diverged") else ""
+    print(f"  schedule: {sc['strategy']} (seed {sc.get('seed')}), {sc['steps']} steps, "
+          f"{sc['spins']} spins{d}", file=out)
+    if sc.get("replay_verdict"):
+        print(f"  replay: {sc['replay_verdict']}", file=out)
+    print(f"  replay with: {sc['replay']}", file=out)
+
+
+def _controlled_args(a, cfg, errors):
+    """Check --strategy before anything runs; the strategy dict (or None)."""
+    from emu.machine.sched import check_token_machine, decode_token, parse_strategy
+    if a.strategy is None and a.trials == 1:
+        return parse_strategy("random") if cfg.sched == "controlled" else None
+    if cfg.sched != "controlled":
+        raise UsageError("strategy" if a.strategy else "trials",
+                         "needs --sched controlled")
+    st = parse_strategy(a.strategy or "random")
+    if not 1 <= a.trials <= 10_000_000:
+        raise UsageError("trials", f"{a.trials}: give 1..10000000")
+    if a.trials > 1 and st["kind"] not in ("random", "pct"):
+        raise UsageError("trials", f"--trials runs a random or pct:D campaign; "
+                         f"{a.strategy} is {'exhaustive' if st['kind'] == 'dfs' else 'one run'}")
+    if st["kind"] == "replay":
+        header, _ = decode_token(st["token"])
+        check_token_machine(header, cfg)
+    if st["kind"] == "dfs" and cfg_cpus(cfg) > 64:
+        raise UsageError("strategy", "dfs keeps enabled sets for 64 CPUs at most")
+    return st
+
+
+def cfg_cpus(cfg) -> int:
+    from emu.hw.topology import Topology
+    return Topology(cfg).ncpus
+
+
+def _run_campaign(a, m, errors, st) -> int:
+    from emu.campaign.controlled import explore, search
+    if st["kind"] == "dfs":
+        r = explore(m, errors, st["bound"], local=a.local)
+    else:
+        r = search(m, errors, a.strategy or "random", a.trials, local=a.local, seed=a.seed)
+    if a.json:
+        print(json.dumps(r, sort_keys=True))
+    elif st["kind"] == "dfs":
+        print(f"{r['strategy']}: {r['schedules']} schedules "
+              f"({'all' if r['complete'] else 'stopped early'}), {r['seconds']} s; "
+              f"outcomes {r['outcomes']}; owners {r['owners']}; findings {r['findings']}")
+        for f in r["first_findings"]:
+            print(f"  finding: {'; '.join(f['violations'])}\n    {f['replay']}")
+    else:
+        print(f"{r['strategy']}: {r['trials_run']} trials, {r['seconds']} s, findings "
+              f"{r['findings']}; outcomes {r['outcomes']}")
+        if r["first"]:
+            f = r["first"]
+            print(f"  first finding at trial {f['trial']} ({f['seconds']} s): "
+                  f"{'; '.join(f['violations'])}\n    {f['replay']}")
+    return 1 if r["findings"] else 0
+
+
 def _check_writable(path: str, field: str) -> None:
     import os
     d = os.path.dirname(os.path.abspath(path))
@@ -123,12 +209,20 @@ def cmd_run(a) -> int:
     cfg = _config(a)
     from emu.hw.topology import Topology
     topo = Topology(cfg)
-    errors = a.error or DEMO
-    validate_errors(errors, topo.ncpus, topo.nbanks, cfg.domids, cfg.ser)   # before anything runs
+    if a.raise_cpu is not None and not 0 <= a.raise_cpu < topo.ncpus:
+        raise UsageError("raise", f"{a.raise_cpu}: give a CPU 0..{topo.ncpus - 1}")
+    # --raise without --error: a #MC with no valid bank (nothing is written)
+    errors = a.error or ([] if a.raise_cpu is not None else DEMO)
+    if errors:
+        validate_errors(errors, topo.ncpus, topo.nbanks, cfg.domids, cfg.ser)   # before anything
     for c in a.offline or []:
         if not 1 <= c < topo.ncpus:
             raise UsageError("offline", f"CPU {c}: give 1..{topo.ncpus - 1} (CPU 0, the boot "
                              "CPU, cannot go offline)")
+    st = _controlled_args(a, cfg, errors)
+    if st is not None and (st["kind"] == "dfs" or a.trials > 1):
+        with Machine(cfg) as m:
+            return _run_campaign(a, m, errors, st)
     tracing = bool(a.trace or a.trace_png or a.explain)
     for path, field in ((a.trace, "trace"), (a.trace_png, "trace-png")):
         if path:
@@ -141,7 +235,8 @@ def cmd_run(a) -> int:
         cfg = dataclasses.replace(cfg, trace=True)
     with Machine(cfg) as m:
         offline = [m.cpu_offline(c) for c in dict.fromkeys(a.offline or [])]
-        res = m.inject(errors, local=a.local)
+        res = m.inject(errors, local=a.local, raise_cpu=a.raise_cpu,
+                       schedule=a.strategy if st else None)
         tr = m.trace() if tracing else None
     if offline:
         res["offline"] = offline
@@ -155,10 +250,12 @@ def cmd_run(a) -> int:
     if a.json:
         print(json.dumps(res, sort_keys=True))
     else:
-        if not a.error:
+        if not a.error and a.raise_cpu is None:
             print("demonstration: Xen's srao_mem case (bank 8, 0xBD000000004000CF) "
                   "on a free page", file=sys.stdout)
         _print_trial(res, sys.stdout)
+        if "sched" in res:
+            _print_sched(res["sched"], sys.stdout)
     if a.explain:
         print("\n".join(T.explain(tr, res)), file=out)
     for path, what in ((a.trace, "trace (Chrome Trace Event JSON; open in Perfetto's UI or "
@@ -168,10 +265,67 @@ def cmd_run(a) -> int:
     return 1 if res["violations"] else 0
 
 
+_REPLAY_MACHINE = {"topology": "topology", "banks": "nbanks", "bank_scopes": "bank_scopes",
+                   "handler": "handler", "guests": "guests", "memory_pages": "memory_pages",
+                   "guest_vcpus": "guest_vcpus", "vmce_policy": "vmce_policy"}
+
+
+def cmd_replay(a) -> int:
+    """Replay a schedule token on the machine its header names (options given here
+    must agree with it: exit 2 naming the difference)."""
+    from emu.machine import Machine, MachineConfig
+    from emu.machine.sched import MACHINE_KEYS, check_token_machine, decode_token
+    if not a.schedule:
+        raise UsageError("schedule", "give --schedule TOKEN (printed by a controlled run)")
+    header, _ = decode_token(a.schedule)
+    mh = header.get("machine") or {}
+    kw = {k: mh[k] for k in MACHINE_KEYS if k in mh}
+    kw["handler"] = header.get("handler", "seed")
+    given = {f: getattr(a, opt) for opt, f in _REPLAY_MACHINE.items()
+             if getattr(a, opt) is not None}
+    cfg = MachineConfig(**dict(kw, **given), sched="controlled", seed=a.seed or 0,
+                        extra={"log_dir": a.log_dir} if a.log_dir else {})
+    check_token_machine(header, cfg)          # before validate: an unknown handler too
+    cfg.validate()
+    if not 1 <= a.repeat <= 100_000:
+        raise UsageError("repeat", f"{a.repeat}: give 1..100000")
+    with Machine(cfg) as m:
+        if a.shrink:
+            from emu.campaign.controlled import shrink
+            r = shrink(m, a.schedule)
+            if a.json:
+                print(json.dumps(r, sort_keys=True))
+            else:
+                print(f"shrunk in {r['trials']} trials: {r['preemptions_before']} -> "
+                      f"{r['preemptions']} preemptions, {r['steps']} steps; {r['outcome']}: "
+                      f"{'; '.join(r['violations'])}\n  {r['replay']}")
+            return 1
+        verdicts: dict[str, int] = {}
+        res = None
+        for _ in range(a.repeat):
+            res = m.replay(a.schedule)
+            v = res["sched"]["replay_verdict"]
+            verdicts[v] = verdicts.get(v, 0) + 1
+    if a.json:
+        print(json.dumps({"verdicts": verdicts, "last": res}, sort_keys=True))
+    else:
+        _print_trial(res, sys.stdout)
+        _print_sched(res["sched"], sys.stdout)
+        print(f"replayed {a.repeat}: " + ", ".join(f"{k} {v}" for k, v in sorted(
+            verdicts.items())), file=sys.stdout)
+    if verdicts.get("diverged"):
+        return 3     # the run left its schedule: something outside the scheduler's control
+    return 1 if res["violations"] else 0
+
+
 def _run_args(r) -> None:
     r.add_argument("--error", action="append",
                    help='"cpu=N bank=N status=0x.. [addr= misc= mcg= via=mce|cmci|poll]"')
-    r.add_argument("--local", action="store_true", help="deliver as LMCE to the first error's CPU")
+    r.add_argument("--local", action="store_true",
+                   help="deliver as LMCE to the first error's CPU (or the --raise CPU)")
+    r.add_argument("--raise", dest="raise_cpu", type=int, metavar="CPU",
+                   help="raise the #MC on CPU (broadcast unless --local); without --error, no "
+                        "bank is written: a #MC with no valid bank")
     r.add_argument("--offline", type=int, action="append",
                    help="take this CPU offline (Xen's cpu_down) before injecting; repeatable")
     r.add_argument("--json", action="store_true", help="print one JSON object")
@@ -183,13 +337,39 @@ def _run_args(r) -> None:
 
 
 def _machine_dict(a) -> dict:
-    """MachineConfig fields from the machine options (the campaign's chaos is per trial)."""
+    """MachineConfig fields from the machine options, as ``_config`` reads them (the
+    campaign's chaos and starvation are per trial, not the machine's)."""
+    if getattr(a, "sched", "os") != "os":
+        raise UsageError("sched", "emu stress and its replay run under the host scheduler; "
+                         "for controlled scheduling use emu run --sched controlled --trials N")
     extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) else {}
     return {"topology": a.topology, "nbanks": a.banks, "bank_scopes": a.bank_scopes,
             "handler": a.handler, "seed": a.seed, "watchdog_s": a.watchdog,
             "ser": not a.no_ser, "pin_cpus": not a.no_pin, "guests": a.guests,
             "memory_pages": a.memory_pages, "guest_vcpus": a.guest_vcpus,
-            "vmce_policy": a.vmce_policy, "idle_poll_us": a.idle_poll_us, "extra": extra}
+            "vmce_policy": a.vmce_policy, "idle_poll_us": a.idle_poll_us,
+            "cmci": not a.no_cmci, "cmci_banks": a.cmci_banks,
+            "cmci_threshold": a.cmci_threshold, "poll_period_s": a.poll_period,
+            "extra": extra}
+
+
+def _arg(p, flag: str, **kw) -> None:
+    """Add an option, or re-purpose one ``_machine_args`` already defines (its default
+    and help) for this subcommand."""
+    act = p._option_string_actions.get(flag)
+    if act is None:
+        p.add_argument(flag, **kw)
+        return
+    if "default" in kw:
+        p.set_defaults(**{act.dest: kw["default"]})
+    if "help" in kw:
+        act.help = kw["help"]
+
+
+def _machine_defaults() -> dict:
+    tmp = argparse.ArgumentParser(add_help=False)
+    _machine_args(tmp)
+    return {x.dest: x.default for x in tmp._actions}
 
 
 def _campaign_args(p) -> None:
@@ -197,9 +377,8 @@ def _campaign_args(p) -> None:
     _machine_args(p)
     p.add_argument("--scenario", default="all", help="FAMILY[:WEIGHT],... (default all: the "
                    "nine families; also no_bank)")
-    if "--starve" not in p._option_string_actions:    # a machine option once chaos has it
-        p.add_argument("--starve", type=float, help="probability per trial of starving one "
-                       "seeded victim process (default: the machine's, 0.05 with chaos)")
+    _arg(p, "--starve", type=float, default=None, help="probability per trial (with "
+         "--chaos) of starving one seeded victim process (default 0.05)")
     p.add_argument("--faults", default="", help="fault kinds drawn per trial: kill_cpu, "
                    "stall_cpu, kill_dom0, pause_dom0 or all (default none)")
     p.add_argument("--fault-rate", type=float, default=0.1,
@@ -237,8 +416,16 @@ def cmd_stress(a) -> int:
     return Campaign(o).run()["exit_code"]
 
 
-def cmd_replay(a) -> int:
+def cmd_replay_trial(a) -> int:
+    """``emu replay --seed S --trial I ...``: a stress campaign's trial, --repeat times."""
     from emu.campaign.replay import replay
+    if a.trial is None:
+        raise UsageError("trial", "give --trial I (with the campaign's --seed and "
+                         "--scenario), or --schedule TOKEN for a controlled schedule")
+    for k, v in _machine_defaults().items():     # the replay parser defaults them to None
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    a.repeat = 20 if a.repeat is None else a.repeat
     o = _options(a, db=False, progress=False)
     r = replay(o, a.seed, a.trial, a.family, a.repeat)
     if a.json:
@@ -319,8 +506,8 @@ def main(argv=None) -> int:
     st = sub.add_parser("stress", help="a seeded campaign: many trials, checked by the "
                         "oracle and the expected-outcome model; replay lines for findings")
     _campaign_args(st)
-    st.add_argument("--trials", type=int, help="trial indices 0..N-1 (default 100 without "
-                    "--duration)")
+    _arg(st, "--trials", type=int, default=None, help="trial indices 0..N-1 (default 100 "
+         "without --duration)")
     st.add_argument("--duration", help="run for this long, e.g. 30s, 2m")
     st.add_argument("--stop-on-first", action="store_true", help="stop at the first failure")
     st.add_argument("--jobs", type=int, default=1, help="workers, each with its own machine")
@@ -333,11 +520,20 @@ def main(argv=None) -> int:
                     "stress-failures.jsonl); its failures are replayed first")
     st.add_argument("--no-db", action="store_true", help="no failure database")
     st.add_argument("--no-progress", action="store_true", help="no progress bar")
-    rp = sub.add_parser("replay", help="rebuild trial I of seed S and run it --repeat times")
+    rp = sub.add_parser("replay", help="rebuild trial I of a stress campaign's seed S and "
+                        "run it --repeat times; or replay a --schedule token (controlled)")
     _campaign_args(rp)
-    rp.add_argument("--trial", type=int, required=True, help="the trial index")
+    # None: "not given" (a schedule token's machine is the default; a trial's are
+    # filled in from the machine options' defaults)
+    rp.set_defaults(**{k: None for k in _machine_defaults()})
+    rp.add_argument("--trial", type=int, help="the stress trial index (with --seed)")
     rp.add_argument("--family", help="the family the campaign drew (checked)")
-    rp.add_argument("--repeat", type=int, default=20, help="repeats (default 20)")
+    rp.add_argument("--repeat", type=int, default=None,
+                    help="repeats (default 20 for a trial, 1 for a schedule)")
+    rp.add_argument("--schedule", help="a controlled schedule token (from an `emu replay "
+                    "--schedule` line): replay it; machine options must match its header")
+    rp.add_argument("--shrink", action="store_true", help="with --schedule: remove "
+                    "preemptions while the finding persists; print the shortest")
     mg = sub.add_parser("merge", help="one summary from several emu stress --out files")
     mg.add_argument("files", nargs="+", help="--out files of emu stress (e.g. shards)")
     mg.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -347,7 +543,10 @@ def main(argv=None) -> int:
         if a.cmd == "stress":
             return cmd_stress(a)
         if a.cmd == "replay":
-            return cmd_replay(a)
+            if a.schedule:
+                a.repeat = 1 if a.repeat is None else a.repeat
+                return cmd_replay(a)
+            return cmd_replay_trial(a)
         if a.cmd == "merge":
             return cmd_merge(a)
         if a.cmd == "run":

@@ -66,6 +66,8 @@ MACHINE_OPTS = {
     "pin_cpus": (True, "--no-pin"), "guests": (1, "--guests"),
     "memory_pages": (16384, "--memory-pages"), "guest_vcpus": (2, "--guest-vcpus"),
     "vmce_policy": ("owner", "--vmce-policy"), "idle_poll_us": (1000, "--idle-poll-us"),
+    "cmci": (True, "--no-cmci"), "cmci_banks": ("all", "--cmci-banks"),
+    "cmci_threshold": (2, "--cmci-threshold"), "poll_period_s": (0.0, "--poll-period"),
 }
 
 
@@ -332,7 +334,7 @@ class Options:
         out = []
         c = self.config
         for k, (dflt, flag) in MACHINE_OPTS.items():
-            v = getattr(c, k)
+            v = getattr(c, k, dflt)
             if v == dflt:
                 continue
             if isinstance(dflt, bool):

@@ -15,9 +15,13 @@ Channel protocol (msgpack arrays ``[1, cmd, args]``; replies ``[ok, value]``):
 
 * requests: ``fetch {"cls"}`` → ``[True, None]`` (NODATA) or ``[True, {"id", "cls",
   "source", "record"}]``; ``ack {"cls", "id"}`` → ``[True, bool]``; ``rdmsr``/``wrmsr``
-  (the #MC handler, see :mod:`emu.domains.guest`); ``logged {"ids"}``, ``handled {...}`` and
-  ``paused {}`` (the answer to a ``pause`` notification) (no reply).
-* notifications: ``virq``, ``vmce {"vcpus"}``, ``quit``, ``pause``, ``resume``.
+  (the #MC handler, see :mod:`emu.domains.guest`); ``logged {"ids", "dup"?, "yp"?}``
+  (``dup``: the record was already in the log, acked only), ``handled {...}``,
+  ``perturbed {"gen", "n", "points", "starved"}`` (this trial's perturbation counts,
+  after a drain) and ``paused {}`` (the answer to a ``pause`` notification) (no reply).
+* notifications: ``virq``, ``vmce {"vcpus"}``, ``quit``, ``pause``, ``resume``; any may
+  carry the trial's control, ``"ctl": {"gen", "seed", "chaos", "starve"?, "die"?}``
+  (``die: [point, n]``: a per-trial kill_dom0 fault), applied once per trial.
 
 :func:`render_log` is ``emu log FILE``: mcelog ``--ascii`` text per bank record
 (:func:`emu.domains.mcelog.format_record`), or the JSON lines with ``--json``.
@@ -293,12 +297,29 @@ class Dom0Logger:
             raise UsageError("hooks.die_at", f"{die_at!r}: choose one of {', '.join(DIE_POINTS)}")
         self.die_at = die_at
         self.die_count = int(self.hooks.get("die_count", 1))
+        self._boot_die = (self.die_at, self.die_count)
 
     def _maybe_die(self, point: str) -> None:
         if self.die_at == point and self.fetched == self.die_count:
             os._exit(9)                  # as if SIGKILLed: no flush, no cleanup
 
+    def _trial_ctl(self, ctl: dict) -> None:
+        """A notification carried a trial's control: reseed this process's yield
+        points (:meth:`Channel.apply_ctl`) and arm the trial's fault, ``"die": [point,
+        n]``: die at ``point`` of the n-th record fetched from now on (a trial without
+        one gets the boot's die hook back)."""
+        if not self.ch.apply_ctl(ctl, 0):
+            return
+        die = ctl.get("die")
+        if isinstance(die, (list, tuple)) and len(die) == 2 and die[0] in DIE_POINTS \
+                and isinstance(die[1], int):
+            self.die_at, self.die_count = die[0], self.fetched + die[1]
+        else:
+            self.die_at, self.die_count = self._boot_die
+
     def handle(self, name: str, args: dict) -> None:
+        if "ctl" in args:
+            self._trial_ctl(args["ctl"])
         if name == "virq":
             self.need_drain = True
         elif name == "vmce":
@@ -337,14 +358,19 @@ class Dom0Logger:
                 if not self._log_one(cls, item):
                     break
                 self._service_between_records()
+        report = self.ch.perturb_report()
+        if report is not None:
+            self.ch.send("perturbed", report)   # this trial's counts, after the drain
 
     def _log_one(self, cls: str, item: dict) -> bool:
         rid = item["id"]
         self.fetched += 1
         self._maybe_die("before_write")
-        if rid in self.log:
+        dup = rid in self.log
+        if dup:
             self.duplicates += 1         # written before a crash, never acked: ack only
         else:
+            self.ch.yp("log")
             line = log_line(item, self.cpuid)
             if self.die_at == "mid_write" and self.fetched == self.die_count:
                 data = _dump(line)
@@ -364,7 +390,13 @@ class Dom0Logger:
             self.ack_failures += 1
             return False
         self._maybe_die("after_ack")
-        self.ch.send("logged", {"ids": [rid]})
+        # "dup": it was already in the log (the machine counted it from the file when
+        # the Dom0 that wrote it died): acked now, not logged a second time.
+        msg = {"ids": [rid], "dup": True} if dup else {"ids": [rid]}
+        report = self.ch.perturb_report()
+        if report is not None:
+            msg["yp"] = report
+        self.ch.send("logged", msg)
         return True
 
     def run(self) -> None:

@@ -41,6 +41,7 @@ import msgpack
 
 from emu.errors import ChannelError, EmulatorInternalError
 from emu.hw import msr
+from emu.hw.yieldpoint import YieldPoints, domain_key, process_seed
 
 PROTO = 1
 GUEST_LOG_SCHEMA = "emu.guestlog/1"
@@ -74,6 +75,10 @@ class Channel:
     its reply is queued and handed out later by :meth:`next_notification` /
     :meth:`ready_notifications`, in arrival order. Malformed messages are dropped and
     counted in :attr:`rejected` (DESIGN.md §8).
+
+    Every request is a yield point (``channel``), this process's
+    (:attr:`yps`): a notification may carry the trial's control (``"ctl"``), which
+    :meth:`apply_ctl` applies once per trial.
     """
 
     def __init__(self, conn, reply_timeout_s: float = REPLY_TIMEOUT_S):
@@ -82,6 +87,43 @@ class Channel:
         self.reply_spin_s = REPLY_SPIN_S
         self.pending: deque = deque()
         self.rejected = 0
+        self.yps = YieldPoints(-1)   # reconfigured per trial by apply_ctl
+        self.yp = self.yps.yp
+        self.ctl_gen = 0
+
+    def apply_ctl(self, ctl, domid: int) -> bool:
+        """Apply a trial's control ``{"gen", "seed": [S, i], "chaos", "starve": [k, s]}``
+        (sent by the machine with a notification) if its ``gen`` is new: this
+        domain's yield points are reseeded from ``SeedSequence([S, i],
+        spawn_key=domain_key(domid))``, with its starvation point if it is the
+        trial's victim. A control with only ``gen`` turns perturbation off. Returns
+        whether it was new."""
+        if not isinstance(ctl, dict):
+            return False
+        g = ctl.get("gen")
+        if not isinstance(g, int) or g == self.ctl_gen:
+            return False
+        self.ctl_gen = g
+        try:
+            chaos = float(ctl.get("chaos") or 0.0)
+            seed = ctl.get("seed")
+            k, s = ctl.get("starve") or (-1, 0.0)
+            ss = process_seed(seed[0], seed[1], domain_key(domid)) \
+                if chaos > 0 and seed else None
+            self.yps.configure(chaos, ss, int(k), float(s))
+        except (TypeError, ValueError, IndexError):
+            self.rejected += 1
+            self.yps.configure(0.0, None)
+        self.yp = self.yps.yp
+        return True
+
+    def perturb_report(self) -> dict | None:
+        """This trial's counts (``{"gen", "n", "points", "starved"}``), or None
+        when nothing perturbs this process."""
+        y = self.yps
+        if not (y.active or y.count or y.starved):
+            return None
+        return dict(y.report(), gen=self.ctl_gen)
 
     def send(self, cmd: str, args) -> None:
         self.conn.send_bytes(msgpack.packb([PROTO, cmd, args]))
@@ -121,6 +163,7 @@ class Channel:
 
     def request(self, cmd: str, args) -> tuple[bool, object]:
         """Send a request and wait for its reply: (ok, value)."""
+        self.yp("channel")
         self.send(cmd, args)
         deadline = time.monotonic() + self.reply_timeout_s
         while True:
@@ -332,6 +375,9 @@ class GuestKernel:
                   "poisoned_pfn": poisoned_pfn, "killed": killed, "cleared": cleared,
                   "mcg_status_written": 0 if cleared else None, "gp": gp,
                   "handler_us": (time.monotonic() - t0) * 1e6}
+        yp = self.ch.perturb_report()
+        if yp is not None:
+            report["yp"] = yp
         self._append_log({"schema": GUEST_LOG_SCHEMA, "domid": self.domid, "vcpu": vcpu,
                           "t": time.time(), "console": self.console[first_line:],
                           "report": report})
@@ -380,6 +426,8 @@ def guest_main(domid: int, conn, log_path, hooks: dict | None = None) -> int:
             if note is None:
                 continue
             name, args = note
+            if "ctl" in args:
+                kernel.ch.apply_ctl(args["ctl"], domid)
             if name == "quit":
                 return kernel.ch.rejected
             if name == "vmce" and not hooks.get("ignore_vmce"):

@@ -123,9 +123,9 @@ class DomainChannels:
             _reap(*self.dom0)
             self.dom0 = None
 
-    def _reconcile_logged(self) -> None:
-        """A Dom0 that died after its write (or ack) never said ``logged``; its
-        durable log is the truth, so recount from it (complete lines only)."""
+    def _log_file_counts(self) -> dict[int, int] | None:
+        """Record id -> how many times it is in Dom0's durable log (complete lines
+        only); None if there is no log yet."""
         import json
         counts: dict[int, int] = {}
         try:
@@ -138,6 +138,14 @@ class DomainChannels:
                             continue
                         counts[rid] = counts.get(rid, 0) + 1
         except FileNotFoundError:
+            return None
+        return counts
+
+    def _reconcile_logged(self) -> None:
+        """A Dom0 that died after its write (or ack) never said ``logged``; its
+        durable log is the truth, so recount from it (complete lines only)."""
+        counts = self._log_file_counts()
+        if counts is None:
             return
         now = time.monotonic_ns()
         for rid, n in counts.items():
@@ -220,7 +228,8 @@ class DomainChannels:
             if conn is None or not vcpus or not self.vmce.is_running(d):
                 continue
             try:
-                conn.send_bytes(msgpack.packb([PROTO, "vmce", {"vcpus": vcpus}]))
+                conn.send_bytes(msgpack.packb([PROTO, "vmce", {"vcpus": vcpus,
+                                                               **self._ctl_args(d)}]))
             except OSError:
                 continue
             self.delivered.append({"domid": d, "vcpus": vcpus, "t": time.monotonic_ns()})
@@ -240,6 +249,8 @@ class DomainChannels:
             self.dom0_restarts += 1
             self.dom0_exits.append(how)
             self.dom0_hooks.pop("die_at", None)   # a fault hook fires once
+            if self._dom_ctl.get(0):
+                self._dom_ctl[0].pop("die", None)   # so does a trial's kill_dom0
             now = time.monotonic()
             self.dom0_deaths = [t for t in self.dom0_deaths if now - t < 1.0] + [now]
             if len(self.dom0_deaths) > 5:
@@ -265,7 +276,7 @@ class DomainChannels:
         if self.dom0 is None:
             return False
         try:
-            self.dom0[1].send_bytes(msgpack.packb([PROTO, name, {}]))
+            self.dom0[1].send_bytes(msgpack.packb([PROTO, name, self._ctl_args(0)]))
             return True
         except OSError:
             return False
@@ -283,7 +294,7 @@ class DomainChannels:
         if cmd == "ready":   # the process has dropped its view of the shared regions
             self.ready_doms.add(domid)
             return
-        if cmd in ("handled", "probe_result"):
+        if cmd in ("handled", "probe_result", "perturbed"):
             pass
         elif domid != 0 and cmd in ("fetch", "ack", "logged", "paused"):
             # HYPERVISOR_mca is privileged (XSM): only the hardware domain may use it.
@@ -325,12 +336,16 @@ class DomainChannels:
                     self._acked_unlogged.add(int(args.get("id", 0)))
                 conn.send_bytes(msgpack.packb([True, ok]))
         elif cmd == "logged":
+            if "yp" in args:
+                self._note_perturb(0, args["yp"])
             now = time.monotonic_ns()
+            dup = bool(args.get("dup"))
             if self.tev is not None:
                 self.tev.append([now, "dom0", "write", {"ids": list(args.get("ids", []))}])
             for rid in args.get("ids", []):
                 ent = self.logged.setdefault(int(rid), [0, now])
-                ent[0] += 1
+                # A duplicate was counted from the durable log when its writer died.
+                ent[0] = max(ent[0], 1) if dup else ent[0] + 1
                 self._acked_unlogged.discard(int(rid))
                 self._rid_origin.pop(int(rid), None)
         elif cmd == "paused":
@@ -355,17 +370,21 @@ class DomainChannels:
                 self.refused += 1
                 conn.send_bytes(msgpack.packb([False, {"type": "EINVAL", "message": cmd}]))
         elif cmd == "handled":
+            if "yp" in args:
+                self._note_perturb(domid, args["yp"])
             self.handled.append(dict(args, domid=domid, t=time.monotonic_ns()))
             if self.tev is not None:
                 self.tev.append([self.handled[-1]["t"], f"dom{domid}", "handled",
                                  {"vcpu": args.get("vcpu"), "killed": args.get("killed")}])
+        elif cmd == "perturbed":   # a domain's own counts for the trial (any domain)
+            self._note_perturb(domid, args)
         elif cmd == "probe_result":
             self.probes[domid] = args
         else:
             self.refused += 1
 
     # -- Dom0 control (the front door's dom0_pause / dom0_resume / ...) ----------------
-    DOM0_OPS = ("pause", "resume", "status", "drain")
+    DOM0_OPS = ("pause", "resume", "status", "drain", "log_counts")
     PAUSE_ACK_S = 10.0
 
     def dom0_command(self, args: dict) -> dict:
@@ -373,7 +392,10 @@ class DomainChannels:
         if op not in self.DOM0_OPS:
             raise UsageError("dom0.op", f"{op!r}: use one of {', '.join(self.DOM0_OPS)}")
         self._poll(0)   # a Dom0 death or message already pending counts in the answer
+        if op == "log_counts":
+            return self._log_file_counts() or {}
         if op == "pause":
+            self._resume_at = None   # the operator's pause outlasts a pause_dom0 fault's
             self._dom0_pause()
         elif op == "resume":
             self.dom0_paused = False
@@ -517,6 +539,9 @@ class DomainChannels:
             return ent
         if rid in lost:
             ent["lost"] = lost[rid]
+        elif self._not_awaited:
+            ent["pending"] = ("not awaited (wait_dom0=False): Dom0 logs it in the background; "
+                              "dom0_drain() then dom0_log_counts() checks it")
         elif self.dom0_paused:
             ent["pending"] = "Dom0 is paused: the record waits in Xen's telemetry pool"
         elif self.dom0 is None:

@@ -16,6 +16,7 @@ from emu.xen.versions import HANDLERS
 from emu.xen.vmce import MAX_DOMS, MAX_VCPUS
 
 VMCE_POLICIES = ("owner", "dom0")
+SCHEDS = ("os", "controlled")
 
 
 @dataclass
@@ -31,7 +32,10 @@ class MachineConfig:
     watchdog_s: float = 2.0
     seed: int = 0
     chaos: float = 0.0            # probability of a perturbation at a yield point
+    starve: float = 0.05          # with chaos on: probability a trial starves one process
     trace: bool = False
+    sched: str = "os"             # os: the host schedules the processes; controlled: emu does
+    sched_steps: int = 16384      # controlled: decision-log entries kept per trial
     atomic_backend: str | None = None
     memory_pages: int = 16384     # 64 MiB of 4 KiB machine pages
     mce_broadcast: bool = True
@@ -59,6 +63,18 @@ class MachineConfig:
             raise UsageError("watchdog", f"{self.watchdog_s!r}: give seconds in (0, 3600]")
         if not (0.0 <= float(self.chaos) <= 1.0):
             raise UsageError("chaos", f"{self.chaos!r}: give a probability in [0, 1]")
+        if self.sched not in SCHEDS:
+            raise UsageError("sched", f"{self.sched!r}: choose os (the host schedules the "
+                             "processes) or controlled (one at a time, by a strategy)")
+        if self.sched == "controlled" and float(self.chaos) > 0:
+            raise UsageError("chaos", "chaos perturbs the host's scheduling; under --sched "
+                             "controlled the strategy decides every step: drop --chaos")
+        if isinstance(self.sched_steps, bool) or not isinstance(self.sched_steps, int) \
+                or not 64 <= self.sched_steps <= 1 << 20:
+            raise UsageError("sched-steps", f"{self.sched_steps!r}: give 64..1048576")
+        if isinstance(self.starve, bool) or not isinstance(self.starve, (int, float)) \
+                or not 0.0 <= float(self.starve) <= 1.0:
+            raise UsageError("starve", f"{self.starve!r}: give a probability in [0, 1]")
         if not 1024 <= self.memory_pages <= 1 << 22:
             raise UsageError("memory-pages", f"{self.memory_pages!r}: give 1024..4194304 pages")
         room = min(MAX_DOMS, (self.memory_pages - DOM_BASE) // DOM_PAGES) - 1
@@ -83,6 +99,10 @@ class MachineConfig:
                              "[0.001, 3600], or 0 for no polling timer")
         if self.vmce_policy not in VMCE_POLICIES:
             raise UsageError("vmce-policy", f"{self.vmce_policy!r}: choose owner or dom0")
+        if self.sched == "controlled" and self.poll_period_s:
+            raise UsageError("poll-period", "the polling timer fires on the host's clock, "
+                             "not at a scheduled step: give 0 under --sched controlled "
+                             "(Machine.poll() between trials still works)")
         return self
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import struct
 import time
 import traceback
 from collections import deque
@@ -26,17 +27,20 @@ from emu.errors import EmuError, EmulatorInternalError, UsageError
 from emu.hw import msr
 from emu.hw.banks import Banks
 from emu.hw.cpu import deliver_mc
+from emu.hw.yieldpoint import SITES
+from emu.machine import chaos as ch
 from emu.machine.channels import GUEST_SPIN_S, PROTO, DomainChannels
 from emu.machine.config import MachineConfig
 from emu.machine.cpu_process import cpu_process
 from emu.machine.interrupts import IrqPaths
 from emu.machine.procs import child_signals, fork_child, set_pdeathsig
 from emu.machine.regions import Regions
+from emu.machine.sched import OVER_DEADLOCK, OVER_DONE, SchedControl, controlled_record
 from emu.machine.tracing import TraceRecorder
 from emu.trial.oracle import check_trial
 from emu.trial.spec import validate_errors
-from emu.xen import severity as sev
-from emu.xen.layout import ACTION_RING, LOGOUT_RING
+from emu.xen import layout as xl, severity as sev
+from emu.xen.layout import ACTION_RING, ARRIVALS, LOGOUT_RING
 from emu.xen.mce import LOG_WORDS, PHASES, RESET_NONE, WHO_NAME
 from emu.xen.mctelem import NENT, Mctelem
 from emu.xen.page_alloc import PageTable
@@ -117,6 +121,16 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         self.refused_by: dict[int, list] = {}   # domid -> refused privileged commands
         self.handled: list = []             # reports of guest #MC handlers
         self.last_ready: list = []
+        # Controlled scheduling (emu.machine.sched): None when the OS schedules.
+        self.sched = SchedControl(self.R, self.R.S) if self.R.S is not None else None
+        # Per-trial perturbation and faults (emu.machine.chaos).
+        self._names = ch.process_names(self.n, self.domids)
+        self._ctl_active = False        # the CPUs' control block says perturb or fault
+        self._dom_ctl: dict = {}        # domid -> the control its notifications carry
+        self._dom_armed: set = set()    # domains told to perturb, not yet told to stop
+        self.dom_perturb: dict = {}     # domid -> its last report {"gen", "n", ...}
+        self._resume_at = None          # a pause_dom0 fault's resume time (monotonic)
+        self._not_awaited = False       # this trial does not wait for Dom0
 
     # -- lifecycle --------------------------------------------------------------------
     def power_on(self) -> dict:
@@ -129,6 +143,14 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         R, X, L = self.R, self.R.X, self.R.L
         self.boots += 1
         R.reinit_xen()
+        # mce.c: static atomic_t severity_cpu = ATOMIC_INIT(-1). Zeroed memory would make
+        # CPU 0 the trap handler's severity_cpu until the first fatal check resets it
+        # (a broadcast #MC with no valid bank then panicked on a fresh machine).
+        X.store(L.severity_cpu, -1 & msr.U64)
+        # Xen memory (the control block) is new, and so are the CPU and domain
+        # processes: nothing is armed; a fault or plan of the trial does not carry over.
+        self._ctl_active = False
+        self._dom_ctl, self._dom_armed = {}, set()
         self.tele.init(self.boots)
         self.pages.init_default(self.domids)
         self.vmce.create(0, 0, hvm=False, nvcpus=min(2, self.n), hwdom=True)
@@ -228,6 +250,12 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         readable); serve Dom0; return the CPUs that died. ``ready``: the caller
         has slept already, and this is what select returned. ``done``: what the
         caller waits for; once true, no more polling of the domains' channels."""
+        if self._resume_at is not None:   # a pause_dom0 fault ends on time
+            left = self._resume_at - time.monotonic()
+            if left <= 0:
+                self._fault_resume()
+            else:
+                timeout = min(timeout, left)
         r = ready if ready is not None else select.select(self._poll_fds(extra), [], [],
                                                           timeout)[0]
         try:
@@ -290,8 +318,13 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         for k in range(min(X.load(L.action_n), ACTION_RING)):
             base = L.action_log + 256 * k
             ln = int.from_bytes(mv[base:base + 2], "little")
-            w, src, bank, status, r, rid, info = msgpack.unpackb(bytes(mv[base + 2:base + 2 + ln]),
-                                                                 strict_map_key=False)
+            if not ln:
+                continue   # reserved, still being written (a reset ended the trial first)
+            try:
+                w, src, bank, status, r, rid, info = msgpack.unpackb(
+                    bytes(mv[base + 2:base + 2 + ln]), strict_map_key=False)
+            except (ValueError, msgpack.ExtraData):
+                continue   # torn the same way: its writer was still at it
             out.append({"worker": w, "cpu": src, "bank": bank, "status": status, "result": r,
                         "record_id": rid, "info": info})
         return out
@@ -330,14 +363,16 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 L.pc(c, w) for c in range(self.n)
                 for w in (L.P_LOGOUT_N, L.P_REACHED, L.P_T_ENTER, L.P_T_LOGOUT, L.P_T_EXIT,
                           L.P_T_SOFTIRQ, L.P_SIRQ_ROLE, L.P_T_BARRIER_A, L.P_T_FATAL,
-                          L.P_T_MCIP)]
+                          L.P_T_MCIP, *range(L.P_ARRIVE, L.P_ARRIVE + len(ARRIVALS)))]
         store = X.store
         for off in offs:
             store(off, 0)
 
-    def _inject(self, errs: list, local: bool):
+    def _inject(self, errs: list, local: bool, raise_cpu: int | None = None):
         """Write validated errors into their banks (mce-inject's HOLD), then compute
-        who gets the #MC and with which MCG_STATUS."""
+        who gets the #MC and with which MCG_STATUS. ``raise_cpu``: the CPU the #MC
+        is raised on (default: the first error's); with no error, no bank is
+        written at all."""
         maddrs = []
         for e in errs:   # translate every address before any bank is written
             addr = e.addr
@@ -349,9 +384,11 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 addr = mfn << 12 | (e.addr & 0xFFF)
             maddrs.append(addr)
         online = self._online()
-        if local and errs[0].cpu not in online:   # refused before any bank is written
-            raise UsageError("error.cpu", f"CPU {errs[0].cpu} is offline: an LMCE needs an "
-                             "online CPU (bring it up with cpu_online)")
+        cpu0 = raise_cpu if raise_cpu is not None else errs[0].cpu
+        if local and cpu0 not in online:   # refused before any bank is written
+            raise UsageError("raise_cpu" if raise_cpu is not None else "error.cpu",
+                             f"CPU {cpu0} is offline: an LMCE needs an online CPU (bring it "
+                             "up with cpu_online)")
         written = [(e, addr, self.banks.hw_report(e.cpu, e.bank, e.status, addr, e.misc))
                    for e, addr in zip(errs, maddrs, strict=True)]
         # What the #MC's handler finds in each bank instance: the wave's last write
@@ -360,7 +397,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                  if w["written"]}
         for e, _, w in written:
             w["found"] = found.get(self.topo.inst[e.cpu][e.bank], e.status)
-        targets = [errs[0].cpu] if local or not self.cfg.mce_broadcast else online
+        targets = [cpu0] if local or not self.cfg.mce_broadcast else online
         dflt = msr.MCG_STATUS_MCIP | msr.MCG_STATUS_RIPV
         mcg = {c: dflt for c in targets}
         seen = set()
@@ -373,37 +410,89 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         return errs, written, targets, mcg
 
     def trial(self, errors: list[dict], local: bool = False, timeout_s: float | None = None,
-              then: dict | None = None) -> dict:
+              then: dict | None = None, schedule: dict | None = None, seed=None, chaos=None,
+              starve=None, fault=None, raise_cpu=None, wait_dom0: bool = True) -> dict:
         """One trial. ``then`` = {"errors", "local", "after_phase"}: a second #MC
-        raised once a first-wave target has reached ``after_phase``."""
+        raised once a first-wave target has reached ``after_phase``. ``seed``,
+        ``chaos``, ``starve``, ``fault``, ``raise_cpu``, ``wait_dom0``: see
+        :meth:`emu.machine.Machine.inject`."""
         X, L = self.R.X, self.R.L
         # Validate everything before anything runs.
-        first = self._validated(errors)
+        if raise_cpu is not None and (isinstance(raise_cpu, bool) or not isinstance(
+                raise_cpu, int) or not 0 <= raise_cpu < self.n):
+            raise UsageError("raise_cpu", f"{raise_cpu!r}: give a CPU 0..{self.n - 1}")
+        if not errors and raise_cpu is None:
+            raise UsageError("error", "no error given; give at least one, or raise_cpu=N "
+                             "to raise a #MC on CPU N without writing any bank")
+        first = self._validated(errors) if errors else []
         vias = {e.via for e in first} | ({e.via for e in self._validated(then["errors"])}
                                          if then else set())
-        if vias != {"mce"}:
+        if vias and vias != {"mce"}:
             if len(vias) > 1:
                 raise UsageError("error.via", f"{', '.join(sorted(vias))}: one trial's errors "
                                  "arrive one way; give every error the same via")
             if local or then:
                 raise UsageError("error.via", "--local and then= raise a #MC; with via=cmci "
                                  "or via=poll give neither")
+            if self.sched is not None:
+                raise UsageError("error.via", "CMCI and the poller are not scheduled under "
+                                 "controlled scheduling (v1: the #MC path only); use via=mce "
+                                 "or sched='os'")
+            per_trial = [k for k, v in (("seed", seed), ("chaos", chaos), ("starve", starve),
+                                        ("fault", fault), ("raise_cpu", raise_cpu))
+                         if v is not None] + ([] if wait_dom0 else ["wait_dom0"])
+            if per_trial:
+                raise UsageError(per_trial[0], "per-trial perturbation, faults, raise_cpu and "
+                                 "wait_dom0 apply to #MC trials; not with via=cmci or via=poll")
             return self._trial_irq(first, vias.pop(), timeout_s)
         second = None
+        if self.sched is not None and then:
+            raise UsageError("then", "a second #MC wave is not scheduled under controlled "
+                             "scheduling (its raise would be the coordinator's timing, not a "
+                             "step): drop then= or use sched='os'")
+        if self.sched is None and schedule:
+            raise UsageError("schedule", "this machine is not controlled: boot it with "
+                             "sched='controlled' (--sched controlled)")
         if then:
             second = self._validated(then["errors"])
             if then.get("after_phase") not in PHASES:
                 raise UsageError("then.after_phase", f"use one of {', '.join(PHASES)}")
+        bound = timeout_s or self.cfg.watchdog_s
+        chaos = float(self.cfg.chaos) if chaos is None else ch.validate_probability("chaos",
+                                                                                     chaos)
+        if starve is None:
+            starve = float(self.cfg.starve) if chaos > 0 else 0.0
+        else:
+            starve = ch.validate_probability("starve", starve)
+        if self.sched is not None and (chaos > 0 or starve > 0):
+            raise UsageError("chaos" if chaos > 0 else "starve", "chaos perturbs the host's "
+                             "scheduling; under controlled scheduling the strategy decides "
+                             "every step: give chaos=0 and starve=0")
+        fault = ch.validate_fault(fault, self.n, bound)
+        tseed = ch.validate_seed(seed) if seed is not None else None
         self.trial_gen += 1
         gen = first_gen = self.trial_gen
+        if tseed is None:
+            tseed = (int(self.cfg.seed), gen)
         self._reset_trial_state(gen)
         self.handled.clear()
         self.delivered.clear()
         self.rung_late: list[int] = []
         if self.tev is not None:
             self._trace_reset()
-        errs, written, targets, mcg = self._inject(first, local)
+        banks_before = None
+        if self.sched is not None:
+            if schedule and schedule.get("banks") is not None:
+                self.sched.restore_banks(schedule["banks"])   # a replay: the recorded input
+            banks_before = self.sched.bank_state()
+        self._not_awaited = not wait_dom0
+        plan = self._trial_control(gen, tseed, chaos, starve, fault, bound)
+        fstate = self._fault_begin(fault)
+        errs, written, targets, mcg = self._inject(first, local, raise_cpu)
         fds = self._poll_fds()
+        if self.sched is not None:
+            self.sched.start(targets, schedule or {"kind": "random", "seed": self.cfg.seed,
+                                                   "name": "random"})
         t_inject = time.monotonic_ns()
         # Latencies count from t0, the raise: MCG_STATUS is written (by the emulator,
         # where silicon takes no time) and the signal is about to go.
@@ -439,28 +528,39 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             self._trace_ring = self._read_trace_ring()   # before a reset wipes it
             self._trace_ring.update(t0=t0, trial=first_gen)
         res["rung_late"] = sorted(set(self.rung_late))
+        if self.sched is not None:
+            res["sched"] = self.sched.result()
+            res["sched"]["banks_before"] = banks_before
+        res["trial_seed"] = list(tseed)
+        res["raise_cpu"] = raise_cpu
+        res["arrivals"] = self._arrivals()
+        perturb = self._cpu_perturbation(plan, tseed, chaos)   # before a reset wipes it
         # The ring's timing follows handler times that did not need it.
         if res["latency_us"]["handler_exit"] is not None and not self.rung_late:
             self._handler_us.append(res["latency_us"]["handler_exit"])
         res["t_inject_ns"] = t_inject
         res["latency_us"]["raise"] = round((t0 - t_inject) / 1e3, 1)
-        wd = timeout_s or self.cfg.watchdog_s
+        wd = bound
         # Guests handle their vMCE after Xen's part is over; a host reset ends them.
         self._guest_results(res, t0, wd if outcome == "done" or res["outcome"] in (
             "recovered", "continued") else 0)
         res["lost_at_reset"] = []
-        if outcome in ("reset", "shutdown", "hang", "cpu_died"):
+        if outcome in ("reset", "shutdown", "hang", "cpu_died", "deadlock"):
             boot = self.warm_reset(f"trial {first_gen}: {res['outcome']}")
             res["resets"] = 1
             res["boot_log"] = boot["boot_log"]
             res["boot_ms"] = boot["boot_ms"]
             res["lost_at_reset"] = boot["lost_at_reset"]
-            self._await_logged({b["record_id"] for b in res["boot_log"]}, wd)
+            if wait_dom0:
+                self._await_pause_fault()
+                self._await_logged({b["record_id"] for b in res["boot_log"]}, wd)
             for b in res["boot_log"]:
                 b["dom0_log"] = self._dom0_entry(b["record_id"], "boot", {}, wd)
         lost = {x["record_id"]: x["reason"] for x in res["lost_at_reset"]}
         rids = {r for e in res["errors"] for r in e["_rids"]}
-        self._await_logged(rids - lost.keys(), wd)
+        if wait_dom0:
+            self._await_pause_fault()
+            self._await_logged(rids - lost.keys(), wd)
         t_logged = [self.logged[r][1] for r in rids if r in self.logged]
         res["latency_us"]["dom0_logged"] = (round((max(t_logged) - t0) / 1e3, 1)
                                             if t_logged and len(t_logged) == len(rids) else None)
@@ -475,9 +575,159 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         res["dom0_log_path"] = self.dom0_log_path
         res["dom0"] = {"restarts": self.dom0_restarts, "exits": list(self.dom0_exits),
                        "refused": self.refused}
+        res["perturbation"] = self._domain_perturbation(perturb, gen=first_gen)
+        res["fault"] = self._fault_result(fault, fstate, res, detail, wait_dom0)
+        self._not_awaited = False
         res["hazards"] = self._hazards(res, local or bool(then and then.get("local")))
         res["violations"] = check_trial(res, self.topo)
+        if self.sched is not None:
+            controlled_record(res, self.cfg, errors, local)
         return res
+
+    # -- per-trial perturbation and faults (emu.machine.chaos) --------------------------
+    def _trial_control(self, gen: int, tseed: tuple, chaos: float, starve: float,
+                       fault: dict | None, bound: float) -> dict:
+        """Draw the trial's starvation plan and tell the processes: the CPUs through
+        the control block in Xen memory (read at #MC entry when ``ctl_gen`` moved),
+        the domains through the control their notifications carry. A trial with
+        nothing to perturb after one with nothing either costs nothing here."""
+        X, L = self.R.X, self.R.L
+        st = ch.starvation_plan(tseed[0], tseed[1], self._names, starve,
+                                bound) if starve > 0 else {"p": starve, "armed": False}
+        st["happened"] = False
+        victim = st.get("victim") if st["armed"] else None
+        perturb = chaos > 0 or victim is not None
+        cpu_fault = fault is not None and fault["kind"] in ("kill_cpu", "stall_cpu")
+        if perturb or cpu_fault or self._ctl_active:
+            c, store = L.ctl, X.store
+            store(c + 8 * xl.CTL_FLAGS, (xl.CTL_F_PERTURB if perturb else 0)
+                  | (xl.CTL_F_FAULT if cpu_fault else 0))
+            if perturb:
+                store(c + 8 * xl.CTL_SEED, tseed[0])
+                store(c + 8 * xl.CTL_TRIAL, tseed[1])
+                store(c + 8 * xl.CTL_CHAOS, int.from_bytes(struct.pack("<d", chaos), "little"))
+                vcpu = int(victim[3:]) + 1 if victim and victim.startswith("cpu") else 0
+                store(c + 8 * xl.CTL_STARVE_CPU, vcpu)
+                store(c + 8 * xl.CTL_STARVE_K, st["point"] + 1 if vcpu else 0)
+                store(c + 8 * xl.CTL_STARVE_NS, int(st["s"] * 1e9) if vcpu else 0)
+                for cpu in range(self.n):
+                    store(L.pc(cpu, L.P_PERTURB), 0)
+                    store(L.pc(cpu, L.P_STARVED), 0)
+            if cpu_fault:
+                store(c + 8 * xl.CTL_FAULT, xl.FAULT_KILL_CPU if fault["kind"] == "kill_cpu"
+                      else xl.FAULT_STALL_CPU)
+                store(c + 8 * xl.CTL_FAULT_CPU, fault["cpu"])
+                store(c + 8 * xl.CTL_FAULT_PHASE, ch.PHASE_INDEX[fault["phase"]])
+                store(c + 8 * xl.CTL_FAULT_NS, int(fault.get("s", 0) * 1e9))
+            store(L.ctl_gen, gen)
+            self._ctl_active = perturb or cpu_fault
+        die = fault is not None and fault["kind"] == "kill_dom0"
+        if perturb or die:
+            base = {"gen": gen, "seed": list(tseed), "chaos": chaos}
+            self._dom_ctl = {d: dict(base) for d in self.domids}
+            if victim is not None and victim.startswith("dom"):
+                self._dom_ctl[int(victim[3:])]["starve"] = [st["point"], st["s"]]
+            if die:
+                self._dom_ctl[0]["die"] = [fault["point"], fault["count"]]
+            self._dom_armed = set(self.domids)
+        elif self._dom_armed:
+            self._dom_ctl = {d: {"gen": gen} for d in self._dom_armed}
+        elif self._dom_ctl:
+            self._dom_ctl = {}
+        return {"starvation": st, "perturb": perturb}
+
+    def _ctl_args(self, d: int) -> dict:
+        """What a notification to domain ``d`` carries of the trial's control."""
+        ctl = self._dom_ctl.get(d)
+        if ctl is None:
+            return {}
+        if len(ctl) == 1:
+            self._dom_armed.discard(d)   # told to stop perturbing
+        return {"ctl": ctl}
+
+    def _note_perturb(self, domid: int, rep) -> None:
+        if isinstance(rep, dict) and isinstance(rep.get("gen"), int):
+            self.dom_perturb[domid] = rep
+
+    def _cpu_perturbation(self, plan: dict, tseed: tuple, chaos: float) -> dict:
+        X, L = self.R.X, self.R.L
+        st = plan["starvation"]
+        counts, points = {}, {}
+        for cpu in range(self.n):
+            w = X.load(L.pc(cpu, L.P_PERTURB)) if plan["perturb"] else 0
+            counts[f"cpu{cpu}"], points[f"cpu{cpu}"] = w >> 32, w & 0xFFFFFFFF
+        v = st.get("victim") if st["armed"] else None
+        if v is not None and v.startswith("cpu"):
+            site = X.load(L.pc(int(v[3:]), L.P_STARVED))
+            st["happened"] = site != 0
+            st["site"] = SITES[site - 1] if 0 < site <= len(SITES) else None
+        return {"seed": list(tseed), "chaos": chaos, "counts": counts, "points": points,
+                "starvation": st, "_perturb": plan["perturb"]}
+
+    def _domain_perturbation(self, p: dict, gen: int) -> dict:
+        st = p["starvation"]
+        active = p.pop("_perturb")
+        for d in self.domids:
+            rep = self.dom_perturb.get(d) if active else None
+            ok = rep is not None and rep.get("gen") == gen
+            p["counts"][f"dom{d}"] = int(rep.get("n") or 0) if ok else 0
+            p["points"][f"dom{d}"] = int(rep.get("points") or 0) if ok else 0
+            if st.get("armed") and st.get("victim") == f"dom{d}":
+                st["happened"] = bool(ok and rep.get("starved"))
+                st["site"] = rep.get("starved") if ok else None
+        return p
+
+    def _arrivals(self) -> dict:
+        """Per rendezvous use, the CPUs in the order they arrived (entered it)."""
+        X, L = self.R.X, self.R.L
+        out = {}
+        for k, name in enumerate(ARRIVALS):
+            got = sorted((X.load(L.pc(c, L.P_ARRIVE + k)), c) for c in range(self.n))
+            out[name] = [c for v, c in got if v]
+        return out
+
+    def _fault_begin(self, fault: dict | None) -> dict:
+        """What a fault needs before the raise: a pause_dom0 pauses Dom0 now (and
+        :meth:`_poll` resumes it ``s`` later)."""
+        st = {"restarts": self.dom0_restarts, "paused": False}
+        if fault is not None and fault["kind"] == "pause_dom0" and not self.dom0_paused:
+            self._dom0_pause()
+            self._resume_at = time.monotonic() + fault["s"]
+            st["paused"] = True
+        return st
+
+    def _fault_resume(self) -> None:
+        self._resume_at = None
+        self.dom0_paused = False
+        self._notify_dom0("resume")   # Dom0 drains on resume
+
+    def _await_pause_fault(self) -> None:
+        """Wait out a pause_dom0 fault's pause (``_poll`` resumes Dom0 on time)."""
+        while self._resume_at is not None:
+            self._poll(max(0.0, self._resume_at - time.monotonic()))
+
+    def _fault_result(self, fault, fst: dict, res: dict, detail: dict, waited: bool):
+        """``{...spec, "expected", "happened", "held"}`` (see emu.machine.chaos);
+        ``held``: the expected outcome held (None: not known, the fault did not happen
+        or Dom0 was not waited for)."""
+        if fault is None:
+            return None
+        out = dict(fault)
+        kind, exp = fault["kind"], fault["expected"]
+        if kind == "kill_cpu":
+            happened = res["outcome"] == "cpu_died" and fault["cpu"] in detail.get("cpus", ())
+            held = True if happened else None
+        elif kind == "stall_cpu":
+            happened = fault["phase"] in res["cpus"][fault["cpu"]]["phases"]
+            held = (res["outcome"] == "hang") == (exp == "hang") if happened else None
+        else:
+            happened = self.dom0_restarts > fst["restarts"] if kind == "kill_dom0" \
+                else fst["paused"]
+            ents = [d for e in res["errors"] for d in e["dom0_log"]] + \
+                [b["dom0_log"] for b in res["boot_log"]]
+            held = all(d["count"] == 1 for d in ents) if happened and waited else None
+        out.update(happened=bool(happened), held=held)
+        return out
 
     @staticmethod
     def _lost_reason(res: dict, e: dict, recs: list, lost: dict) -> str:
@@ -553,9 +803,13 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         last_t = time.monotonic()
         ring_at = (t_deliver or last_t) + ring_late_s
 
+        sched = self.sched
+
         def done():
             return (all(X.load(L.pc(c, L.P_DONE_GEN)) >= g for c, g in wait_targets.items())
-                    or X.load(L.reset_req) != RESET_NONE)
+                    and (sched is None or sched.over() == OVER_DONE)
+                    or X.load(L.reset_req) != RESET_NONE
+                    or sched is not None and sched.over() == OVER_DEADLOCK)
         if ready is not None:
             dead = self._poll(0, ready=ready, done=done)
             if dead:
@@ -568,7 +822,11 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             k = self.vmce.slot(0)
             if k is not None and self.vmce.dget(k, 1) == 2:  # the hardware domain crashed
                 return "reset", {"panic": "hardware domain crashed"}
-            if all(X.load(L.pc(c, L.P_DONE_GEN)) >= g for c, g in wait_targets.items()):
+            if sched is not None and sched.over() == OVER_DEADLOCK:
+                return "deadlock", {"deadlock": sched.deadlock(
+                    lambda c: PHASES[X.load(L.pc(c, L.P_PHASE))])}
+            if all(X.load(L.pc(c, L.P_DONE_GEN)) >= g for c, g in wait_targets.items()) \
+                    and (sched is None or sched.over() == OVER_DONE):
                 return "done", {}
             now = time.monotonic()
             if ring_at is not None and now >= ring_at:
@@ -737,7 +995,10 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             return self.power_on()
         if cmd == "trial":
             return self.trial(args["errors"], bool(args.get("local")), args.get("timeout_s"),
-                              args.get("then"))
+                              args.get("then"), args.get("schedule"), seed=args.get("seed"),
+                              chaos=args.get("chaos"), starve=args.get("starve"),
+                              fault=args.get("fault"), raise_cpu=args.get("raise_cpu"),
+                              wait_dom0=bool(args.get("wait_dom0", True)))
         if cmd == "reset":
             return self.warm_reset()
         if cmd == "dom0":

@@ -17,6 +17,7 @@ import time
 from emu.hw.cpu import SIG_INTR, SIG_MC
 from emu.hw.yieldpoint import YieldPoints
 from emu.machine.procs import pin_to_host_core
+from emu.machine.sched import Sched
 
 IDLE_POLL_START_NS = 200_000   # cpuidle-haltpoll's default window
 IDLE_POLL_MIN_NS = 50_000
@@ -26,15 +27,23 @@ def cpu_process(R, cpu: int, handler, hooks: dict, pgid: int = 0) -> None:
     """Body of a CPU process (run through :func:`~emu.machine.procs.fork_child`;
     never returns). ``handler``: the handler version's class (:mod:`emu.xen.versions`)."""
     os.setpgid(0, pgid)   # the CPUs' process group (also set by the parent)
+    sched = Sched(R, cpu, R.S) if R.S is not None else None
     if R.cfg.pin_cpus:
-        pin_to_host_core(cpu, R.cfg.seed)
+        # Controlled: one process runs at a time, so all share one host core, where a
+        # hand-over is a wake-up on the same run queue (no cross-core IPI).
+        pin_to_host_core(0 if sched is not None else cpu, R.cfg.seed)
     X, L = R.X, R.L
     R.ev.doorbell = R.HL.doorbell(cpu)
     R.ev.sleep_reg = R.HL.sleep_reg(cpu)
     if cpu in (hooks.get("sleep_masked_cpus") or ()):
         R.ev.sleep_masked = {SIG_MC}   # test hook: see Events.sleep_masked
     trace = (X, L.trace_n, L.trace, L.trace_ring) if R.cfg.trace else None
-    yps = YieldPoints(cpu, R.cfg.chaos, None, trace)
+    # No perturbation at boot: each trial configures chaos and the stream from its
+    # trial seed at #MC entry (XenCpu._trial_ctl); counts are published per CPU.
+    yps = YieldPoints(cpu, 0.0, None, trace,
+                      counter=(X, L.pc(cpu, L.P_PERTURB), L.pc(cpu, L.P_STARVED)))
+    if sched is not None:
+        sched.install(yps)   # before the handler: it captures yps.yp and the barriers' spin
     x = handler(R, cpu, yps, hooks)
     X.store(L.pc(cpu, L.P_PID), os.getpid())
     signal.signal(SIG_MC, x.do_machine_check)
@@ -61,6 +70,8 @@ def cpu_process(R, cpu: int, handler, hooks: dict, pgid: int = 0) -> None:
         # xchg, not load+store: a #MC between the two would lose its raise.
         if X.xchg(soft, 0):
             x.mce_softirq()
+            if sched is not None:
+                sched.leave()
             continue
         if timer and (X.load(preq) > X.load(pdone) or x.poll_due(time.monotonic_ns())):
             x.mce_work_fn()        # TIMER_SOFTIRQ: the poll round

@@ -32,6 +32,7 @@ class Machine:
         self.pid = None
         self._conn = None
         self.boot_info = None
+        self.sched_k: int | None = None   # controlled: PCT's k, from the first run
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Machine":
@@ -95,7 +96,11 @@ class Machine:
         raise cls(payload["message"])
 
     def inject(self, errors, local: bool = False, timeout_s: float | None = None,
-               then: dict | None = None, via: str | None = None) -> dict:
+               then: dict | None = None, via: str | None = None, schedule=None,
+               schedule_seed: int | None = None, *, seed=None,
+               chaos: float | None = None, starve: float | None = None,
+               fault: dict | None = None, raise_cpu: int | None = None,
+               wait_dom0: bool = True) -> dict:
         """Write ``errors`` into their banks, raise one #MC, return the trial result.
 
         Errors with ``via=cmci`` are reported by silicon and raise the CMCIs their banks
@@ -104,6 +109,29 @@ class Machine:
 
         ``then={"errors": [...], "after_phase": "barrier_b", "local": False}`` raises
         a second #MC once a first-wave CPU has reached that handler phase.
+
+        On a controlled machine (``sched="controlled"``), ``schedule`` is the trial's
+        strategy: ``"random"`` (default), ``"pct:D"`` or ``"replay:TOKEN"``, seeded by
+        ``schedule_seed`` (default: the machine's seed). PCT's k is the step count of
+        this machine's first controlled trial (before it, an estimate). The result's
+        ``sched`` holds the steps, the trace, the token and its replay command.
+
+        Per trial (see :mod:`emu.machine.chaos`):
+
+        * ``seed=(S, i)``: the trial seed every process's perturbation (and the
+          starvation plan) is drawn from; default ``(machine seed, trial number)``.
+          In the result as ``trial_seed`` and ``perturbation.seed``.
+        * ``chaos=p``: perturbation probability per yield point (default the
+          machine's ``chaos``).
+        * ``starve=q``: probability that one seeded victim process is starved
+          (default the machine's ``starve`` when chaos is on, else 0).
+        * ``fault={...}``: one fault (kill_cpu, stall_cpu, kill_dom0, pause_dom0)
+          with its expected outcome, reported as ``result["fault"]``.
+        * ``raise_cpu=N``: raise the #MC on CPU N (broadcast unless ``local``); with
+          ``errors=[]`` no bank is written at all (a #MC with no valid bank).
+        * ``wait_dom0=False``: return once Xen's part and the guests are done, without
+          waiting for Dom0 to log the records (their ``dom0_log`` shows
+          ``pending``); see :meth:`dom0_drain` and :meth:`dom0_log_counts`.
         """
         if isinstance(errors, (str, dict)):
             errors = [errors]
@@ -112,8 +140,37 @@ class Machine:
                       e if "via=" in str(e).lower() else f"{e} via={via}" for e in errors]
         if then and isinstance(then.get("errors"), (str, dict)):
             then = dict(then, errors=[then["errors"]])
-        return self._call("trial", {"errors": list(errors), "local": local,
-                                    "timeout_s": timeout_s, "then": then})
+        spec = None
+        if self.config.sched == "controlled" or schedule is not None:
+            from emu.machine.sched import resolve
+            spec = resolve(self.config, schedule, schedule_seed, self.sched_k, errors, local)
+        args = {"errors": list(errors), "local": local, "timeout_s": timeout_s, "then": then,
+                "schedule": spec}
+        # Only what was given travels (the default trial costs no more than before).
+        for k, v in (("seed", seed), ("chaos", chaos), ("starve", starve), ("fault", fault),
+                     ("raise_cpu", raise_cpu)):
+            if v is not None:
+                args[k] = list(v) if k == "seed" and isinstance(v, tuple) else v
+        if not wait_dom0:
+            args["wait_dom0"] = False
+        res = self._call("trial", args)
+        if "sched" in res:
+            if self.sched_k is None and res["sched"]["over"] == "done":
+                self.sched_k = res["sched"]["steps"]   # PCT's k, learned from a first run
+            if spec and spec.get("kind") == "replay":
+                from emu.machine.sched import replay_verdict
+                res["sched"]["replay_verdict"] = replay_verdict(res, spec.get("expect"))
+        return res
+
+    def replay(self, token: str) -> dict:
+        """Run the scenario a schedule token names, under its schedule; the result's
+        ``sched.replay_verdict`` is ``reproduced`` or ``diverged``. UsageError if the
+        token was recorded on another machine or handler."""
+        from emu.machine.sched import decode_token
+        header, _ = decode_token(token)
+        sc = header.get("scenario") or {}
+        return self.inject(sc.get("errors") or [], local=bool(sc.get("local")),
+                           schedule="replay:" + token)
 
     def poll(self, timeout_s: float | None = None) -> dict:
         """One round of Xen's polling timer now (``mce_checkregs`` on every online CPU,
@@ -173,6 +230,12 @@ class Machine:
         Xen committed; the status, with ``drained`` true if it did."""
         return self._call("dom0", {"op": "drain", "timeout_s": timeout_s},
                           timeout=timeout_s + 120.0)
+
+    def dom0_log_counts(self) -> dict[int, int]:
+        """Record id -> how many times it is in Dom0's durable log (complete lines),
+        read from the log file itself: after :meth:`dom0_drain`, a campaign that did
+        not wait for Dom0 checks exactly-once logging with it (every count 1)."""
+        return {int(k): int(v) for k, v in self._call("dom0", {"op": "log_counts"}).items()}
 
     def trace(self) -> dict:
         """The last trial's trace (a machine booted with ``trace=True``): the CPUs'

@@ -347,9 +347,17 @@ class IrqPaths:
     def _hazards(self, res: dict, local: bool) -> list[dict]:
         """Hazards a #MC trial reached. A: a CPU that found a valid error panics with
         "No CPU found valid MCE" (another LMCE's fatal check reset the shared
-        ``found_error`` in between). C: a CPU's softirq waits in ``mce_inside_bar``
-        for every CPU after an LMCE that deferred nothing."""
+        ``found_error`` in between). B: a broadcast #MC in which no CPU found a
+        valid error (e.g. ``raise_cpu`` with no bank) went on without a panic
+        (``severity_cpu`` stayed -1, nobody ran the fatal check). C: a CPU's softirq
+        waits in ``mce_inside_bar`` for every CPU after an LMCE that deferred nothing."""
         out = []
+        if not local and res["outcome"] in ("continued", "recovered") and not any(
+                e["owners"] for e in res["errors"]):
+            out.append({"kind": "B", "cpus": res["targets"], "lmce": False,
+                        "detail": "a broadcast #MC in which no CPU found a valid bank: "
+                                  "severity_cpu stayed -1, nobody ran the fatal check, and Xen "
+                                  "went on without the \"No CPU found valid MCE\" panic"})
         panic = res.get("panic") or ""
         if panic.startswith("MCE: No CPU found valid MCE") and res.get("cpu") is not None:
             cpu = res["cpu"]
@@ -363,7 +371,7 @@ class IrqPaths:
                                       "reset on the wrong premise"})
         if res["outcome"] == "hang" and local:
             stuck = [s["cpu"] for s in res.get("snapshot") or [] if s["phase"] == "softirq"]
-            lmce_cpu = res["errors"][0]["cpu"] if res["errors"] else None
+            lmce_cpu = res["errors"][0]["cpu"] if res["errors"] else res.get("raise_cpu")
             if stuck and lmce_cpu in stuck:
                 out.append({"kind": "C", "cpus": stuck, "lmce": True, "mirror": False,
                             "detail": "the LMCE deferred nothing (lmce_pending empty), so "

@@ -15,6 +15,7 @@ from emu.hw.atomic import atomics
 from emu.hw.futex import SPIN_NS, Events
 from emu.hw.region import HwLayout
 from emu.hw.topology import Topology
+from emu.machine.sched import SchedLayout
 from emu.xen.layout import XenLayout
 
 
@@ -27,7 +28,12 @@ class Regions:
         self.cfg = cfg
         self.topo = Topology(cfg)
         self.HL = HwLayout(self.topo)
-        self.L = XenLayout(self.topo.ncpus, cfg.memory_pages, bool(cfg.trace))
+        n = self.topo.ncpus
+        controlled = cfg.sched == "controlled"
+        self.L = XenLayout(n, cfg.memory_pages, bool(cfg.trace),
+                           SchedLayout.nwords(n, cfg.sched_steps) if controlled else 0)
+        # The controlled scheduler's words (None: the OS schedules the processes).
+        self.S = SchedLayout(self.L.sched, n, cfg.sched_steps) if controlled else None
         self.hw_map = mmap.mmap(-1, self.HL.size, flags=mmap.MAP_SHARED)
         self.xen_map = mmap.mmap(-1, self.L.size, flags=mmap.MAP_SHARED)
         self.HW = atomics(self.hw_map, cfg.atomic_backend)

@@ -49,6 +49,8 @@ def check_trial(res: dict, topo) -> list[str]:
                 if int(gr["addr"], 16) != int(vm["gaddr"], 16):
                     v.append(f"{tag}: the guest read ADDR {gr['addr']}, Xen filled "
                              f"{vm['gaddr']}")
+    if outcome == "deadlock":
+        v.append(f"deadlock: {res['deadlock']['text']}")
     if completed:
         for c in res["cpus"]:
             if c["mcip_after"]:

@@ -14,6 +14,11 @@ enter-waiters, ``ingen`` for exit-waiters), since a late waiter may leave throug
 the generation test, exactly as a slow spinner does in Xen. Enter- and exit-waiters
 sleep on separate event channels, so one phase's steps never wake the other's
 sleepers.
+
+Emulator bookkeeping (not Xen): ``mce_barrier_enter(..., arr=off)`` stores, at word
+``off``, 1 + the value ``val`` had when this CPU incremented it: the CPU's place in
+the arrival order of this use of the barrier (one store; the trial result's
+``arrivals``).
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ class McaBarrier:
         self._ev_in, self._ev_out = off + EV_IN, off + EV_OUT
         self._tr = [off | k << 32 for k in range(4)]
 
-    def mce_barrier_enter(self, wait: bool, yp, check) -> None:
+    def mce_barrier_enter(self, wait: bool, yp, check, arr: int = 0) -> None:
         if not wait:
             return
         X, ev, tr = self.X, self.ev, self._tr
@@ -55,9 +60,14 @@ class McaBarrier:
         ev.bump(self._ev_out)
         gen = X.load(self._out)
         yp("barrier", tr[1], gen)
-        if X.fetch_add(self._val, 1) + 1 == X.load(self.online):
+        v = X.fetch_add(self._val, 1) + 1
+        if v == X.load(self.online):
             ev.bump(self._ev_in)
+            if arr:
+                X.store(arr, v)   # after the wake-up: the waiters need not wait for it
             return   # the last one in: the wait condition holds already
+        if arr:
+            X.store(arr, v)
         # while (val != num_online_cpus() && outgen == gen)
         self._wait(self._ev_in, self.online, self._out, gen, check)
 
@@ -88,7 +98,7 @@ class McaBarrier:
                 or load(gen_off) != gen
         chk = check or _nothing
         end = _now() + self.spin_ns
-        while True:
+        while self.spin_ns:   # 0 under controlled scheduling: every step is scheduled
             for _ in range(8):
                 # done(), written out: a closure call per iteration measured +6 %
                 if load(val) == (load(want_off) if want_off is not None else 0) \

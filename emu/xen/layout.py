@@ -16,9 +16,20 @@ ACTION_RING = 256       # deferred-action entries per trial
 TRACE_RING = 4096       # yield-point trace entries at the least (TRACE_WORDS words each)
 TRACE_PER_CPU = 256     # and at least this many per CPU
 
+# The trial control block (XenLayout.ctl), word indices.
+(CTL_FLAGS, CTL_SEED, CTL_TRIAL, CTL_CHAOS, CTL_STARVE_CPU, CTL_STARVE_K, CTL_STARVE_NS,
+ CTL_FAULT, CTL_FAULT_CPU, CTL_FAULT_PHASE, CTL_FAULT_NS) = range(11)
+CTL_WORDS = 11
+CTL_F_PERTURB, CTL_F_FAULT = 1, 2          # CTL_FLAGS bits
+FAULT_NONE, FAULT_KILL_CPU, FAULT_STALL_CPU = 0, 1, 2   # CTL_FAULT
+# Rendezvous whose arrival order each CPU records (P_ARRIVE + index): the trap
+# barrier's three uses, then the softirq's two barriers.
+ARRIVALS = ("barrier_a", "barrier_b", "barrier_c", "softirq_inside", "softirq_severity")
+
 
 class XenLayout:
-    def __init__(self, ncpus: int, memory_pages: int, trace: bool = False):
+    def __init__(self, ncpus: int, memory_pages: int, trace: bool = False,
+                 sched_words: int = 0):
         n = self.ncpus = ncpus
         x = Alloc()
         w = x.words
@@ -31,6 +42,12 @@ class XenLayout:
         self.boot_ev = w(2)
         self.is_mc_panic = w()
         self.halt_ev = w(2)
+        # The trial's perturbation and fault (emulator control, not Xen): written by
+        # the coordinator before the raise; a CPU reads the block at #MC entry when
+        # ctl_gen moved (XenCpu._trial_ctl). ctl_gen moves only for a trial with
+        # chaos, starvation or a fault, and for the first trial after one.
+        self.ctl_gen = w()
+        self.ctl = w(CTL_WORDS)
         # mce.c statics
         self.mce_logout_lock = w(3)          # lock word, event channel
         self.mce_trap_bar = w(8)             # see barrier.py
@@ -70,6 +87,8 @@ class XenLayout:
         self.tele = mctelem.Layout(x, n)
         self.pages = page_alloc.Layout(x, memory_pages)
         self.vm = vmce.Layout(x)
+        # the controlled scheduler's section (emu.machine.sched), sized by the config
+        self.sched = x.words(sched_words) if sched_words else 0
         x.page_align()
         self.size = x.size
 
@@ -79,8 +98,12 @@ class XenLayout:
      P_LMCE_PENDING, P_HALTED, P_LOGOUT_N, P_PID, P_INTERRUPTED, P_T_SOFTIRQ_START,
      P_KICK, _P_KICK_SLEEPERS, P_T_BARRIER_A, P_SIRQ_ROLE, P_PROGRESS, P_IDLE_POLL,
      P_T_FATAL, P_T_MCIP, P_BANKS_OWNED, P_NO_CMCI, P_POLL_MASK, P_CMCI_N, P_CALL_FN,
-     P_CALL_N, P_OFFLINE, P_T_CMCI, P_DISCOVER_N, P_POLL_N) = range(38)
-    P_LOGOUT = 38
+     P_CALL_N, P_OFFLINE, P_T_CMCI, P_DISCOVER_N, P_POLL_N, P_PERTURB, P_STARVED) = range(40)
+    # P_PERTURB: perturbations << 32 | yield points of this trial; P_STARVED: the site
+    # (index + 1) where this CPU was starved. P_ARRIVE..+4: 1 + the barrier's val when
+    # this CPU arrived, per ARRIVALS entry (0: did not arrive).
+    P_ARRIVE = 40
+    P_LOGOUT = P_ARRIVE + len(ARRIVALS)
 
     def pc(self, cpu: int, word: int) -> int:
         return self.pcpu + 8 * (cpu * self.PCPU_WORDS + word)

@@ -34,7 +34,8 @@ from emu.hw import msr
 from emu.hw.atomic import signed
 from emu.hw.banks import Banks
 from emu.hw.region import MCG_K_CAP, MCG_K_STATUS
-from emu.xen import mcaction, severity as sev, vmce
+from emu.hw.yieldpoint import cpu_key, process_seed
+from emu.xen import layout as xl, mcaction, severity as sev, vmce
 from emu.xen.barrier import McaBarrier
 from emu.xen.intel_nonfatal import IntelNonfatal
 from emu.xen.layout import ACTION_RING, LOGOUT_RING
@@ -127,6 +128,10 @@ class XenCpu(IntelCmci, IntelNonfatal):
         self.stall_cpus = set(self.hooks.get("stall_cpus") or range(R.topo.ncpus))
         self.kill_phase = self.hooks.get("kill_phase")
         self.kill_cpus = set(self.hooks.get("kill_cpus") or range(R.topo.ncpus))
+        # The boot's test hooks, which a trial without a fault of its own restores.
+        self._boot_hooks = (self.kill_phase, self.kill_cpus, self.stall_phase, self.stall_s,
+                            self.stall_cpus)
+        self._ctl_seen = 0   # the trial control generation this CPU last applied
         # Precomputed offsets: the #MC path runs in Python, so every lookup counts.
         self._pc0 = R.L.pc(cpu, 0)
         self._boff = [[self.banks.off(cpu, i, r) for r in range(msr.NREGS)]
@@ -163,7 +168,10 @@ class XenCpu(IntelCmci, IntelNonfatal):
             logout_n=self.pc(L.P_LOGOUT_N), logout=self.pc(L.P_LOGOUT),
             cur_dom=self.pc(L.P_CURRENT_DOM), cur_vcpu=self.pc(L.P_CURRENT_VCPU),
             mcg_cap=R.HL.mcg_reg(cpu, MCG_K_CAP), found_error=L.found_error,
-            severity_cpu=L.severity_cpu)
+            severity_cpu=L.severity_cpu, ctl_gen=L.ctl_gen)
+        # Arrival-order words (emulator bookkeeping), per xl.ARRIVALS entry.
+        (self._arr_a, self._arr_b, self._arr_c, self._arr_inside,
+         self._arr_severity) = (self.pc(L.P_ARRIVE + k) for k in range(len(xl.ARRIVALS)))
         self._urgent = (None, None)  # (slot, record) kept from logout for the urgent action
         self.vmce = vmce.Vmce(R)
         self.mcaction = mcaction.McAction(self)
@@ -425,6 +433,9 @@ class XenCpu(IntelCmci, IntelNonfatal):
         X, o = self.X, self._o
         X.fetch_add(o.nest, 1)
         X.store(o.mc_gen, X.load(o.trial_gen))
+        g = X.load(o.ctl_gen)   # the trial's perturbation and fault: moved rarely
+        if g != self._ctl_seen:
+            self._trial_ctl(g)
         self._phase(PH_ENTERED, o.t_enter)
         try:
             self.mcheck_cmn_handler()
@@ -432,6 +443,39 @@ class XenCpu(IntelCmci, IntelNonfatal):
             X.fetch_sub(o.nest, 1)
             if self._irq_pending and not self._irq_off:
                 self.do_interrupt()   # interrupts were off in the handler
+
+    def _trial_ctl(self, g: int) -> None:
+        """Emulator control, not Xen: apply the trial's perturbation and fault that the
+        coordinator wrote in the control block (:mod:`emu.machine.chaos`). Reseeds this
+        CPU's yield points from ``SeedSequence([S, i], spawn_key=cpu_key(cpu))``,
+        arms its starvation point if it is the victim, and its per-trial fault hooks
+        (a trial without a fault gets the boot's hooks back)."""
+        self._ctl_seen = g
+        load, c, cpu = self.X.load, self.L.ctl, self.cpu
+        flags = load(c + 8 * xl.CTL_FLAGS)
+        yps = self.yps
+        if flags & xl.CTL_F_PERTURB:
+            chaos = struct.unpack("<d", load(c + 8 * xl.CTL_CHAOS).to_bytes(8, "little"))[0]
+            seed, trial = load(c + 8 * xl.CTL_SEED), load(c + 8 * xl.CTL_TRIAL)
+            starve = load(c + 8 * xl.CTL_STARVE_K) - 1 \
+                if load(c + 8 * xl.CTL_STARVE_CPU) == cpu + 1 else -1
+            yps.configure(chaos, process_seed(seed, trial, cpu_key(cpu)) if chaos > 0
+                          else None, starve, load(c + 8 * xl.CTL_STARVE_NS) / 1e9)
+        elif yps.active or yps.count or yps.points:
+            yps.configure(0.0, None)
+        self.yp = yps.yp
+        (self.kill_phase, self.kill_cpus, self.stall_phase, self.stall_s,
+         self.stall_cpus) = self._boot_hooks
+        if flags & xl.CTL_F_FAULT and load(c + 8 * xl.CTL_FAULT_CPU) == cpu:
+            kind = load(c + 8 * xl.CTL_FAULT)
+            phase = PHASES[load(c + 8 * xl.CTL_FAULT_PHASE)]
+            if kind == xl.FAULT_KILL_CPU:
+                self.kill_phase, self.kill_cpus = phase, {cpu}
+            elif kind == xl.FAULT_STALL_CPU:
+                self.stall_phase, self.stall_cpus = phase, {cpu}
+                self.stall_s = load(c + 8 * xl.CTL_FAULT_NS) / 1e9
+        self._hooked = bool(self.kill_phase or self.stall_phase or self.extra_work_ns
+                            or self._tracing)
 
     def mcheck_cmn_handler(self) -> None:
         X, cpu, yp, check, o, phase = self.X, self.cpu, self.yp, self.check, self._o, self._phase
@@ -469,14 +513,14 @@ class XenCpu(IntelCmci, IntelNonfatal):
                 self.tele.mctelem_commit(slot)
 
         phase(PH_BARRIER_A, o.t_logout)
-        bar.mce_barrier_enter(bcast, yp, check)
+        bar.mce_barrier_enter(bcast, yp, check, self._arr_a)
         X.store(o.t_barrier_a, _monotonic_ns())
         if slot is not None and self.mce_urgent_action(slot) < 0:
             self.fatal_set(cpu)
         bar.mce_barrier_exit(bcast, yp, check)
 
         phase(PH_BARRIER_B)
-        bar.mce_barrier_enter(bcast, yp, check)
+        bar.mce_barrier_enter(bcast, yp, check, self._arr_b)
         if lmce or signed(X.load(o.severity_cpu)) == cpu:
             phase(PH_FATAL_CHECK)
             self.fatal_check()
@@ -484,7 +528,7 @@ class XenCpu(IntelCmci, IntelNonfatal):
 
         # fatal_check_done: this CPU has left the rendezvous that closes the fatal check
         phase(PH_BARRIER_C, o.t_fatal)
-        bar.mce_barrier_enter(bcast, yp, check)
+        bar.mce_barrier_enter(bcast, yp, check, self._arr_c)
         self.clear_mcip()
         X.store(o.t_mcip, _monotonic_ns())
         bar.mce_barrier_exit(bcast, yp, check)
@@ -566,11 +610,11 @@ class XenCpu(IntelCmci, IntelNonfatal):
         self.set_phase("softirq")
         lmce = self.tele.mctelem_has_deferred_lmce(cpu)
         bcast = self.mce_broadcast and not lmce
-        self.mce_inside_bar.mce_barrier_enter(bcast, yp, check)
+        self.mce_inside_bar.mce_barrier_enter(bcast, yp, check, self._arr_inside)
         if not lmce:
             yp("atomic", L.sirq_severity_cpu, cpu)
             X.store(L.sirq_severity_cpu, cpu)
-            self.mce_severity_bar.mce_barrier_enter(bcast, yp, check)
+            self.mce_severity_bar.mce_barrier_enter(bcast, yp, check, self._arr_severity)
             if not self.tele.mctelem_has_deferred(cpu):
                 yp("atomic", L.sirq_severity_cpu, cpu)
                 X.store(L.sirq_severity_cpu, cpu)
@@ -619,8 +663,11 @@ class XenCpu(IntelCmci, IntelNonfatal):
                 return
             data = msgpack.packb([self.cpu, rec["cpu"], b[0], b[1], r, rid, info or {}])
             base = L.action_log + 256 * k
-            self.tele.mv[base:base + 2] = len(data).to_bytes(2, "little")
+            # Length 0, the data, then its length: a reader that comes early (a trial
+            # ended by a reset while this worker still logs) sees 0, not a torn entry.
+            self.tele.mv[base:base + 2] = b"\0\0"
             self.tele.mv[base + 2:base + 2 + len(data)] = data
+            self.tele.mv[base:base + 2] = len(data).to_bytes(2, "little")
 
     # -- boot (§4.2) ------------------------------------------------------------------------
     def intel_init_mce(self) -> None:
