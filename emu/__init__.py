@@ -16,6 +16,8 @@ def __getattr__(name: str):
         import emu.machine
         return getattr(emu.machine, name)
     if name == "stress":
-        from emu.campaign.stress import stress
-        return stress
+        # by name, not an import statement: the package root is imported from below
+        # (emu.machine), and the campaign room sits above the machine
+        import importlib
+        return importlib.import_module("emu.campaign.stress").stress
     raise AttributeError(f"module 'emu' has no attribute {name!r}")
