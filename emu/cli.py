@@ -432,7 +432,8 @@ def cmd_replay_trial(a) -> int:
         print(json.dumps({k: v for k, v in r.items() if k != "records"}, sort_keys=True))
     else:
         print(f"trial {r['trial']} of seed {r['seed']} ({r['family']}): "
-              f"{r['reproduced']}/{r['repeat']} repeats reproduced a finding")
+              f"{r['reproduced']}/{r['repeat']} repeats reproduced a "
+              f"{'finding' if a.fail_on == 'hazard' else 'violation'}")
         print("  specs: " + "; ".join(r["specs"]["errors"]) if r["specs"]["errors"]
               else f"  specs: (none; raise_cpu {r['specs'].get('raise_cpu')})")
         print("  outcomes: " + ", ".join(f"{k} {v}" for k, v in r["outcomes"].items()))

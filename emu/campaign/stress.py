@@ -354,6 +354,8 @@ class Options:
             words += ["--faults", ",".join(self.faults), "--fault-rate", f"{self.fault_rate:g}"]
         if self.hazard_c:
             words += ["--hazard-c", f"{self.hazard_c:g}"]
+        if self.fail_on != "violation":
+            words += ["--fail-on", self.fail_on]
         vt = self.hooks.get("violate_trial")
         if vt is not None:
             words += ["--test-violate", f"{vt[0]}:{vt[1]}"]
