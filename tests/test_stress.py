@@ -41,7 +41,7 @@ def records(path) -> list[dict]:
             if json.loads(x)["schema"] == "emu.stress.trial/1"]
 
 
-def generated(seed, idx, mix=FAST, faults=S.FAULT_KINDS, **machine):
+def generated(seed, idx, mix=FAST, faults=S.FAULT_KINDS, rate=0.5, **machine):
     """What trial i must be, generated here without a machine (specs, family, streams,
     and the fault its stream draws)."""
     o = S.Options(seed=seed, scenario=mix, db=False, machine=machine)
@@ -53,7 +53,7 @@ def generated(seed, idx, mix=FAST, faults=S.FAULT_KINDS, **machine):
     for i in idx:
         scn = S.scenario(seed, i, o.mix, topo, o.family_opts())
         out[i] = {"family": scn.family, "specs": scn.to_dict(), "streams": scn.streams,
-                  "fault": S.fault_for(scn, faults, 0.5, topo, 2.0)}
+                  "fault": S.fault_for(scn, faults, rate, topo, 2.0)}
     return out
 
 
@@ -85,14 +85,17 @@ def test_trial_is_rebuilt_from_seed_and_index_alone_in_a_fresh_process():
 def test_a_shard_plays_the_trials_the_generator_gives(tmp_path):
     out = tmp_path / "s.jsonl"
     p = emu_cli("stress", "--trials", "12", "--seed", "11", "--scenario", FAST, "--shard",
-                "1/3", "--no-db", "--out", str(out), "--json")
+                "1/3", "--no-db", "--out", str(out), "--json", "--faults", "kill_dom0,pause_dom0",
+                "--fault-rate", "0.5", "--chaos", "0.02")
     assert p.returncode in (0, 1), p.stderr
     recs = records(out)
     assert [r["trial"] for r in recs] == [1, 4, 7, 10]
-    want = generated(11, [1, 4, 7, 10])
+    want = generated(11, [1, 4, 7, 10], faults=("kill_dom0", "pause_dom0"))
     for r in recs:
         w = want[r["trial"]]
         assert (r["family"], r["streams"]) == (w["family"], w["streams"])
+        assert stable(r)["fault_plan"] == w["fault"] == r["fault_plan"]
+        assert r["perturbation"]["seed"] == [11, r["trial"]]
         assert r["specs"]["errors"] == w["specs"]["errors"]
         assert r["specs"]["then"] == w["specs"]["then"]
     summ = json.loads(p.stdout)                           # --json: only JSON on stdout
@@ -220,7 +223,7 @@ def test_not_waiting_for_dom0_every_record_is_logged_exactly_once(tmp_path):
 # ---------------------------------------------------------------------------------------
 def test_shards_merged_equal_the_unsharded_campaign(tmp_path):
     common = ["--trials", "15", "--seed", "21", "--scenario", FAST, "--no-db",
-              "--watchdog", "0.5"]
+              "--watchdog", "0.5", "--chaos", "0.02", "--faults", "all", "--fault-rate", "0.2"]
     whole = tmp_path / "whole.jsonl"
     p = emu_cli("stress", *common, "--jobs", "2", "--out", str(whole))
     assert p.returncode in (0, 1), p.stderr

@@ -19,7 +19,7 @@ from emu.campaign.coverage import SUMMARY_SCHEMA, TRIAL_SCHEMA, Summary
 from emu.errors import UsageError
 
 # Per-trial fields that depend only on (seed, trial) and the campaign's options.
-STABLE_FIELDS = ("seed", "trial", "family", "note", "specs", "streams")
+STABLE_FIELDS = ("seed", "trial", "family", "note", "specs", "streams", "fault_plan")
 
 
 def indices(shard: tuple[int, int], job: int = 0, jobs: int = 1, trials: int | None = None):
@@ -36,9 +36,6 @@ def indices(shard: tuple[int, int], job: int = 0, jobs: int = 1, trials: int | N
 def stable(rec: dict) -> dict:
     """What a trial record must have the same wherever and whenever it runs."""
     out = {k: rec.get(k) for k in STABLE_FIELDS}
-    f = rec.get("fault")
-    out["fault"] = None if f is None else {k: v for k, v in f.items()
-                                           if k not in ("happened", "held", "expected")}
     p = rec.get("perturbation") or {}
     out["perturbation_seed"] = p.get("seed")
     return out

@@ -569,6 +569,7 @@ class Worker:
                "streams": scn.streams,
                "perturbation": r.get("perturbation"),
                "fault": r.get("fault") if r.get("fault") is not None else fault,
+               "fault_plan": fault,
                "outcome": r["outcome"], "owners": owners, "arrivals": r.get("arrivals"),
                "findings": uniq, "warm_reset": reset or bool(r.get("resets")),
                "lost_at_reset": [int(x["record_id"]) for x in r.get("lost_at_reset") or ()],
