@@ -348,7 +348,7 @@ class Options:
                  "--scenario", mix_text(self.mix), "--family", family] + self.machine_flags()
         if float(self.chaos) > 0:
             words += ["--chaos", f"{float(self.chaos):g}"]
-        if self.starve is not None:
+        if self.starve is not None and float(self.chaos) > 0:
             words += ["--starve", f"{float(self.starve):g}"]
         if self.faults and fault:
             words += ["--faults", ",".join(self.faults), "--fault-rate", f"{self.fault_rate:g}"]
@@ -421,9 +421,12 @@ class Worker:
         if "seed" in self.caps and seed is not None:
             kw["seed"] = list(seed)
         if "chaos" in self.caps:
-            kw["chaos"] = float(self.o.chaos) if chaos else 0.0
-            if self.o.starve is not None or not chaos:
-                kw["starve"] = float(self.o.starve or 0.0) if chaos else 0.0
+            c = float(self.o.chaos) if chaos else 0.0
+            kw["chaos"] = c
+            if c == 0.0:
+                kw["starve"] = 0.0          # no starvation in an unperturbed trial
+            elif self.o.starve is not None:
+                kw["starve"] = float(self.o.starve)
         if fault is not None:
             kw["fault"] = fault
         if raise_cpu is not None:
