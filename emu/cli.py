@@ -1,11 +1,14 @@
-"""Command line: ``emu run|trace|replay|log|bench|stress|merge`` (also ``python -m emu``)."""
+"""Command line: ``emu run|trace|replay|inject|xen-mceinj|case|log|bench|stress|merge``
+(also ``python -m emu``)."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from emu.errors import EmuError, UsageError
+from emu.hw.msr import hexs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -265,6 +268,206 @@ def cmd_run(a) -> int:
     return 1 if res["violations"] else 0
 
 
+# --- inputs people already write: mce-inject files, xen-mceinj, mce-test cases ----------
+def _topo(cfg):
+    from emu.hw.topology import Topology
+    return Topology(cfg)
+
+
+def _read_inject(path: str, topo):
+    """Records of an mce-inject file (``-`` for stdin), planned; every injection checked
+    runnable before anything boots (the first refusal is a UsageError naming FILE:LINE)."""
+    from emu.formats import mce_inject
+    if path == "-":
+        recs = mce_inject.parse(sys.stdin.read(), "<stdin>", ncpus=topo.ncpus,
+                                nbanks=topo.nbanks)
+    else:
+        if os.path.isdir(path):
+            raise UsageError(path, "is a directory; give an mce-inject input file (or -)")
+        recs = mce_inject.parse_file(path, ncpus=topo.ncpus, nbanks=topo.nbanks)
+    if not recs:
+        raise UsageError(path if path != "-" else "<stdin>", "no record: an mce-inject file "
+                         "starts a record with CPU n (or MCE)")
+    return recs
+
+
+def _injections(recs, topo):
+    from emu.formats import mce_inject
+    plans = mce_inject.plan(recs, ncpus=topo.ncpus)
+    for inj in plans:
+        if inj.refusal is not None:
+            raise UsageError(*inj.refusal)
+    return [(inj, list(inj.specs), bool(inj.emu_local)) for inj in plans]
+
+
+def run_injections(a, path: str) -> int:
+    """``emu inject FILE`` / ``emu run --inject FILE``: each planned injection on one
+    booted machine, one result (one JSON object with --json) per injection."""
+    from emu.machine import Machine
+    from emu.trial.spec import validate_errors
+    cfg = _config(a)
+    topo = _topo(cfg)
+    recs = _read_inject(path, topo)
+    if getattr(a, "dump", False):
+        from emu.formats.mce_inject import dump
+        print(dump(recs), end="")
+        return 0
+    plans = _injections(recs, topo)
+    for inj, specs, _ in plans:   # nothing runs on bad input
+        try:
+            validate_errors(specs, topo.ncpus, topo.nbanks, cfg.domids)
+        except UsageError as exc:
+            raise UsageError(inj.trigger.where, f"{exc.field}: {exc.message}") from None
+    worst = 0
+    with Machine(cfg) as m:
+        for inj, specs, local in plans:
+            res = m.inject(specs, local=local)
+            res["injection"] = {"index": inj.index, "source": inj.trigger.where,
+                                "records": [r.where for r in inj.records],
+                                "specs": specs, "notes": list(inj.notes)}
+            if a.json:
+                print(json.dumps(res, sort_keys=True), flush=True)
+            else:
+                how = ("poller" if specs[0].endswith("via=poll") else
+                       "LMCE" if local else "#MC broadcast")
+                print(f"injection {inj.index + 1} ({inj.trigger.where}, {how}):")
+                for n in inj.notes:
+                    print(f"  note: {n}")
+                _print_trial(res, sys.stdout)
+            worst = max(worst, 1 if res["violations"] else 0)
+    return worst
+
+
+def _xen_mceinj_plan(a, tool_args, cfg):
+    from emu.formats import xen_mceinj
+    from emu.xen.page_alloc import DOM_PAGES
+    topo = _topo(cfg)
+    return xen_mceinj.parse(tool_args, numbering=a.numbering, ncpus=topo.ncpus,
+                            nbanks=topo.nbanks, domids=cfg.domids, max_gpa=DOM_PAGES << 12)
+
+
+def translate(cfg, domain: int | None, addr: int) -> dict:
+    """xen-mceinj -D's translation, GPA -> machine address, computed from emu's static
+    memory map (:func:`emu.xen.page_alloc.domain_range`, the layout ``init_default``
+    writes into the page table at boot, which ``gfn_to_mfn`` reads), not from a booted
+    machine: until a page is offlined the two agree (a test shows it)."""
+    from emu.xen.page_alloc import domain_range
+    if domain is None:
+        return {"domain": None, "gaddr": addr, "maddr": addr, "mfn": addr >> 12}
+    r = domain_range(cfg.domids.index(domain))
+    mfn = r.start + (addr >> 12)
+    return {"domain": domain, "gaddr": addr, "maddr": mfn << 12 | (addr & 0xFFF), "mfn": mfn}
+
+
+def cmd_xen_mceinj(a, tool_args) -> int:
+    from emu.machine import Machine
+    cfg = _config(a)
+    plan = _xen_mceinj_plan(a, tool_args, cfg)
+    if plan.action == "help":
+        print("\n".join(plan.output))
+        return 0
+    if plan.action == "dump":
+        t = translate(cfg, plan.domain, plan.addr)
+        if a.json:
+            print(json.dumps({"schema": "emu.xen-mceinj-dump/1", "argv": list(plan.argv),
+                              "numbering": plan.numbering, "domain": t["domain"],
+                              "gaddr": hexs(t["gaddr"]), "maddr": hexs(t["maddr"]),
+                              "mfn": t["mfn"]}, sort_keys=True))
+            return 0
+        where = "Xen" if plan.domain is None else f"Dom{plan.domain}"
+        for line in plan.output:     # the tool's own gaddr line gets the translation
+            if not line.startswith(f"{where}: gaddr="):
+                print(line)
+        print(f"{where}: gaddr={t['gaddr']:#x} maddr={t['maddr']:#x} (mfn {t['mfn']:#x}, "
+              "emu's memory map)")
+        return 0
+    if not plan.runnable:
+        raise UsageError(*plan.refusal)
+    spec, local = plan.spec, bool(plan.emu_local)
+    from emu.trial.spec import validate_errors
+    topo = _topo(cfg)
+    validate_errors([spec], topo.ncpus, topo.nbanks, cfg.domids)
+    with Machine(cfg) as m:
+        res = m.inject([spec], local=local)
+    exp = plan.expected
+    res["xen_mceinj"] = {"argv": list(plan.argv), "numbering": plan.numbering,
+                         "type": plan.type, "description": plan.error.description,
+                         "spec": spec, "expected_outcome": exp.outcome,
+                         "expected_class": exp.xen_class}
+    if a.json:
+        print(json.dumps(res, sort_keys=True))
+    else:
+        for line in plan.output:
+            print(line)
+        print(f"xen-mceinj -t {plan.type} ({plan.error.description}): {spec}")
+        print(f"  Xen's code leads to: {exp.outcome} ({exp.xen_class}); {exp.action}")
+        _print_trial(res, sys.stdout)
+    return 1 if res["violations"] else 0
+
+
+def cmd_case(a) -> int:
+    from emu.formats import cases
+    if a.case_cmd == "list":
+        rows = []
+        for name in cases.case_names():
+            plan = cases.plan_case(name, numbering=a.numbering)
+            chk = plan.expected.mce_test
+            why = "" if plan.runnable else f"   [skipped: {plan.refusal[1]}]"
+            rows.append(f"{name:16} xen-mceinj {' '.join(plan.argv):10} requires "
+                        f"{'+'.join(chk.requires)}{why}")
+        print("\n".join(rows))
+        return 0
+    names = cases.resolve(a.names)
+    cfg = _config(a)
+    import dataclasses
+    kw = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    failed = 0
+    counts = {cases.PASSED: 0, cases.FAILED: 0, cases.SKIPPED: 0}
+    for name in names:
+        r = cases.run_case(name, numbering=a.numbering, mcelog=a.mcelog, **kw)
+        counts[r.verdict] += 1
+        failed += r.verdict == cases.FAILED
+        if a.json:
+            print(json.dumps(dict(r.as_dict(), schema="emu.case/1"), sort_keys=True),
+                  flush=True)
+            continue
+        head = f"{name}: {r.verdict}"
+        if r.verdict == cases.SKIPPED:
+            head += f" ({r.reason})"
+        print(head, flush=True)
+        for check, ok, detail in r.checks:
+            print(f"  {check}: {'PASS' if ok else 'FAIL'}: {detail}")
+    if not a.json:
+        print(f"{counts[cases.PASSED]} passed, {counts[cases.FAILED]} failed, "
+              f"{counts[cases.SKIPPED]} skipped")
+    return 1 if failed else 0
+
+
+def cmd_log(a) -> int:
+    """``emu log``: every log of a run (a directory) or one log, each in its rendering;
+    ``--raw`` as stored; ``--follow`` keeps reading; ``--mcelog-ascii FILE`` decodes
+    mcelog's own text input."""
+    from emu.domains import logview
+    if a.mcelog_ascii:
+        if a.file or a.follow:
+            raise UsageError("mcelog-ascii", "decodes one mcelog text file on its own: give no "
+                             "run log and no --follow with it")
+        print(logview.mcelog_ascii(a.mcelog_ascii), end="")
+        return 0
+    if not a.file:
+        raise UsageError("file", "give a run directory or one of its logs (the dom0_log_path "
+                         "of a run), or --mcelog-ascii FILE")
+    if a.follow:
+        return logview.follow(a.file, raw=a.raw or a.json, out=sys.stdout)
+    sys.stdout.write(logview.render(a.file, raw=a.raw or a.json, headers=not a.json))
+    return 0
+
+
+def _version() -> str:
+    import emu
+    return f"emu {emu.__version__}"
+
+
 _REPLAY_MACHINE = {"topology": "topology", "banks": "nbanks", "bank_scopes": "bank_scopes",
                    "handler": "handler", "guests": "guests", "memory_pages": "memory_pages",
                    "guest_vcpus": "guest_vcpus", "vmce_policy": "vmce_policy"}
@@ -329,8 +532,7 @@ def _run_args(r) -> None:
     r.add_argument("--offline", type=int, action="append",
                    help="take this CPU offline (Xen's cpu_down) before injecting; repeatable")
     r.add_argument("--json", action="store_true", help="print one JSON object")
-    r.add_argument("--log-dir", help="run directory for Dom0's log (default: a new one under "
-                   "$TMPDIR/emu-runs)")
+    _log_dir_arg(r)
     r.add_argument("--trace-png", help="trace the trial and draw it as a PNG swimlane picture")
     r.add_argument("--explain", action="store_true",
                    help="trace the trial and tell it in a few lines")
@@ -462,20 +664,65 @@ def cmd_merge(a) -> int:
 
 def main(argv=None) -> int:
     p = _Parser(prog="emu", description="Concurrency-faithful emulator of Xen's x86 MCA handling")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="boot a machine, inject errors, print the outcome")
     _machine_args(r)
     _run_args(r)
     r.add_argument("--trace", help="trace the trial: Chrome Trace Event JSON to this file")
+    r.add_argument("--inject", metavar="FILE",
+                   help="an mce-inject input file (- for stdin) instead of --error")
     t = sub.add_parser("trace", help="run one trial traced: Chrome Trace Event JSON, "
                        "the trial explained (emu run --trace FILE --explain)")
     _machine_args(t)
     _run_args(t)
     t.add_argument("--out", dest="trace", default="emu-trace.json",
                    help="the trace file (default emu-trace.json)")
-    lg = sub.add_parser("log", help="render Dom0's JSON Lines log as mcelog-style text")
-    lg.add_argument("file", help="a dom0.jsonl written by a run (see dom0_log_path)")
-    lg.add_argument("--json", action="store_true", help="pass the JSON records through")
+    i = sub.add_parser("inject", help="run an mce-inject input file (- for stdin): each "
+                       "injection on one booted machine")
+    i.add_argument("file", help="mce-inject input (several records; - reads stdin)")
+    _machine_args(i)
+    i.add_argument("--dump", action="store_true",
+                   help="print the records in mce-inject's canonical --dump form; run nothing")
+    i.add_argument("--json", action="store_true", help="one JSON object per injection")
+    _log_dir_arg(i)
+    x = sub.add_parser("xen-mceinj", add_help=False,
+                       help="xen-mceinj's options: -t N -c CPU -d DOM -p ADDR [-l] [-D] [-h]")
+    _machine_args(x)
+    x.add_argument("--numbering", default="current", choices=("current", "2010"),
+                   help="the tool's error table: current (default) or the 2010 one")
+    x.add_argument("--json", action="store_true", help="print one JSON object")
+    _log_dir_arg(x)
+    c = sub.add_parser("case", help="Xen's mce-test cases by name (list, run NAME|all)")
+    csub = c.add_subparsers(dest="case_cmd", required=True, parser_class=_Parser)
+    cl = csub.add_parser("list", help="the cases of Xen's mce-test (xen-mca.md §9.2)")
+    cl.add_argument("--numbering", default="2010", choices=("2010", "current"))
+    cr = csub.add_parser("run", help="run cases and check Xen's expected behaviour; "
+                         "PASSED/FAILED/SKIPPED each, exit 1 on a FAILED")
+    cr.add_argument("names", nargs="+", metavar="NAME", help="srao_mem/dom0 ..., a group "
+                    "(srao_mem) or all")
+    _machine_args(cr)
+    cr.add_argument("--numbering", default="2010", choices=("2010", "current"),
+                    help="xen-mceinj's table the case's -t is read against (default 2010, "
+                    "the cases' own)")
+    cr.add_argument("--mcelog", default="old", choices=("old", "current"),
+                    help="the mcelog decode the case greps: old (before 2021, the cases' "
+                    "time; default) or current")
+    cr.add_argument("--json", action="store_true", help="one JSON object per case")
+    _log_dir_arg(cr)
+    lg = sub.add_parser("log", help="render a run's logs: Dom0's records (mcelog text), "
+                        "Dom0's kernel log, the guests' logs")
+    lg.add_argument("file", nargs="?", help="a run directory, or one of its logs (a "
+                    "dom0.jsonl, its .kernel, a domN.guest.jsonl)")
+    lg.add_argument("--raw", action="store_true",
+                    help="print the records as they are stored (a ==> file <== line before "
+                    "each log of a directory)")
+    lg.add_argument("--json", action="store_true",
+                    help="the records as stored, JSON Lines only (no file headers)")
+    lg.add_argument("--follow", "-f", action="store_true",
+                    help="keep reading: print what a running machine appends")
+    lg.add_argument("--mcelog-ascii", metavar="FILE",
+                    help="decode mcelog's own text input (- for stdin) as mcelog --ascii does")
     b = sub.add_parser("bench", help="latency by phase, CPU count and handler version, with "
                        "the futex floor and a naive peer design; --compare, --plot")
     b.add_argument("--cpus", default="4,16,64", help="CPU counts, e.g. 1,2,4,...,256 "
@@ -540,7 +787,9 @@ def main(argv=None) -> int:
     mg.add_argument("--json", action="store_true", help="print the summary as JSON")
     mg.add_argument("--out", help="write the merged summary to this file")
     try:
-        a = p.parse_args(argv)
+        a, extra = p.parse_known_args(argv)
+        if extra and a.cmd != "xen-mceinj":
+            raise UsageError("arguments", f"unrecognized arguments: {' '.join(extra)}")
         if a.cmd == "stress":
             return cmd_stress(a)
         if a.cmd == "replay":
@@ -551,18 +800,28 @@ def main(argv=None) -> int:
         if a.cmd == "merge":
             return cmd_merge(a)
         if a.cmd == "run":
+            if a.inject:
+                if a.error:
+                    raise UsageError("inject", "give --inject FILE or --error, not both")
+                if a.local:
+                    raise UsageError("local", "an mce-inject file says itself how each record "
+                                     "is raised (LMCES with NOBROADCAST for an LMCE): drop --local")
+                if a.trace or a.trace_png or a.explain:
+                    raise UsageError("inject", "tracing takes one trial: use --error with "
+                                     "--trace/--trace-png/--explain")
+                return run_injections(a, a.inject)
             return cmd_run(a)
         if a.cmd == "trace":
             a.explain = True
             return cmd_run(a)
+        if a.cmd == "inject":
+            return run_injections(a, a.file)
+        if a.cmd == "xen-mceinj":
+            return cmd_xen_mceinj(a, extra)
+        if a.cmd == "case":
+            return cmd_case(a)
         if a.cmd == "log":
-            import os
-
-            from emu.domains.dom0 import render_log
-            if not os.path.exists(a.file):
-                raise UsageError("file", f"{a.file}: no such log; give the dom0_log_path of a run")
-            print(render_log(a.file, json_out=a.json), end="")
-            return 0
+            return cmd_log(a)
         if a.cmd == "bench":
             from emu.bench import main as bench_main
             return bench_main(a)
@@ -572,7 +831,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:   # e.g. `emu run | head`: the reader left; not an error
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return 0
+
+
+def _log_dir_arg(p) -> None:
+    p.add_argument("--log-dir", help="run directory for the logs (default: a new one under "
+                   "$TMPDIR/emu-runs; the newest EMU_KEEP_RUNS, default 50, are kept)")

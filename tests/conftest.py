@@ -21,6 +21,9 @@ def load_vectors(name: str) -> dict:
 
 import pytest  # noqa: E402
 
+# pytester: the emu plugin is tested by running pytest on small test files
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture(autouse=True)
 def _no_leaks(emu_leak_check):

@@ -413,7 +413,8 @@ class Dom0Logger:
 
 
 def dom0_main(conn, log_path, fsync: bool = True, hooks: dict | None = None, *,
-              kernel_log_path=None, cpuid: int = DEFAULT_CPUID) -> int:
+              kernel_log_path=None, cpuid: int = DEFAULT_CPUID, rotate_bytes: int = 0,
+              rotate_keep: int = 8) -> int:
     """Body of the Dom0 process: log telemetry durably, run Dom0's #MC handler.
 
     ``hooks``: ``{"die_at": "before_write"|"mid_write"|"after_write"|"after_ack",
@@ -421,11 +422,14 @@ def dom0_main(conn, log_path, fsync: bool = True, hooks: dict | None = None, *,
     (``mid_write`` leaves half a line: a torn write); ``{"forge_ack": True}`` → before
     acking the first record, ack a non-head id; ``{"pause": True}`` → no fetch
     until a ``resume`` notification. ``kernel_log_path``: Dom0 kernel's own #MC log
-    (default ``<log_path>.kernel``). Returns on ``quit`` or when the channel closes;
+    (default ``<log_path>.kernel``). ``rotate_bytes``: rotate the log by size, keeping
+    ``rotate_keep`` parts (:mod:`emu.domains.logfiles`). Returns on ``quit`` or when the
+    channel closes;
     the return value is the number of malformed messages dropped.
     """
+    from emu.domains.logfiles import open_dom0_log
     ch = Channel(conn)
-    log = DurableLog(log_path, fsync=fsync)
+    log = open_dom0_log(log_path, fsync=fsync, rotate_bytes=rotate_bytes, keep=rotate_keep)
     dropped = log.open()
     if dropped:
         print(f"dom0: {log.path}: torn last line repaired, {dropped} bytes dropped",

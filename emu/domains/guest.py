@@ -270,7 +270,7 @@ class GuestKernel:
         out = _probe(self, args if isinstance(args, dict) else {})
         out["probe"] = args
         self._append_log({"schema": GUEST_LOG_SCHEMA, "domid": self.domid, "t": time.time(),
-                          "probe": out})
+                          "probe": log_probe(out)})
         self.ch.send("probe_result", out)
         return out
 
@@ -380,10 +380,39 @@ class GuestKernel:
             report["yp"] = yp
         self._append_log({"schema": GUEST_LOG_SCHEMA, "domid": self.domid, "vcpu": vcpu,
                           "t": time.time(), "console": self.console[first_line:],
-                          "report": report})
+                          "report": log_report(report)})
         self.reports.append(report)
         self.ch.send("handled", report)
         return report
+
+
+_REGS = ("mcg_cap", "mcg_status", "status", "addr", "misc")
+
+
+def log_report(report: dict) -> dict:
+    """The handler's report as the guest log stores it: register values as canonical
+    hex strings (:func:`emu.hw.msr.hexs`), as in every emu output; the ``handled``
+    message on the channel keeps integers."""
+    def regs(d):
+        return {k: msr.hexs(v) if k in _REGS and isinstance(v, int) else v
+                for k, v in d.items()}
+    out = dict(report)
+    out["read"] = regs(report.get("read") or {})
+    out["banks"] = [regs(b) for b in report.get("banks") or []]
+    return out
+
+
+def log_probe(out: dict) -> dict:
+    """A probe's result as the guest log stores it: an MSR value read or written as a
+    hex string (the MSR's index stays an integer)."""
+    out = dict(out)
+    req = out.get("probe")
+    if isinstance(req, dict) and req.get("op") in ("rdmsr", "wrmsr"):
+        if isinstance(out.get("value"), int) and not isinstance(out["value"], bool):
+            out["value"] = msr.hexs(out["value"] & msr.U64)
+        if isinstance(req.get("value"), int) and not isinstance(req["value"], bool):
+            out["probe"] = dict(req, value=msr.hexs(req["value"] & msr.U64))
+    return out
 
 
 def _probe(kernel: "GuestKernel", args: dict) -> dict:

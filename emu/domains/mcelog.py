@@ -98,7 +98,8 @@ def _memory_controller(mca: int) -> list[str]:
     return [f"MEMORY CONTROLLER {_MMM[mmm]}_CHANNEL{ch}_ERR", f"Transaction: {_MMM_DESC[mmm]}"]
 
 
-def decode_mca(mcacod: int, misc: int = 0, *, cpu: int = 0, socket: int = -1) -> list[str]:
+def decode_mca(mcacod: int, misc: int = 0, *, cpu: int = 0, socket: int = -1,
+               pre2021: bool = False) -> list[str]:
     """The ``MCA: ...`` lines mcelog prints for an MCA error code.
 
     ``mcacod`` may be a whole MCi_STATUS: only bits 15:0 are decoded, but MISCV (bit 59)
@@ -109,6 +110,8 @@ def decode_mca(mcacod: int, misc: int = 0, *, cpu: int = 0, socket: int = -1) ->
     mcelog commit 570893f (2021) changed this from LL (Level-0..2), so 0x017A is now
     "Generic CACHE Level-3 Eviction Error" where older mcelog (and Xen's docs) say Level-2.
     TLB, generic-hierarchy and bus errors still print LL unchanged (Level-0..3).
+    ``pre2021``: decode as mcelog before 570893f (cache levels LL), the mcelog Xen's
+    mce-test cases grep.
     """
     status, mca = mcacod, mcacod & MCi_STATUS_MCA
     out = []
@@ -122,7 +125,7 @@ def decode_mca(mcacod: int, misc: int = 0, *, cpu: int = 0, socket: int = -1) ->
     elif mca >> 4 == 1:
         out.append(f"{_TT[(mca >> 2) & 3]} TLB {_LL[mca & 3]} Error")
     elif mca >> 8 == 1:
-        out.append(f"{_TT[(mca >> 2) & 3]} CACHE {_pick(_LL, (mca & 3) + 1)} "
+        out.append(f"{_TT[(mca >> 2) & 3]} CACHE {_pick(_LL, (mca & 3) + (not pre2021))} "
                    f"{_pick(_RRRR, (mca >> 4) & 0xF)} Error")
     elif mca >> 9 == 1 and (mca >> 7) & 3 == 1:
         first, *rest = _memory_controller(mca)
@@ -164,7 +167,7 @@ def _intel(cpu: tuple[int, int] | None) -> bool:
     return cpu is not None and cpu[0] == 0 and parse_cpuid(cpu[1])[0] >= 6
 
 
-def _intel_decode(m: dict, cpu: int, socket: int) -> list[str]:
+def _intel_decode(m: dict, cpu: int, socket: int, pre2021: bool = False) -> list[str]:
     g = lambda k: m.get(k, 0)  # noqa: E731
     status, mcgcap = g("status"), g("mcgcap")
     if g("bank") == THERMAL_BANK:
@@ -191,7 +194,7 @@ def _intel_decode(m: dict, cpu: int, socket: int) -> list[str]:
         out.append("Firmware may have updated this error")
     if (mcgcap == 0 or mcgcap & MCG_TES_P) and not status & MCi_STATUS_UC and (status >> 53) & 3:
         out += f"Threshold based error status: {_TRACK[(status >> 53) & 3]}".split("\n")
-    return out + decode_mca(status, g("misc"), cpu=cpu, socket=socket)
+    return out + decode_mca(status, g("misc"), cpu=cpu, socket=socket, pre2021=pre2021)
 
 
 def _has(m: dict, field: str) -> bool:
@@ -205,13 +208,16 @@ def _ctime(t: int) -> str:
         return "(null)"                  # glibc ctime() fails -> printf("%s", NULL)
 
 
-def format_record(m: dict, cputype_cpuid: tuple[int, int] | None = None) -> list[str]:
+def format_record(m: dict, cputype_cpuid: tuple[int, int] | None = None, *,
+                  pre2021: bool = False) -> list[str]:
     """Lines ``mcelog --ascii`` prints for one record (or the echoed line of a text item).
 
     The decode follows the record's own (cpuvendor, cpuid); when cpuid is 0, mcelog keeps
     the CPU type of the previous record that had one -- pass it as ``cputype_cpuid`` (this
     is what :func:`format_log` does). With neither, mcelog --ascii stays CPU_GENERIC and
     prints no MCG/MCi/MCA decode at all, as the vectors without PROCESSOR show.
+    ``pre2021``: cache levels as mcelog printed them before 570893f (see
+    :func:`decode_mca`).
     """
     if "text" in m:
         return [m["text"]]
@@ -232,7 +238,7 @@ def format_record(m: dict, cputype_cpuid: tuple[int, int] | None = None) -> list
     if g("time"):
         out.append(f"TIME {g('time')} {_ctime(g('time'))}")
     if _intel((g("cpuvendor"), g("cpuid")) if g("cpuid") else cputype_cpuid):
-        out += _intel_decode(m, cpu, g("socketid") if _has(m, "socketid") else -1)
+        out += _intel_decode(m, cpu, g("socketid") if _has(m, "socketid") else -1, pre2021)
     out.append(f"STATUS {status:x} MCGSTATUS {mcgstatus:x}")
     ids = [f"MCGCAP {g('mcgcap'):x}"] if _has(m, "cpuid") and g("mcgcap") else []
     ids += [f"{k.upper()} {g(k):x}" for k in ("apicid", "socketid") if _has(m, k)]

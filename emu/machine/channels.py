@@ -23,6 +23,7 @@ import msgpack
 
 from emu.errors import EmulatorInternalError, UsageError
 from emu.hw import msr
+from emu.machine.config import check_log_rotation
 from emu.machine.procs import fork_child
 
 PROTO = 1
@@ -92,8 +93,9 @@ class DomainChannels:
         hypercalls."""
         from emu.domains.dom0 import dom0_main
         hooks = dict(self.dom0_hooks, pause=self.dom0_paused)
+        rot = check_log_rotation(self.cfg.extra)
         self.dom0 = self._fork_domain(
-            lambda ch: dom0_main(ch, self.dom0_log_path, self.dom0_fsync, hooks))
+            lambda ch: dom0_main(ch, self.dom0_log_path, self.dom0_fsync, hooks, **rot))
 
     def _start_guest(self, d: int) -> None:
         """Fork guest domain ``d``'s kernel. The coordinator serves its channel as
@@ -124,21 +126,16 @@ class DomainChannels:
             self.dom0 = None
 
     def _log_file_counts(self) -> dict[int, int] | None:
-        """Record id -> how many times it is in Dom0's durable log (complete lines
-        only); None if there is no log yet."""
-        import json
-        counts: dict[int, int] = {}
-        try:
-            with open(self.dom0_log_path, "rb") as f:
-                for raw in f:
-                    if raw.endswith(b"\n"):
-                        try:
-                            rid = int(json.loads(raw)["id"])
-                        except (ValueError, KeyError, TypeError):
-                            continue
-                        counts[rid] = counts.get(rid, 0) + 1
-        except FileNotFoundError:
+        """Record id -> how many times it is in Dom0's durable log, its rotated parts
+        included (complete lines only); None if there is no log yet."""
+        from emu.domains.logfiles import dom0_log_parts, read_ids
+        parts = [p for p in dom0_log_parts(self.dom0_log_path) if os.path.exists(p)]
+        if not parts:
             return None
+        counts: dict[int, int] = {}
+        for part in parts:   # rotated parts too
+            for rid in read_ids(part):
+                counts[rid] = counts.get(rid, 0) + 1
         return counts
 
     def _reconcile_logged(self) -> None:
@@ -158,17 +155,11 @@ class DomainChannels:
         one it wrote before a crash (acked, not written again). A machine appending
         to an existing log (a reused log_dir) so continues that log's boot numbering,
         or its records would be acked as logged and never written."""
-        import json
+        from emu.domains.logfiles import dom0_log_parts, read_ids
         last = 0
-        try:
-            with open(self.dom0_log_path, "rb") as f:
-                for raw in f:
-                    try:
-                        last = max(last, int(json.loads(raw)["id"]) >> 32)
-                    except (ValueError, KeyError, TypeError):
-                        continue
-        except FileNotFoundError:
-            pass
+        for part in dom0_log_parts(self.dom0_log_path):   # rotated parts too
+            for rid in read_ids(part):
+                last = max(last, rid >> 32)
         return last
 
     def _dom0_fds(self) -> list:

@@ -19,6 +19,19 @@ VMCE_POLICIES = ("owner", "dom0")
 SCHEDS = ("os", "controlled")
 
 
+def check_log_rotation(extra: dict) -> dict:
+    """Dom0 log rotation from ``extra``: ``log_rotate_mb`` (MiB; 0, the default: never)
+    and ``log_rotate_keep`` (rotated parts kept, default 8), checked; as
+    ``dom0_main``'s ``rotate_bytes``/``rotate_keep``."""
+    mb = extra.get("log_rotate_mb", 0) or 0
+    keep = extra.get("log_rotate_keep", 8)
+    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not 0 <= mb <= 1 << 20:
+        raise UsageError("log_rotate_mb", f"{mb!r}: give a size in MiB (0: no rotation)")
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= 10_000:
+        raise UsageError("log_rotate_keep", f"{keep!r}: give 1..10000 rotated parts")
+    return {"rotate_bytes": int(mb * (1 << 20)), "rotate_keep": keep}
+
+
 @dataclass
 class MachineConfig:
     """Everything that defines a machine. Validated by :meth:`validate`."""
@@ -103,6 +116,10 @@ class MachineConfig:
             raise UsageError("poll-period", "the polling timer fires on the host's clock, "
                              "not at a scheduled step: give 0 under --sched controlled "
                              "(Machine.poll() between trials still works)")
+        check_log_rotation(self.extra)
+        if not self.extra.get("log_dir"):
+            from emu.machine.runs import keep_runs
+            keep_runs()          # a bad EMU_KEEP_RUNS is refused here, before the boot
         return self
 
     @property

@@ -35,6 +35,7 @@ from emu.machine.cpu_process import cpu_process
 from emu.machine.interrupts import IrqPaths
 from emu.machine.procs import child_signals, fork_child, set_pdeathsig
 from emu.machine.regions import Regions
+from emu.machine.runs import note_trial
 from emu.machine.sched import OVER_DEADLOCK, OVER_DONE, SchedControl, controlled_record
 from emu.machine.tracing import TraceRecorder
 from emu.trial.oracle import check_trial
@@ -100,6 +101,9 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         self.log_dir = cfg.extra.get("log_dir") or os.path.join(
             tempfile.gettempdir(), "emu-runs", time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
         os.makedirs(self.log_dir, exist_ok=True)
+        if not cfg.extra.get("log_dir"):
+            from emu.machine.runs import prune_runs  # keep the newest EMU_KEEP_RUNS
+            prune_runs(os.path.dirname(self.log_dir), current=self.log_dir)
         self.dom0_log_path = os.path.join(self.log_dir, "dom0.jsonl")
         self.boots = self._last_boot_in_log()
         self.dom0_hooks = dict(cfg.extra.get("dom0_hooks", {}))
@@ -444,7 +448,9 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             if per_trial:
                 raise UsageError(per_trial[0], "per-trial perturbation, faults, raise_cpu and "
                                  "wait_dom0 apply to #MC trials; not with via=cmci or via=poll")
-            return self._trial_irq(first, vias.pop(), timeout_s)
+            res = self._trial_irq(first, vias.pop(), timeout_s)
+            note_trial(self.log_dir, res)
+            return res
         second = None
         if self.sched is not None and then:
             raise UsageError("then", "a second #MC wave is not scheduled under controlled "
@@ -582,6 +588,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         res["violations"] = check_trial(res, self.topo)
         if self.sched is not None:
             controlled_record(res, self.cfg, errors, local)
+        note_trial(self.log_dir, res)
         return res
 
     # -- per-trial perturbation and faults (emu.machine.chaos) --------------------------
