@@ -776,8 +776,12 @@ class Campaign:
             self.out = open(o.out, "w", encoding="utf-8")
         interrupted = False
         error = None
+        import threading
         old = signal.getsignal(signal.SIGINT)
-        if old is signal.SIG_IGN or old is signal.SIG_DFL or old is None:
+        if threading.current_thread() is not threading.main_thread():
+            old = None                   # signals are the main thread's business
+        elif old is signal.SIG_IGN or old is signal.SIG_DFL or old is None:
+            # ^C must reach us as KeyboardInterrupt to print the summary
             signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             if o.dask:
