@@ -41,7 +41,7 @@ def run_block(opts, items: list) -> dict:
     process's machine; ``{"records": [...], "finish": [...], "pid": ...}``."""
     import os
 
-    from emu.campaign.stress import Worker, parse_mix
+    from emu.campaign.stress import Worker
     k = _key(opts)
     w = _WORKERS.get(k)
     if w is None:
@@ -52,8 +52,7 @@ def run_block(opts, items: list) -> dict:
     recs = []
     for kind, x in items:
         if kind == "db":
-            recs.append(w.play(int(x["seed"]), int(x["trial"]), parse_mix(x["scenario"]),
-                               from_db=True))
+            recs.append(w.play_entry(x))
         else:
             recs.append(w.play(opts.seed, x))
     for r in recs:

@@ -585,6 +585,23 @@ class Worker:
             rec["replay"] = o.replay_line(seed, i, scn.family, rec["fault"])
         return rec
 
+    def play_entry(self, e: dict) -> dict:
+        """Play a failure database entry with the options it was found with (its mix,
+        chaos, starvation and faults; this worker's machine)."""
+        import copy
+        o2 = copy.copy(self.o)
+        o2.chaos = float(e.get("chaos", self.o.chaos))
+        o2.starve = e.get("starve", self.o.starve)
+        o2.faults = parse_faults(e.get("faults", self.o.faults))
+        o2.fault_rate = float(e.get("fault_rate", self.o.fault_rate))
+        o2.mix = parse_mix(e["scenario"])
+        o2.mix_text = mix_text(o2.mix)
+        saved, self.o = self.o, o2
+        try:
+            return self.play(int(e["seed"]), int(e["trial"]), from_db=True)
+        finally:
+            self.o = saved
+
     def finish(self) -> list[dict]:
         """Drain Dom0 and check exactly-once logging of every record the trials
         committed without waiting (a violation per record logged twice or never)."""
@@ -624,8 +641,7 @@ def worker_loop(opts: Options, items, emit, stop=lambda: False, deadline=None) -
                           and kind == "trial"):
                 break
             if kind == "db":
-                rec = w.play(int(x["seed"]), int(x["trial"]), parse_mix(x["scenario"]),
-                             from_db=True)
+                rec = w.play_entry(x)
             else:
                 rec = w.play(opts.seed, x)
             emit(rec)
