@@ -640,6 +640,11 @@ def cmd_replay_trial(a) -> int:
               else f"  specs: (none; raise_cpu {r['specs'].get('raise_cpu')})")
         print("  outcomes: " + ", ".join(f"{k} {v}" for k, v in r["outcomes"].items()))
         for k, v in r["findings"].items():
+            if k == "hazard I" and r["hazard_i"]:
+                print("  hazard I: the same error attributed to different CPUs across the "
+                      "repeats: " + "; ".join(f"error[{e}] owners {o}"
+                                              for e, o in r["hazard_i"].items()))
+                continue
             first = next(f for x in r["records"] for f in x["findings"]
                          if (f["kind"] if f["kind"] == "violation" else f"hazard {f['id']}")
                          == k)

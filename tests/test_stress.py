@@ -368,3 +368,19 @@ def test_bench_stress_smoke():
     assert next(iter(r)) == "trials_per_s" and r["trials_per_s"] > 0
     assert {"coordinator", "cpus", "dom0", "front", "front_model"} <= set(r["cpu_us_per_trial"])
     assert r["violations"] == 0
+
+
+def test_replay_lists_who_owned_each_error_and_calls_a_split_hazard_i():
+    from emu.campaign.replay import replay
+    o = S.Options(seed=1, scenario="owner_race", db=False,
+                  machine={"watchdog_s": 0.5}).validate()
+    idx = next(i for i in range(50) if generated(1, [i], mix="owner_race")[i]["specs"]
+               ["errors"][0].split()[1] in ("bank=4", "bank=5", "bank=6", "bank=7"))
+    r = replay(o, 1, idx, "owner_race", repeat=12)
+    assert r["reproduced"] == 0 and r["family"] == "owner_race"
+    assert set(r["attribution"]) >= {0}
+    assert all(len(x) == 1 for x in r["attribution"][0])       # one owner each time
+    if len(r["attribution"][0]) > 1:                           # a race: owners differ
+        assert r["findings"]["hazard I"] == 1 and 0 in r["hazard_i"]
+    else:
+        assert "hazard I" not in r["findings"]

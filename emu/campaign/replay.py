@@ -4,9 +4,11 @@ The trial is rebuilt from ``(S, i)`` and the campaign's options alone (the line 
 campaign prints for every finding carries them all): the same scenario, the same
 perturbation seed, the same fault. Its timing is not replayed (the perturbation is
 real preemption), so a race-dependent finding comes back in some of the repeats:
-the result says how often. Each repeat starts from a freshly warm-reset machine (in
-the campaign the trial may have followed others: pages broken earlier stay broken
-there, not here).
+the result says how often. The owners each error had in each repeat are listed
+(``attribution``): one error logged by different CPUs across the repeats is hazard
+I of xen-mca.md §10.2, reported as ``hazard I`` (once, over all repeats). Each repeat
+starts from a freshly warm-reset machine (in the campaign the trial may have followed
+others: pages broken earlier stay broken there, not here).
 """
 from __future__ import annotations
 
@@ -48,7 +50,17 @@ def replay(opts, seed: int, trial: int, family: str | None = None, repeat: int =
         extra = w.finish()
     finally:
         w.close()
+    # hazard I across the repeats: the same error attributed to different CPUs
+    owners: dict = {}
+    for rec in recs:
+        for o in rec["owners"]:
+            owners.setdefault(o["error"], set()).add(tuple(o["owners"]))
+    attribution = {k: sorted(list(x) for x in v) for k, v in sorted(owners.items())}
+    split = {k: v for k, v in attribution.items() if len(v) > 1}
+    if split:
+        found["hazard I"] += 1
     return {"schema": "emu.stress.replay/1", "seed": seed, "trial": trial,
+            "attribution": attribution, "hazard_i": split,
             "family": scn.family, "specs": recs[0]["specs"], "repeat": repeat,
             "reproduced": int(reproduced), "findings": dict(sorted(found.items())),
             "outcomes": dict(Counter(r["outcome"] for r in recs)),
