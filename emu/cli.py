@@ -578,7 +578,8 @@ def _campaign_args(p) -> None:
     """Options a campaign and a replay share (what rebuilds a trial)."""
     _machine_args(p)
     p.add_argument("--scenario", default="all", help="FAMILY[:WEIGHT],... (default all: the "
-                   "nine families; also no_bank)")
+                   "nine families; also no_bank), or exposing: the family the --handler "
+                   "version's metadata names")
     _arg(p, "--starve", type=float, default=None, help="probability per trial (with "
          "--chaos) of starving one seeded victim process (default 0.05)")
     p.add_argument("--faults", default="", help="fault kinds drawn per trial: kill_cpu, "

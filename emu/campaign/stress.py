@@ -276,6 +276,9 @@ class Options:
             self.duration = parse_duration(self.duration)
         if self.trials is None and self.duration is None:
             self.trials = 100
+        m = dict(self.machine)
+        if self.scenario == "exposing":
+            self.scenario = exposing_family(m.get("handler", "seed"))
         self.mix = parse_mix(self.scenario)
         self.mix_text = mix_text(self.mix)
         if not 0.0 <= float(self.chaos) <= 1.0:
@@ -302,7 +305,6 @@ class Options:
                 raise UsageError("dask", "needs distributed: pip install 'emu-mca[dask]'")
         if not 0.0 <= float(self.hazard_c) <= 1.0:
             raise UsageError("hazard-c", f"{self.hazard_c!r}: give a probability in [0, 1]")
-        m = dict(self.machine)
         m.setdefault("seed", self.seed)
         self.config = MachineConfig(**m).validate()
         caps = machine_caps()
@@ -360,6 +362,21 @@ class Options:
         if vt is not None:
             words += ["--test-violate", f"{vt[0]}:{vt[1]}"]
         return shlex.join(words)
+
+
+def exposing_family(handler: str) -> str:
+    """``--scenario exposing``: the family the handler version's metadata names as
+    the one that should expose its defect (``emu.xen.versions``), else ``all``."""
+    from emu.xen import versions
+    info = getattr(versions, "version_info", None)
+    if info is None or handler not in versions.HANDLERS:
+        return DEFAULT_MIX
+    fam = (info(handler).get("family") or "").strip()
+    try:
+        parse_mix(fam)
+    except UsageError:
+        return DEFAULT_MIX
+    return fam or DEFAULT_MIX
 
 
 def _check_writable(path: str, field_: str) -> None:
