@@ -57,6 +57,7 @@ FAULT_PHASES = ("entered", "logout", "barrier_a", "barrier_b", "fatal_check", "b
 DIE_POINTS = ("before_write", "mid_write", "after_write", "after_ack")
 DEFAULT_MIX = "all"
 LOW_POOL = 8          # drain Dom0 before a trial when fewer telemetry slots are free
+                      # (at least: one per CPU more, a UCNA is logged by every sharer)
 
 # Machine options of `emu run` a campaign takes, with their defaults and CLI flags.
 MACHINE_OPTS = {
@@ -414,6 +415,7 @@ class Worker:
                    "guest_vcpus": self.cfg.guest_vcpus, "memory_pages": self.cfg.memory_pages}
         self._clean()
         self.pending: dict[int, tuple] = {}   # record id -> (seed, trial) not yet checked
+        self.low_pool = min(30, max(LOW_POOL, self.topo.ncpus + 4))
         self.lost: set[int] = set()
         self.warm_resets = 0
 
@@ -451,7 +453,7 @@ class Worker:
         # a Dom0 fault is judged once Dom0 has logged (and a pause must end in the trial)
         if not self.wait and not (fault and fault["kind"] in ("kill_dom0", "pause_dom0")):
             kw["wait_dom0"] = False
-        if not self.wait and self.free < LOW_POOL and not self.paused:
+        if not self.wait and self.free < self.low_pool and not self.paused:
             self._drain()
         pool_empty = self.free == 0      # not waiting, the pool was drained above
         r = self.m.inject(list(errors), local=local, then=then, **kw)
