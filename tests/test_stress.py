@@ -114,11 +114,15 @@ if __name__ == "__main__":
             distributed.Client(cl) as client:
         there = client.submit(T._gen_json, 11, list(range(20)), pure=False).result()
         pids = sorted(set(client.run(os.getpid).values()))
+        # a running scheduler by its address: --dask tcp://host:port
+        o = Options(seed=11, trials=6, scenario=T.FAST, db=False, dask=cl.scheduler_address,
+                    block=2, machine={"watchdog_s": 0.5}).validate()
+        tcp = Campaign(o, stderr=io.StringIO()).run()
     # the backend itself: each Dask worker keeps one machine and plays blocks
     o = Options(seed=11, trials=12, scenario=T.FAST, db=False, dask="local", jobs=2, block=3,
                 out=sys.argv[1], machine={"watchdog_s": 0.5}).validate()
     s = Campaign(o, stderr=io.StringIO()).run()
-    print(json.dumps({"there": there, "pids": pids, "summary": s}))
+    print(json.dumps({"there": there, "pids": pids, "summary": s, "tcp": tcp}))
 """
 
 
@@ -135,6 +139,7 @@ def test_a_dask_worker_plays_the_same_trials(tmp_path):
     assert len(got["pids"]) == 2
     s = got["summary"]
     assert s["trials"] == 12 and s["violations"] == 0, s
+    assert got["tcp"]["trials"] == 6 and got["tcp"]["exit_code"] == 0, got["tcp"]
     recs = records(out)
     assert sorted(r["trial"] for r in recs) == list(range(12))
     assert len({r["worker"] for r in recs}) >= 1

@@ -10,7 +10,9 @@ the records it committed without waiting (:meth:`Worker.finish`).
 
 ``local`` starts a ``distributed.LocalCluster`` of ``jobs`` worker processes, one
 thread each (a machine's front end is not thread-safe); an address connects to a
-running scheduler whose workers have emu installed. The machine of a worker ends
+running scheduler whose workers have emu installed (started with one thread each:
+``dask worker --nthreads 1``). A worker keeps the machine of the last campaign it
+served; a campaign with other options replaces it. The machine of a worker ends
 with the worker process (its processes have a parent-death signal, its memory has
 no name in ``/dev/shm``). Needs the ``dask`` extra (``distributed``).
 """
@@ -28,7 +30,7 @@ def _key(opts) -> str:
 
 
 def _close_all() -> None:
-    for w in _WORKERS.values():
+    for w in list(_WORKERS.values()):
         try:
             w.close()
         except Exception:  # noqa: BLE001 - the process is ending anyway
@@ -47,6 +49,7 @@ def run_block(opts, items: list) -> dict:
     if w is None:
         if not _WORKERS:
             atexit.register(_close_all)
+        _close_all()                  # one machine per worker: another campaign's goes
         w = _WORKERS[k] = Worker(opts).start()
     before = w.warm_resets
     recs = []
