@@ -19,9 +19,11 @@ no name in ``/dev/shm``). Needs the ``dask`` extra (``distributed``).
 from __future__ import annotations
 
 import atexit
+import threading
 import time
 
 _WORKERS: dict = {}   # in a Dask worker process: options key -> Worker
+_LOCK = threading.Lock()   # a worker with several threads still runs one block at a time
 
 
 def _key(opts) -> str:
@@ -41,6 +43,11 @@ def _close_all() -> None:
 def run_block(opts, items: list) -> dict:
     """In a Dask worker: play ``items`` (``("trial", i)`` or ``("db", entry)``) on this
     process's machine; ``{"records": [...], "finish": [...], "pid": ...}``."""
+    with _LOCK:
+        return _run_block(opts, items)
+
+
+def _run_block(opts, items: list) -> dict:
     import os
 
     from emu.campaign.stress import Worker
