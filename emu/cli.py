@@ -1,5 +1,5 @@
-"""Command line: ``emu run|trace|replay|inject|xen-mceinj|case|log|bench`` (also
-``python -m emu``)."""
+"""Command line: ``emu run|trace|replay|inject|xen-mceinj|case|log|bench|stress|merge``
+(also ``python -m emu``)."""
 from __future__ import annotations
 
 import argparse
@@ -605,6 +605,136 @@ def _run_args(r) -> None:
                    help="trace the trial and tell it in a few lines")
 
 
+def _machine_dict(a) -> dict:
+    """MachineConfig fields from the machine options, as ``_config`` reads them (the
+    campaign's chaos and starvation are per trial, not the machine's)."""
+    if getattr(a, "sched", "os") != "os":
+        raise UsageError("sched", "emu stress and its replay run under the host scheduler; "
+                         "for controlled scheduling use emu run --sched controlled --trials N")
+    extra = {"log_dir": a.log_dir} if getattr(a, "log_dir", None) else {}
+    return {"topology": a.topology, "nbanks": a.banks, "bank_scopes": a.bank_scopes,
+            "handler": a.handler, "seed": a.seed, "watchdog_s": a.watchdog,
+            "ser": not a.no_ser, "pin_cpus": not a.no_pin, "guests": a.guests,
+            "memory_pages": a.memory_pages, "guest_vcpus": a.guest_vcpus,
+            "vmce_policy": a.vmce_policy, "idle_poll_us": a.idle_poll_us,
+            "cmci": not a.no_cmci, "cmci_banks": a.cmci_banks,
+            "cmci_threshold": a.cmci_threshold, "poll_period_s": a.poll_period,
+            "extra": extra}
+
+
+def _arg(p, flag: str, **kw) -> None:
+    """Add an option, or re-purpose one ``_machine_args`` already defines (its default
+    and help) for this subcommand."""
+    act = p._option_string_actions.get(flag)
+    if act is None:
+        p.add_argument(flag, **kw)
+        return
+    if "default" in kw:
+        p.set_defaults(**{act.dest: kw["default"]})
+    if "help" in kw:
+        act.help = kw["help"]
+
+
+def _machine_defaults() -> dict:
+    tmp = argparse.ArgumentParser(add_help=False)
+    _machine_args(tmp)
+    return {x.dest: x.default for x in tmp._actions}
+
+
+def _campaign_args(p) -> None:
+    """Options a campaign and a replay share (what rebuilds a trial)."""
+    _machine_args(p)
+    p.add_argument("--scenario", default="all", help="FAMILY[:WEIGHT],... (default all: the "
+                   "nine families; also no_bank), or exposing: the family the --handler "
+                   "version's metadata names")
+    _arg(p, "--starve", type=float, default=None, help="probability per trial (with "
+         "--chaos) of starving one seeded victim process (default 0.05)")
+    p.add_argument("--faults", default="", help="fault kinds drawn per trial: kill_cpu, "
+                   "stall_cpu, kill_dom0, pause_dom0 or all (default none)")
+    p.add_argument("--fault-rate", type=float, default=0.1,
+                   help="probability per trial of a fault (default 0.1)")
+    p.add_argument("--fail-on", default="violation", choices=None,
+                   help="violation (default) or hazard: hazards exit 1 too")
+    p.add_argument("--hazard-c", type=float, default=0.0,
+                   help="probability that an lmce trial is hazard C's LMCE (a hang)")
+    p.add_argument("--test-violate", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--log-dir", help="run directory for Dom0's log")
+
+
+def _options(a, **kw):
+    from emu.campaign.stress import Options
+    hooks = {}
+    if a.test_violate:
+        try:
+            s, i = (int(x) for x in a.test_violate.split(":"))
+        except ValueError:
+            raise UsageError("test-violate", f"{a.test_violate!r}: write S:I") from None
+        hooks["violate_trial"] = [s, i]
+    return Options(seed=a.seed, scenario=a.scenario, chaos=a.chaos, starve=a.starve,
+                   faults=a.faults, fault_rate=a.fault_rate, fail_on=a.fail_on,
+                   hazard_c=a.hazard_c, json=a.json, hooks=hooks, machine=_machine_dict(a),
+                   **kw).validate()
+
+
+def cmd_stress(a) -> int:
+    from emu.campaign.stress import Campaign
+    db = False if a.no_db else a.db
+    o = _options(a, trials=a.trials, duration=a.duration, stop_on_first=a.stop_on_first,
+                 jobs=a.jobs, shard=a.shard or (0, 1), dask=a.dask, block=a.block, out=a.out,
+                 db=db, progress=False if a.no_progress else None)
+    return Campaign(o).run()["exit_code"]
+
+
+def cmd_replay_trial(a) -> int:
+    """``emu replay --seed S --trial I ...``: a stress campaign's trial, --repeat times."""
+    from emu.campaign.replay import replay
+    if a.trial is None:
+        raise UsageError("trial", "give --trial I (with the campaign's --seed and "
+                         "--scenario), or --schedule TOKEN for a controlled schedule")
+    for k, v in _machine_defaults().items():     # the replay parser defaults them to None
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    a.repeat = 20 if a.repeat is None else a.repeat
+    o = _options(a, db=False, progress=False)
+    r = replay(o, a.seed, a.trial, a.family, a.repeat)
+    if a.json:
+        print(json.dumps({k: v for k, v in r.items() if k != "records"}, sort_keys=True))
+    else:
+        print(f"trial {r['trial']} of seed {r['seed']} ({r['family']}): "
+              f"{r['reproduced']}/{r['repeat']} repeats reproduced a "
+              f"{'finding' if a.fail_on == 'hazard' else 'violation'}")
+        print("  specs: " + "; ".join(r["specs"]["errors"]) if r["specs"]["errors"]
+              else f"  specs: (none; raise_cpu {r['specs'].get('raise_cpu')})")
+        print("  outcomes: " + ", ".join(f"{k} {v}" for k, v in r["outcomes"].items()))
+        for k, v in r["findings"].items():
+            if k == "hazard I" and r["hazard_i"]:
+                print("  hazard I: the same error attributed to different CPUs across the "
+                      "repeats: " + "; ".join(f"error[{e}] owners {o}"
+                                              for e, o in r["hazard_i"].items()))
+                continue
+            first = next(f for x in r["records"] for f in x["findings"]
+                         if (f["kind"] if f["kind"] == "violation" else f"hazard {f['id']}")
+                         == k)
+            print(f"  {k}: in {v}/{r['repeat']} repeats: {first['text'][:200]}")
+    return 1 if r["reproduced"] else 0
+
+
+def cmd_merge(a) -> int:
+    from emu.campaign.coverage import table
+    from emu.campaign.shards import merge
+    if a.out:
+        _check_writable(a.out, "out")
+    s = merge(a.files)
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            f.write(json.dumps(s, sort_keys=True) + "\n")
+    print(table(s), file=sys.stderr)
+    if a.json:
+        print(json.dumps(s, sort_keys=True))
+    return 1 if s["violations"] else 0
+
+
 def main(argv=None) -> int:
     p = _Parser(prog="emu", description="Concurrency-faithful emulator of Xen's x86 MCA handling")
     p.add_argument("--version", action="version", version=_version())
@@ -621,21 +751,6 @@ def main(argv=None) -> int:
     _run_args(t)
     t.add_argument("--out", dest="trace", default="emu-trace.json",
                    help="the trace file (default emu-trace.json)")
-    rp = sub.add_parser("replay", help="replay a schedule token under controlled scheduling")
-    rp.add_argument("--schedule", help="the token (from an `emu replay --schedule` line)")
-    rp.add_argument("--repeat", type=_int("repeat"), default=1,
-                    help="replay N times; count verdicts")
-    rp.add_argument("--shrink", action="store_true",
-                    help="remove preemptions while the finding persists; print the shortest")
-    rp.add_argument("--json", action="store_true", help="print one JSON object")
-    rp.add_argument("--log-dir", help="run directory for Dom0's log")
-    rp.add_argument("--seed", type=_int("seed"), default=None, help="the machine's seed (pinning)")
-    for opt in ("topology", "bank-scopes", "handler", "vmce-policy"):
-        rp.add_argument(f"--{opt}", default=None,
-                        help="must match the token's machine (default: the token's)")
-    for opt in ("banks", "guests", "memory-pages", "guest-vcpus"):
-        rp.add_argument(f"--{opt}", type=_int(opt), default=None,
-                        help="must match the token's machine (default: the token's)")
     i = sub.add_parser("inject", help="run an mce-inject input file (- for stdin): each "
                        "injection on one booted machine")
     i.add_argument("file", help="mce-inject input (several records; - reads stdin)")
@@ -690,15 +805,15 @@ def main(argv=None) -> int:
     b.add_argument("--topology", help="SxCxT list instead of --cpus, e.g. 1x2x2,2x8x2")
     b.add_argument("--handler", default="seed", help="handler versions, interleaved in one "
                    "run (default seed); a version twice: an A/A pair; VERSION+trace: traced")
-    b.add_argument("--injections", type=int, default=1000, help="per configuration")
-    b.add_argument("--block", type=int, default=20,
+    b.add_argument("--injections", type=_int("injections"), default=1000, help="per configuration")
+    b.add_argument("--block", type=_int("block"), default=20,
                    help="injections per turn: the versions and baselines take turns")
-    b.add_argument("--guest-every", type=int, default=8,
+    b.add_argument("--guest-every", type=_int("guest-every"), default=8,
                    help="every Nth #MC hits a guest page, for guest_handled (0: none)")
-    b.add_argument("--boots", type=int, default=5, help="boots timed per configuration")
-    b.add_argument("--warmup", type=int, default=5,
+    b.add_argument("--boots", type=_int("boots"), default=5, help="boots timed per configuration")
+    b.add_argument("--warmup", type=_int("warmup"), default=5,
                    help="machine checks not counted after each boot (default 5)")
-    b.add_argument("--instances", type=int, default=3, help="machine instances per variant, "
+    b.add_argument("--instances", type=_int("instances"), default=3, help="machine instances per variant, "
                    "one after the other, sharing the injections (default 3)")
     b.add_argument("--hook", action="append", help="test hook NAME=VALUE for the CPUs, e.g. "
                    "handler_extra_work_us=50 (a deliberately slowed variant)")
@@ -711,10 +826,54 @@ def main(argv=None) -> int:
                    help="compare two --out files: ratio, bootstrap interval, verdict")
     b.add_argument("--min-change", type=float, default=0.02,
                    help="--compare: smallest change called faster/slower (default 0.02)")
+    st = sub.add_parser("stress", help="a seeded campaign: many trials, checked by the "
+                        "oracle and the expected-outcome model; replay lines for findings")
+    _campaign_args(st)
+    _arg(st, "--trials", type=_int("trials"), default=None, help="trial indices 0..N-1 (default 100 "
+         "without --duration)")
+    st.add_argument("--duration", help="run for this long, e.g. 30s, 2m")
+    st.add_argument("--stop-on-first", action="store_true", help="stop at the first failure")
+    st.add_argument("--jobs", type=_int("jobs"), default=1, help="workers, each with its own machine")
+    st.add_argument("--shard", help="i/N: run trial indices i, i+N, ... only")
+    st.add_argument("--dask", help="local or tcp://host:port: Dask workers, one machine each")
+    st.add_argument("--block", type=_int("block"), default=50, help="trial indices per Dask task")
+    st.add_argument("--out", help="JSON Lines: one emu.stress.trial/1 per trial, then the "
+                    "emu.stress.summary/1")
+    st.add_argument("--db", help="failure database (default $TMPDIR/emu-runs/"
+                    "stress-failures.jsonl); its failures are replayed first")
+    st.add_argument("--no-db", action="store_true", help="no failure database")
+    st.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rp = sub.add_parser("replay", help="rebuild trial I of a stress campaign's seed S and "
+                        "run it --repeat times; or replay a --schedule token (controlled)")
+    _campaign_args(rp)
+    # None: "not given" (a schedule token's machine is the default; a trial's are
+    # filled in from the machine options' defaults)
+    rp.set_defaults(**{k: None for k in _machine_defaults()})
+    rp.add_argument("--trial", type=_int("trial"), help="the stress trial index (with --seed)")
+    rp.add_argument("--family", help="the family the campaign drew (checked)")
+    rp.add_argument("--repeat", type=_int("repeat"), default=None,
+                    help="repeats (default 20 for a trial, 1 for a schedule)")
+    rp.add_argument("--schedule", help="a controlled schedule token (from an `emu replay "
+                    "--schedule` line): replay it; machine options must match its header")
+    rp.add_argument("--shrink", action="store_true", help="with --schedule: remove "
+                    "preemptions while the finding persists; print the shortest")
+    mg = sub.add_parser("merge", help="one summary from several emu stress --out files")
+    mg.add_argument("files", nargs="+", help="--out files of emu stress (e.g. shards)")
+    mg.add_argument("--json", action="store_true", help="print the summary as JSON")
+    mg.add_argument("--out", help="write the merged summary to this file")
     try:
         a, extra = p.parse_known_args(argv)
         if extra and a.cmd != "xen-mceinj":
             raise UsageError("arguments", f"unrecognized arguments: {' '.join(extra)}")
+        if a.cmd == "stress":
+            return cmd_stress(a)
+        if a.cmd == "replay":
+            if a.schedule:
+                a.repeat = 1 if a.repeat is None else a.repeat
+                return cmd_replay(a)
+            return cmd_replay_trial(a)
+        if a.cmd == "merge":
+            return cmd_merge(a)
         if a.cmd == "run":
             if a.inject:
                 if a.error:
@@ -727,8 +886,6 @@ def main(argv=None) -> int:
                                      "--trace/--trace-png/--explain")
                 return run_injections(a, a.inject)
             return cmd_run(a)
-        if a.cmd == "replay":
-            return cmd_replay(a)
         if a.cmd == "trace":
             a.explain = True
             return cmd_run(a)
