@@ -813,7 +813,8 @@ def main(argv=None) -> int:
     b.add_argument("--boots", type=_int("boots"), default=5, help="boots timed per configuration")
     b.add_argument("--warmup", type=_int("warmup"), default=5,
                    help="machine checks not counted after each boot (default 5)")
-    b.add_argument("--instances", type=_int("instances"), default=3, help="machine instances per variant, "
+    b.add_argument("--instances", type=_int("instances"), default=3,
+                   help="machine instances per variant, "
                    "one after the other, sharing the injections (default 3)")
     b.add_argument("--hook", action="append", help="test hook NAME=VALUE for the CPUs, e.g. "
                    "handler_extra_work_us=50 (a deliberately slowed variant)")
@@ -829,11 +830,13 @@ def main(argv=None) -> int:
     st = sub.add_parser("stress", help="a seeded campaign: many trials, checked by the "
                         "oracle and the expected-outcome model; replay lines for findings")
     _campaign_args(st)
-    _arg(st, "--trials", type=_int("trials"), default=None, help="trial indices 0..N-1 (default 100 "
+    _arg(st, "--trials", type=_int("trials"), default=None,
+         help="trial indices 0..N-1 (default 100 "
          "without --duration)")
     st.add_argument("--duration", help="run for this long, e.g. 30s, 2m")
     st.add_argument("--stop-on-first", action="store_true", help="stop at the first failure")
-    st.add_argument("--jobs", type=_int("jobs"), default=1, help="workers, each with its own machine")
+    st.add_argument("--jobs", type=_int("jobs"), default=1,
+                    help="workers, each with its own machine")
     st.add_argument("--shard", help="i/N: run trial indices i, i+N, ... only")
     st.add_argument("--dask", help="local or tcp://host:port: Dask workers, one machine each")
     st.add_argument("--block", type=_int("block"), default=50, help="trial indices per Dask task")
