@@ -166,3 +166,18 @@ def test_broken_stress_objects_are_rejected_naming_the_path(campaign, violation)
     broken(entry, lambda o: o["finding"].__setitem__("kind", "oops"), r"at \.finding\.kind")
     broken(entry, lambda o: o.pop("replay"), "'replay' is a required property")
     broken(trial, lambda o: o.__setitem__("outcome", "exploded"), r"at \.outcome")
+
+
+def test_the_other_families_trial_lines_validate(tmp_path):
+    # second waves (nested), prefills (pool_pressure), LMCEs and #MCs with no bank
+    out = tmp_path / "out.jsonl"
+    fams = ("lmce", "nested", "pool_pressure", "no_bank")
+    p = emu("stress", "--seed", "9", "--trials", "10", "--scenario", ",".join(fams),
+            "--out", str(out), "--json", "--no-db")
+    assert p.returncode in (0, 1), p.stderr
+    objs = lines(out)
+    validate_all(objs)
+    trials = objs[:-1]
+    assert any(t["specs"]["then"] for t in trials) and any(t["specs"]["prefill"]
+                                                          for t in trials)
+    assert {t["family"] for t in trials} <= set(fams)
