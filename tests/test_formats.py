@@ -537,3 +537,16 @@ def test_mce_test_cases_in_both_numberings(name):
     assert old.expected.mce_test.verdict == ("depends" if srao and target == "xen" else "pass")
     assert new.expected.mce_test.verdict == ("fail" if srao else "pass")
     assert ("guest_verify" in old.expected.mce_test.requires) == (srao and target == "guest")
+
+
+def test_status_words_addrv_miscv_and_mcacod_are_emu_additions():
+    """The issue's STATUS words beyond the tool's grammar: ADDRV, MISCV, MCACOD=N."""
+    recs = mi.parse("CPU 0 BANK 1\nSTATUS VAL UC EN S AR ADDRV MISCV MCACOD=0x134\n")
+    assert recs[0].status == 0xBD80000000000134
+    assert mi.parse(mi.dump(recs)) == recs
+    for text, words in (("STATUS UC MCACOD=0x12345", "16 bits"),
+                        ("STATUS UC MCACOD 5", "MCACOD=N"),
+                        ("STATUS UC MCACOD=", "takes a number")):
+        with pytest.raises(UsageError) as ei:
+            mi.parse("CPU 0 BANK 1\n" + text + "\n", "f.txt")
+        assert ei.value.field == "f.txt:2" and words in ei.value.message

@@ -328,3 +328,12 @@ def test_errors_merged_into_one_bank_are_judged_by_what_the_handler_found(emu_ma
     assert len(r["errors"][0]["owners"]) == 1
     exp = model.expected(specs, Topology(m.config), owners=model.owners_of(r))
     assert model.compare(exp, r) == []
+
+
+def test_a_long_panic_text_is_reported_whole(emu_machine):
+    """mc_panic's text names every fatal CPU: 16 sharers of a package bank make it
+    longer than 64 bytes (it was cut there, and the outcome model disagreed)."""
+    m = emu_machine(topology="2x8x2", guests=0, memory_pages=8192)
+    r = m.inject("cpu=0 bank=5 status=0xB200000000000000")
+    assert r["outcome"] == "reset"
+    assert r["panic"] == "MCE: Fatal error happened on CPUs " + ",".join(map(str, range(16)))

@@ -51,7 +51,9 @@ Exception: M Bank B: S``               (``0x...``, or a value the same read as h
 ``BANK n``                             modelled: ``bank=``
 ``STATUS`` words / numbers             modelled: ``status=``. Words: VAL OVER UC EN PCC S
                                        AR TES_YELLOW CORRECTED UNCORRECTED FATAL UCNA(0)
-                                       SRAO(S) SRAR(S|AR); a number ORs in (MCACOD, ...)
+                                       SRAO(S) SRAR(S|AR); a number ORs in (MCACOD, ...);
+                                       emu also takes ADDRV, MISCV and ``MCACOD=N``
+                                       (16 bits), which the tool's grammar lacks
 ``MCGSTATUS`` words / numbers          modelled: ``mcg=`` carries RIPV EIPV MCIP LMCES
                                        (bits 0-3, all of emu's MCG_STATUS). TES_P (bit 11,
                                        really an MCG_CAP bit), SEAM_NR (bit 12) and any
@@ -133,6 +135,9 @@ STATUS_WORDS: dict[str, int] = {
     "UCNA": 0,                                   # a label only: combine with UNCORRECTED
     "SRAO": msr.MCi_STATUS_S,
     "SRAR": msr.MCi_STATUS_S | msr.MCi_STATUS_AR,
+    # emu's additions (not in the tool's grammar, which sets them only through ADDR and
+    # MISC): the valid bits by name, for a status written out in words
+    "ADDRV": msr.MCi_STATUS_ADDRV, "MISCV": msr.MCi_STATUS_MISCV,
 }
 MCGSTATUS_WORDS: dict[str, int] = {
     "RIPV": msr.MCG_STATUS_RIPV, "EIPV": msr.MCG_STATUS_EIPV, "MCIP": msr.MCG_STATUS_MCIP,
@@ -222,7 +227,7 @@ class _Tok(NamedTuple):
     line: int
 
 
-_TOKEN = re.compile(r"[ \t\r\f\v]+|[:{}<>]|[A-Za-z0-9_]+|.")
+_TOKEN = re.compile(r"[ \t\r\f\v]+|[:{}<>=]|[A-Za-z0-9_]+|.")
 
 
 def _scan(text: str, source: str) -> list[_Tok]:
@@ -233,7 +238,7 @@ def _scan(text: str, source: str) -> list[_Tok]:
             t = m.group()
             if t[0] in " \t\r\f\v":
                 continue
-            if t in ":{}<>":
+            if t in ":{}<>=":
                 toks.append(_Tok("punct", t, lineno))
             elif t[0].isdigit():
                 toks.append(_Tok("num", t, lineno))
@@ -241,7 +246,7 @@ def _scan(text: str, source: str) -> list[_Tok]:
                 toks.append(_Tok("word", t, lineno))
             else:
                 hint = (" (list STATUS and MCGSTATUS words separated by blanks: they are ORed)"
-                        if t in "|+,=" else "")
+                        if t in "|+," else "")
                 raise UsageError(f"{source}:{lineno}", f"unexpected character {t!r}{hint}")
     return toks
 
@@ -508,6 +513,20 @@ class _Parser:
         while (tok := self.peek()) is not None:
             if tok.kind == "num":
                 val |= self.value(kw, tok)
+            elif words is STATUS_WORDS and tok.kind == "word" and tok.text.upper() == "MCACOD":
+                # emu's addition: MCACOD=N, the architectural error code (bits 15:0)
+                self.take()
+                self.punct(tok, "=", "MCACOD=N")
+                num = self.take()
+                if num is None or num.kind != "num":
+                    raise UsageError(self.at(num or tok), "MCACOD= takes a number, e.g. "
+                                     "MCACOD=0x134")
+                code = self.value(kw, num)
+                if code > 0xFFFF:
+                    raise UsageError(self.at(num), f"MCACOD={code:#x}: the code is 16 bits "
+                                     "(0..0xFFFF)")
+                val |= code
+                continue
             elif tok.kind == "word" and tok.text.upper() in words:
                 val |= words[tok.text.upper()]
             else:

@@ -41,7 +41,7 @@ from emu.machine.tracing import TraceRecorder
 from emu.trial.oracle import check_trial
 from emu.trial.spec import validate_errors
 from emu.xen import layout as xl, severity as sev
-from emu.xen.layout import ACTION_RING, ARRIVALS, LOGOUT_RING
+from emu.xen.layout import ACTION_RING, ARRIVALS, LOGOUT_RING, PANIC_BYTES
 from emu.xen.mce import DOMID_IDLE, LOG_WORDS, PH, PHASES, RESET_NONE, WHO_NAME
 from emu.xen.mctelem import NENT, Mctelem
 from emu.xen.page_alloc import PageTable
@@ -381,13 +381,12 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         for off in offs:
             store(off, 0)
 
-    def _inject(self, errs: list, local: bool, raise_cpu: int | None = None):
-        """Write validated errors into their banks (mce-inject's HOLD), then compute
-        who gets the #MC and with which MCG_STATUS. ``raise_cpu``: the CPU the #MC
-        is raised on (default: the first error's); with no error, no bank is
-        written at all."""
+    def _machine_addrs(self, errs: list) -> list[int]:
+        """Each error's machine address: a ``domain=`` address is that domain's
+        guest-physical one, translated through its p2m (as ``xen-mceinj -d``). Every
+        address is translated before any bank is written."""
         maddrs = []
-        for e in errs:   # translate every address before any bank is written
+        for e in errs:
             addr = e.addr
             if e.domain is not None:
                 mfn = self.pages.gfn_to_mfn(e.domain, e.addr >> 12)
@@ -396,6 +395,14 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                                      f"of domain {e.domain}")
                 addr = mfn << 12 | (e.addr & 0xFFF)
             maddrs.append(addr)
+        return maddrs
+
+    def _inject(self, errs: list, local: bool, raise_cpu: int | None = None):
+        """Write validated errors into their banks (mce-inject's HOLD), then compute
+        who gets the #MC and with which MCG_STATUS. ``raise_cpu``: the CPU the #MC
+        is raised on (default: the first error's); with no error, no bank is
+        written at all."""
+        maddrs = self._machine_addrs(errs)
         online = self._online()
         cpu0 = raise_cpu if raise_cpu is not None else errs[0].cpu
         if local and cpu0 not in online:   # refused before any bank is written
@@ -914,8 +921,8 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 return "cpu_died", {"dead_cpus": dead}
         while True:
             if X.load(L.reset_req) != RESET_NONE:
-                raw = b"".join(X.load(L.panic_msg + 8 * j).to_bytes(8, "little") for j in range(8))
-                return "reset", {"panic": raw.rstrip(b"\0").decode(errors="replace"),
+                raw = bytes(self.R.xen_map[L.panic_msg:L.panic_msg + PANIC_BYTES])
+                return "reset", {"panic": raw.split(b"\0")[0].decode(errors="replace"),
                                  "cpu": X.load(L.reset_cpu)}
             k = self.vmce.slot(0)
             if k is not None and self.vmce.dget(k, 1) == 2:  # the hardware domain crashed

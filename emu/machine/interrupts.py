@@ -76,16 +76,7 @@ class IrqPaths:
     def _report(self, errs: list) -> list:
         """Silicon reports each error (corrected ones counted); returns (spec, maddr,
         write, cmci) with ``cmci`` = {"raised", "cpus", "why"}."""
-        maddrs = []
-        for e in errs:
-            addr = e.addr
-            if e.domain is not None:
-                mfn = self.pages.gfn_to_mfn(e.domain, e.addr >> 12)
-                if mfn is None:
-                    raise UsageError("error.addr", f"{e.addr:#x} is not a guest-physical address "
-                                     f"of domain {e.domain}")
-                addr = mfn << 12 | (e.addr & 0xFFF)
-            maddrs.append(addr)
+        maddrs = self._machine_addrs(errs)   # Coordinator's: all before any write
         online = set(self._online())
         out = []
         for e, addr in zip(errs, maddrs, strict=True):

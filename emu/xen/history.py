@@ -55,15 +55,8 @@ class NoBarrierMcipSync(XenCpu):
 
     version = "no-barrier-mcip-sync"
 
-    def fatal_check(self) -> None:
-        X, L = self.X, self.L
-        self.yp("atomic", L.found_error)
-        if not X.load(L.found_error):
-            self.mc_panic("MCE: No CPU found valid MCE, need reset")
-        fatal = self.fatal_cpus()
-        if fatal:
-            self.mc_panic("MCE: Fatal error happened on CPUs " + ",".join(map(str, fatal)))
-        X.store(L.severity_cpu, -1 & msr.U64)   # (found_error is not reset here)
+    def reset_found_error(self) -> None:
+        pass   # not in the fatal check: mce_barrier_last's CPU does it (barrier_b_step)
 
     def barrier_b_step(self, lmce: bool, bcast: bool) -> None:
         X, yp, check, bar = self.X, self.yp, self.check, self.mce_trap_bar
@@ -111,15 +104,8 @@ class StaleSeverityCpu(XenCpu):
 
     version = "stale-severity-cpu"
 
-    def fatal_check(self) -> None:
-        X, L = self.X, self.L
-        self.yp("atomic", L.found_error)
-        if not X.load(L.found_error):
-            self.mc_panic("MCE: No CPU found valid MCE, need reset")
-        fatal = self.fatal_cpus()
-        if fatal:
-            self.mc_panic("MCE: Fatal error happened on CPUs " + ",".join(map(str, fatal)))
-        X.store(L.found_error, 0)   # (severity_cpu keeps this round's CPU)
+    def reset_severity_cpu(self) -> None:
+        pass   # severity_cpu keeps this round's CPU
 
 
 # -- 89a4be6901, 1cf8a44e39 ------------------------------------------------------------

@@ -15,6 +15,7 @@ LOGOUT_RING = 40        # logout entries kept per CPU per trial
 ACTION_RING = 256       # deferred-action entries per trial
 TRACE_RING = 4096       # yield-point trace entries at the least (TRACE_WORDS words each)
 TRACE_PER_CPU = 256     # and at least this many per CPU
+PANIC_BYTES = 8192      # mc_panic's text: "Fatal error happened on CPUs ..." names up to 1024
 
 # The trial control block (XenLayout.ctl), word indices.
 (CTL_FLAGS, CTL_SEED, CTL_TRIAL, CTL_CHAOS, CTL_STARVE_CPU, CTL_STARVE_K, CTL_STARVE_NS,
@@ -37,7 +38,7 @@ class XenLayout:
         self.trial_gen = w()
         self.reset_req = w()                 # reason code (see mce.RESET_*)
         self.reset_cpu = w()
-        self.panic_msg = w(8)                # short panic text, 64 bytes
+        self.panic_msg = w(PANIC_BYTES // 8)  # mc_panic's text (NUL-padded)
         self.boot_token = w()
         self.boot_ev = w(2)
         self.is_mc_panic = w()

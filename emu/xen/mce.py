@@ -296,9 +296,10 @@ class XenCpu(IntelCmci, IntelNonfatal):
         if X.cmpxchg(L.is_mc_panic, 0, self.cpu + 1) != 0:
             self.halt()  # another CPU is already panicking
         self.set_phase("panic")
-        raw = msg.encode()[:63].ljust(64, b"\0")
-        for j in range(8):
-            X.store(L.panic_msg + 8 * j, int.from_bytes(raw[8 * j:8 * j + 8], "little"))
+        # Only the CPU that won is_mc_panic writes the text; the coordinator reads it
+        # after reset_req (stored below, sequentially consistent).
+        raw = msg.encode()[:xl.PANIC_BYTES - 1]
+        self._xmv[L.panic_msg:L.panic_msg + len(raw)] = raw
         X.store(L.reset_cpu, self.cpu)
         X.store(L.reset_req, RESET_PANIC)
         # Spinners notice is_mc_panic in mce_panic_check; wake the sleepers.
@@ -580,6 +581,8 @@ class XenCpu(IntelCmci, IntelNonfatal):
         self.X.store(self.L.severity_cpu, self.cpu)  # plain atomic_set: last writer wins
 
     def fatal_check(self) -> None:
+        """Barrier B's check on ``severity_cpu`` (or the LMCE CPU): panic, or reset
+        the per-event state for the next round."""
         X, L = self.X, self.L
         self.yp("atomic", L.found_error)
         if not X.load(L.found_error):
@@ -587,8 +590,14 @@ class XenCpu(IntelCmci, IntelNonfatal):
         fatal = self.fatal_cpus()
         if fatal:
             self.mc_panic("MCE: Fatal error happened on CPUs " + ",".join(map(str, fatal)))
-        X.store(L.found_error, 0)
-        X.store(L.severity_cpu, -1 & msr.U64)
+        self.reset_found_error()
+        self.reset_severity_cpu()
+
+    def reset_found_error(self) -> None:
+        self.X.store(self.L.found_error, 0)
+
+    def reset_severity_cpu(self) -> None:
+        self.X.store(self.L.severity_cpu, -1 & msr.U64)   # since 6a2c6a6842
 
     def clear_mcip(self) -> None:
         gstatus = self.rd_mcg_status()
