@@ -34,7 +34,9 @@ Not modelled yet: controlled mode (one process at a time under a scheduler).
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import struct
 import time
 
 import numpy as np
@@ -44,6 +46,8 @@ SITES = ("rdmsr", "wrmsr", "lock", "unlock", "barrier", "atomic", "telem", "page
          "softirq", "phase", "virq", "acquired", "channel", "log")
 SITE = {n: i for i, n in enumerate(SITES)}
 TRACE_WORDS = 6      # seq, cpu, site, t_ns, d0, d1
+_pack_entry = struct.Struct("<5Q").pack_into   # cpu, site, t_ns, d0, d1
+_U64 = 0xFFFFFFFFFFFFFFFF
 
 # Spawn keys of the per-process streams of a trial seed (see the module docstring).
 SPAWN_PERTURB = 1
@@ -84,6 +88,7 @@ class YieldPoints:
                  counter=None):
         self.cpu = cpu
         self.trace = trace
+        self._tbuf = None           # the trace ring as a buffer (built at first use)
         self.counter = counter
         self.count = 0              # perturbations taken since configure
         self.points = 0             # yield points passed since configure
@@ -154,12 +159,15 @@ class YieldPoints:
         A, cnt, ring, n = self.trace
         k = A.fetch_add(cnt, 1)
         if k < n:
+            buf = self._tbuf
+            if buf is None:
+                buf = self._tbuf = (ctypes.c_char * (ring + 8 * TRACE_WORDS * n)).from_address(
+                    A.address)
             base = ring + 8 * TRACE_WORDS * k
-            A.store(base + 8, self.cpu)
-            A.store(base + 16, SITE.get(site, 255))
-            A.store(base + 24, time.monotonic_ns())
-            A.store(base + 32, d0 & 0xFFFFFFFFFFFFFFFF)
-            A.store(base + 40, d1 & 0xFFFFFFFFFFFFFFFF)
+            # The entry's five words in one write, then its sequence word (atomic, last):
+            # x86 keeps stores in order, so a reader that sees the sequence sees the entry.
+            _pack_entry(buf, base + 8, self.cpu, SITE.get(site, 255), time.monotonic_ns(),
+                        d0 & _U64, d1 & _U64)
             A.store(base, k + 1)   # last: a reader sees whole entries (0: not written)
 
     def _yp(self, site: str, d0: int = 0, d1: int = 0) -> None:
