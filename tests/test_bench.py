@@ -59,8 +59,9 @@ def test_suite_result_shape_plot_and_compare(tmp_path):
     rows = {c["figure"]: c for c in json.loads(p.stdout)}
     assert rows["handler_exit p50"]["verdict"] == "within noise", rows["handler_exit p50"]
     assert rows["floor p50"]["ratio"] == 1.0   # the baselines are shared by the pair
-    # A deliberately slowed variant: 1 ms of busy work per CPU in the handler
-    p = emu("bench", *TINY, "--no-naive", "--hook", "handler_extra_work_us=1000", "--out", slow)
+    # A deliberately slowed variant: 3 ms of busy work per CPU in the handler (1 ms fell
+    # within the between-run noise once, on a machine running another suite)
+    p = emu("bench", *TINY, "--no-naive", "--hook", "handler_extra_work_us=3000", "--out", slow)
     assert p.returncode == 0, p.stderr
     p = emu("bench", "--compare", a, slow, "--min-change", "0.1")
     assert p.returncode == 0, p.stderr
