@@ -35,7 +35,6 @@ domain cases, a free machine page for the Xen cases: offlined at once).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 from emu.errors import UsageError
@@ -119,8 +118,9 @@ def console_lines(trial: dict) -> list[str]:
     return out
 
 
-def _records(path: str, ids: set[int]) -> list[dict]:
-    out = []
+def _json_objects(path: str):
+    """The JSON objects of a JSON Lines log, one per line (a torn or foreign line is
+    skipped; a missing file has none)."""
     try:
         with open(path, "rb") as f:
             for raw in f:
@@ -128,11 +128,14 @@ def _records(path: str, ids: set[int]) -> list[dict]:
                     obj = json.loads(raw)
                 except ValueError:
                     continue
-                if isinstance(obj, dict) and obj.get("id") in ids:
-                    out.append(obj)
+                if isinstance(obj, dict):
+                    yield obj
     except OSError:
-        pass
-    return out
+        return
+
+
+def _records(path: str, ids: set[int]) -> list[dict]:
+    return [obj for obj in _json_objects(path) if obj.get("id") in ids]
 
 
 def mcelog_text(trial: dict, *, mcelog: str = "old") -> str:
@@ -157,16 +160,11 @@ def guest_console(trial: dict, domid: int, since: float) -> list[str]:
     path = next((d.get("log") for d in trial.get("domains", []) if d.get("domid") == domid),
                 None)
     out: list[str] = []
-    if not path or not os.path.exists(path):
+    if not path:
         return out
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and obj.get("t", 0) >= since:
-                out += [str(x) for x in obj.get("console") or []]
+    for obj in _json_objects(path):
+        if obj.get("t", 0) >= since:
+            out += [str(x) for x in obj.get("console") or []]
     return out
 
 
