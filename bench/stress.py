@@ -16,10 +16,13 @@ The default mix (``owner_race,memory``) has no family that ends in a reset or wa
 for a watchdog, so the figure is the engine's and the machine's rate, not the price
 of warm resets and hangs; give ``--scenario all`` for the full mix.
 
-CPU time is psutil's ``cpu_times`` (user + system) of every process, sampled every
-100 trials (a process replaced by a warm reset keeps its last sample): the CPU
-processes, the coordinator, Dom0, the guests and this front end, of which the model
-and the checks (``expected`` and ``compare``) are timed apart. Per trial in µs.
+CPU time (user + system) per trial in µs, by role: the machine's processes from
+``Machine.cpu_times`` (the coordinator adds the time of every CPU and domain process
+it reaped, so the processes a warm reset replaced count too), this front end from
+``getrusage``, of which the model and the checks (``expected`` and ``compare``) are
+timed apart (``front_model``, wall time). The machine is CPU-bound on 2 cores:
+``cores_busy`` is total CPU over wall time, and ``cpu_bound_trials_per_s`` the rate
+the total CPU a trial takes would allow with every core busy.
 
 With ``--json``: one JSON object per (CPU count, variant), the first key
 ``trials_per_s`` (``emu bench`` reads the first key ending in ``trials_per_s``).
@@ -33,8 +36,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,30 +59,15 @@ class _Timed:
             self.s += time.perf_counter() - t
 
 
-def _roles(w) -> dict[int, str]:
-    snap = w.m.snapshot()
-    roles = {os.getpid(): "front", w.m.pid: "coordinator"}
-    for _, pid in snap["pids"].items():
-        roles[int(pid)] = "cpus"
-    for d, pid in (snap.get("dom_pids") or {}).items():
-        if pid:
-            roles[int(pid)] = "dom0" if int(d) == 0 else "guests"
-    return roles
-
-
-def _sample(w, first: dict, last: dict) -> None:
-    try:
-        roles = _roles(w)
-    except Exception:  # noqa: BLE001 - a machine between resets: sample next time
-        return
-    for pid, role in roles.items():
-        try:
-            t = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            continue
-        v = t.user + t.system
-        first.setdefault(pid, (role, v))
-        last[pid] = (role, v)
+def _cpu(w) -> dict:
+    """CPU seconds so far: the machine's processes by role (Machine.cpu_times: the
+    coordinator adds the time of every process it reaped, so CPUs and domains a warm
+    reset replaced are counted) and this front end."""
+    import resource
+    out = dict(w.m.cpu_times())
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["front"] = ru.ru_utime + ru.ru_stime
+    return out
 
 
 def run_variant(cpus: int, variant: str, trials: int, scenario: str, chaos: float,
@@ -98,35 +84,32 @@ def run_variant(cpus: int, variant: str, trials: int, scenario: str, chaos: floa
                   **kw).validate()
     exp, cmp_ = _Timed(model.expected), _Timed(model.compare)
     model.expected, model.compare = exp, cmp_
-    first, last = {}, {}
     w = S.Worker(o).start()
     try:
         for i in range(5):                     # warm-up, not counted
             w.play(seed + 1, i)
         exp.s = cmp_.s = 0.0
-        _sample(w, first, last)
+        c0 = _cpu(w)
         t0 = time.perf_counter()
         lat, viol, outcomes = [], 0, {}
-        for i in range(trials):
-            rec = w.play(seed, i)
+        def emit(rec):
+            nonlocal viol
             h = rec["timing"]["handler_exit_us"]
             if h is not None:
                 lat.append(h)
             viol += any(f["kind"] == "violation" for f in rec["findings"])
             outcomes[rec["outcome"]] = outcomes.get(rec["outcome"], 0) + 1
-            if i % 100 == 99:
-                _sample(w, first, last)
+        # the campaign's own loop (pipelined where it can be, as emu stress plays)
+        S.play_items(w, o, [("trial", i) for i in range(trials)], emit)
         end = w.finish()
         el = time.perf_counter() - t0
-        _sample(w, first, last)
+        c1 = _cpu(w)
         resets = w.warm_resets
     finally:
         w.close()
         model.expected, model.compare = exp.fn, cmp_.fn
-    per = {}
-    for pid, (role, v0) in first.items():
-        per[role] = per.get(role, 0.0) + last[pid][1] - v0
-    us = {k: round(v / trials * 1e6, 1) for k, v in sorted(per.items())}
+    us = {k: round((c1[k] - c0[k]) / trials * 1e6, 1) for k in sorted(c1)}
+    us["total"] = round(sum(c1[k] - c0[k] for k in c1) / trials * 1e6, 1)
     us["front_model"] = round((exp.s + cmp_.s) / trials * 1e6, 1)
     return {"trials_per_s": round(trials / el, 1), "cpus": cpus, "variant": variant,
             "trials": trials, "elapsed_s": round(el, 3), "scenario": scenario,
@@ -135,6 +118,9 @@ def run_variant(cpus: int, variant: str, trials: int, scenario: str, chaos: floa
             "handler_exit_us_p50": round(float(np.percentile(lat, 50)), 1) if lat else None,
             "handler_exit_us_p90": round(float(np.percentile(lat, 90)), 1) if lat else None,
             "cpu_us_per_trial": us,
+            # on 2 cores, CPU-bound: trials/s can be at most cores / total CPU a trial
+            "cpu_bound_trials_per_s": round(os.cpu_count() * 1e6 / us["total"], 1),
+            "cores_busy": round(us["total"] / (el / trials * 1e6), 2),
             "wall_us_per_trial": round(el / trials * 1e6, 1)}
 
 
@@ -169,7 +155,8 @@ def main(argv=None) -> int:
                     print(f"{n:4d} CPUs {v:7s} {r['trials_per_s']:8.1f} trials/s  handler "
                           f"p50 {r['handler_exit_us_p50']} µs  CPU µs/trial "
                           + ", ".join(f"{k} {x}" for k, x in r["cpu_us_per_trial"].items())
-                          + f"  (wall {r['wall_us_per_trial']})", flush=True)
+                          + f"  (wall {r['wall_us_per_trial']}, {r['cores_busy']} cores busy,"
+                          f" CPU bound {r['cpu_bound_trials_per_s']}/s)", flush=True)
     except UsageError as exc:
         print(f"stress.py: error: {exc}", file=sys.stderr)
         return 2

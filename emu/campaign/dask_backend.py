@@ -50,7 +50,7 @@ def run_block(opts, items: list) -> dict:
 def _run_block(opts, items: list) -> dict:
     import os
 
-    from emu.campaign.stress import Worker
+    from emu.campaign.stress import Worker, play_items
     k = _key(opts)
     w = _WORKERS.get(k)
     if w is None:
@@ -59,12 +59,8 @@ def _run_block(opts, items: list) -> dict:
         _close_all()                  # one machine per worker: another campaign's goes
         w = _WORKERS[k] = Worker(opts).start()
     before = w.warm_resets
-    recs = []
-    for kind, x in items:
-        if kind == "db":
-            recs.append(w.play_entry(x))
-        else:
-            recs.append(w.play(opts.seed, x))
+    recs: list = []
+    play_items(w, opts, items, recs.append)
     for r in recs:
         r["worker"] = os.getpid()
     return {"records": recs, "finish": w.finish(), "warm_resets": w.warm_resets - before,

@@ -52,7 +52,21 @@ def keep_only_fds(*keep: int) -> None:
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
 
 
-def _reap(pid: int, conn, pidfd: int) -> str:
+# CPU seconds (user + system) of the processes reaped so far, by role ("cpus",
+# "dom0", "guests"): what `cpu_times` adds to the live ones (bench/stress.py).
+REAPED_CPU: dict[str, float] = {}
+
+
+def reap_status(pid: int, flags: int, role: str):
+    """``os.wait4``: the (pid, status) of ``os.waitpid``, with the process's CPU time
+    added to :data:`REAPED_CPU` under ``role``."""
+    got, st, ru = os.wait4(pid, flags)
+    if got:
+        REAPED_CPU[role] = REAPED_CPU.get(role, 0.0) + ru.ru_utime + ru.ru_stime
+    return got, st
+
+
+def _reap(pid: int, conn, pidfd: int, role: str = "guests") -> str:
     """Kill (if still running) and reap a domain process, close its channel and
     pidfd; return how it ended. A zombie is still ours, so the kill cannot hit a
     recycled pid."""
@@ -62,13 +76,23 @@ def _reap(pid: int, conn, pidfd: int) -> str:
         pass
     how = "unknown"
     try:
-        _, st = os.waitpid(pid, 0)
+        _, st = reap_status(pid, 0, role)
         how = f"signal {os.WTERMSIG(st)}" if os.WIFSIGNALED(st) else f"exit {os.WEXITSTATUS(st)}"
     except ChildProcessError:
         pass
     conn.close()
     os.close(pidfd)
     return how
+
+
+def proc_cpu_s(pid: int) -> float:
+    """A live process's CPU seconds (user + system) from /proc (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class DomainChannels:
@@ -129,7 +153,7 @@ class DomainChannels:
     def _stop_dom0(self) -> None:
         self._dom0_restart_at = None
         if self.dom0 is not None:
-            _reap(*self.dom0)
+            _reap(*self.dom0, role="dom0")
             self.dom0 = None
 
     def _mark_logged(self, rid: int, n: int | None = None, now: int | None = None,
@@ -288,7 +312,7 @@ class DomainChannels:
             # fetches from the head again, and its durable log dedups.
             if conn.fileno() in ready:
                 self._serve_channel(conn, 0, ready)   # its last words (log_failed)
-            how = _reap(pid, conn, pidfd)
+            how = _reap(pid, conn, pidfd, role="dom0")
             self.dom0 = None
             self.dom0_restarts += 1
             self.dom0_exits.append(how)

@@ -28,7 +28,14 @@ from emu.hw.banks import Banks
 from emu.hw.cpu import deliver_mc
 from emu.hw.yieldpoint import SITES
 from emu.machine import chaos as ch
-from emu.machine.channels import GUEST_SPIN_S, PROTO, DomainChannels
+from emu.machine.channels import (
+    GUEST_SPIN_S,
+    PROTO,
+    REAPED_CPU,
+    DomainChannels,
+    proc_cpu_s,
+    reap_status,
+)
 from emu.machine.checks import check_timeout
 from emu.machine.config import MachineConfig
 from emu.machine.cpu_process import cpu_process
@@ -66,6 +73,10 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         self.tele = getattr(handler_class(cfg.handler), "telemetry_class", Mctelem)(self.R)
         self.pages = PageTable(self.R)
         self.vmce = Vmce(self.R)
+        # Xen memory as u64 words, for reading the per-CPU areas in one slice each
+        # once a trial is over (its writers are done; aligned 8-byte loads on x86 are
+        # whole). One load_u64 per word cost ~25% of the coordinator's time per trial.
+        self._q = memoryview(self.R.xen_map).cast("Q")
         self.boots = 0
         self.trial_gen = 0
         self._spec_cache: dict = {}       # error strings -> validated specs
@@ -217,7 +228,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 pass
         for pid in self.cpu_pids.values():
             try:
-                os.waitpid(pid, 0)
+                reap_status(pid, 0, "cpus")
             except ChildProcessError:
                 pass
         for fd in self.pidfds.values():
@@ -302,13 +313,20 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         self.last_ready = r
         return [c for c, fd in self.pidfds.items() if fd in r]
 
-    def _logouts(self, cpu: int) -> list[dict]:
-        X, L = self.R.X, self.R.L
-        n = min(X.load(L.pc(cpu, L.P_LOGOUT_N)), LOGOUT_RING)
+    def _pcpu(self, cpu: int) -> list[int]:
+        """CPU ``cpu``'s per-CPU words (``L.P_*`` indexes them), read in one slice."""
+        L = self.R.L
+        base = L.pc(cpu, 0) >> 3
+        return self._q[base:base + L.PCPU_WORDS].tolist()
+
+    def _logouts(self, cpu: int, words: list[int] | None = None) -> list[dict]:
+        L = self.R.L
+        w = self._pcpu(cpu) if words is None else words
+        n = min(w[L.P_LOGOUT_N], LOGOUT_RING)
         out = []
         for k in range(n):
-            base = L.pc(cpu, L.P_LOGOUT) + 8 * LOG_WORDS * k
-            meta, status, addr, misc, gen, rid = (X.load(base + 8 * j) for j in range(LOG_WORDS))
+            b = L.P_LOGOUT + LOG_WORDS * k
+            meta, status, addr, misc, gen, rid = w[b:b + LOG_WORDS]
             out.append({"cpu": cpu, "who": WHO_NAME[meta & 0xFF].name, "bank": (meta >> 8) & 0xFF,
                         "cleared": bool(meta >> 16 & 1), "status": status, "addr": addr,
                         "misc": misc, "gen": gen, "record_id": rid})
@@ -575,7 +593,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             res["sched"]["banks_before"] = banks_before
         res["trial_seed"] = list(tseed)
         res["raise_cpu"] = raise_cpu
-        res["arrivals"] = self._arrivals()
+        res["arrivals"] = self._arrivals(self._words)
         perturb = self._cpu_perturbation(plan, tseed, chaos)   # before a reset wipes it
         # The ring's timing follows handler times that did not need it.
         if res["latency_us"]["handler_exit"] is not None and not self.rung_late:
@@ -641,6 +659,21 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         note_trial(self.log_dir, res)
         return res
 
+    def cpu_times(self) -> dict:
+        """CPU seconds (user + system) used so far by this machine's processes, by
+        role: ``coordinator``, ``cpus``, ``dom0``, ``guests`` (processes a warm reset or
+        a restart replaced included: their time is taken when they are reaped)."""
+        import resource
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        out = {"coordinator": ru.ru_utime + ru.ru_stime}
+        for role in ("cpus", "dom0", "guests"):
+            out[role] = REAPED_CPU.get(role, 0.0)
+        out["cpus"] += sum(proc_cpu_s(p) for p in self.cpu_pids.values())
+        if self.dom0 is not None:
+            out["dom0"] += proc_cpu_s(self.dom0[0])
+        out["guests"] += sum(proc_cpu_s(g[0]) for g in self.guests.values())
+        return out
+
     def _check_cpus(self) -> None:
         """Before an injection: has a CPU died since the last trial? (One waitid
         when none has; the serve loop usually noticed it already, through its pidfd.)"""
@@ -663,7 +696,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         for c in dead:
             ent = {"cpu": c, "exit": "unknown"}
             try:
-                pid, st = os.waitpid(self.cpu_pids[c], os.WNOHANG)
+                pid, st = reap_status(self.cpu_pids[c], os.WNOHANG, "cpus")
                 if pid:
                     ent["exit"] = (f"signal {os.WTERMSIG(st)}" if os.WIFSIGNALED(st)
                                    else f"exit {os.WEXITSTATUS(st)}")
@@ -770,12 +803,13 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 st["site"] = rep.get("starved") if ok else None
         return p
 
-    def _arrivals(self) -> dict:
+    def _arrivals(self, words: list[list[int]] | None = None) -> dict:
         """Per rendezvous use, the CPUs in the order they arrived (entered it)."""
-        X, L = self.R.X, self.R.L
+        L = self.R.L
+        words = words or [self._pcpu(c) for c in range(self.n)]
         out = {}
         for k, name in enumerate(ARRIVALS):
-            got = sorted((X.load(L.pc(c, L.P_ARRIVE + k)), c) for c in range(self.n))
+            got = sorted((w[L.P_ARRIVE + k], c) for c, w in enumerate(words))
             out[name] = [c for v, c in got if v]
         return out
 
@@ -978,21 +1012,29 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                                      {"cpu": c}])
 
     def _collect(self, gen, errs, written, targets, t0, outcome, detail, local) -> dict:
-        X, L, topo = self.R.X, self.R.L, self.topo
-        logouts = {c: [e for e in self._logouts(c) if e["who"] == "MCA_MCE_SCAN"]
+        L, topo = self.R.L, self.topo
+        words = self._words = [self._pcpu(c) for c in range(self.n)]
+        logouts = {c: [e for e in self._logouts(c, words[c]) if e["who"] == "MCA_MCE_SCAN"]
                    for c in range(self.n)}
         actions = self._actions()
         self._note_origins(gen, logouts)
         if outcome == "done":
             results = [a["result"] for a in actions]
             outcome = "continued" if sev.MCER_CONTINUE in results or not results else "recovered"
+        by_inst: dict = {}
+        for c in range(self.n):
+            for x in logouts[c]:
+                by_inst.setdefault(topo.inst[c][x["bank"]], []).append(x)
+        acts_by: dict = {}
+        for a in actions:
+            acts_by.setdefault(topo.inst[a["cpu"]][a["bank"]], []).append(a)
         errors_out = []
         for e, maddr, w in written:
             inst = topo.inst[e.cpu][e.bank]
-            logged = [x for c in range(self.n) for x in logouts[c]
-                      if topo.inst[c][x["bank"]] == inst]
-            acts = [a for a in actions if topo.inst[a["cpu"]][a["bank"]] == inst]
+            logged = by_inst.get(inst, ())
+            acts = acts_by.get(inst, ())
             cls = sev.intel_check_mce_type(e.status, self.cfg.ser)
+            found = w.get("found", e.status)
             item = {"cpu": e.cpu, "bank": e.bank, "status": msr.hexs(e.status),
                     "addr": msr.hexs(maddr), "misc": msr.hexs(e.misc), "via": "mce",
                     "class": cls,
@@ -1001,10 +1043,9 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                     "owners": sorted({x["cpu"] for x in logged}),
                     "cleared": any(x["cleared"] for x in logged),
                     "clearable": sev.intel_need_clearbank_scan(
-                        sev.MCA_MCE_SCAN, w.get("found", e.status), self.cfg.ser),
+                        sev.MCA_MCE_SCAN, found, self.cfg.ser),
                     "sharers": topo.sharers(e.cpu, e.bank),
                     "action": sev.mcer_name(acts[0]["result"]) if acts else None}
-            found = w.get("found", e.status)
             item["recoverable"] = not found & msr.MCi_STATUS_UC or \
                 sev.intel_recoverable_scan(found, self.cfg.ser)
             if acts:
@@ -1031,29 +1072,27 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             errors_out.append(item)
 
         def lat(word):
-            ts = [X.load(L.pc(c, word)) for c in targets]
+            ts = [words[c][word] for c in targets]
             if not ts or any(t < t0 for t in ts):
                 return None
             return round((max(ts) - t0) / 1e3, 1)
+        stamp_words = (("entered", L.P_T_ENTER), ("logout_done", L.P_T_LOGOUT),
+                       ("barrier_a", L.P_T_BARRIER_A), ("fatal_check_done", L.P_T_FATAL),
+                       ("mcip_cleared", L.P_T_MCIP), ("handler_exit", L.P_T_EXIT),
+                       ("softirq_done", L.P_T_SOFTIRQ))
         cpus = []
         for c in range(self.n):
-            reached = X.load(L.pc(c, L.P_REACHED))
-            stamps = {}
-            for name, word in (("entered", L.P_T_ENTER), ("logout_done", L.P_T_LOGOUT),
-                               ("barrier_a", L.P_T_BARRIER_A),
-                               ("fatal_check_done", L.P_T_FATAL), ("mcip_cleared", L.P_T_MCIP),
-                               ("handler_exit", L.P_T_EXIT),
-                               ("softirq_done", L.P_T_SOFTIRQ)):
-                t = X.load(L.pc(c, word))
-                stamps[name] = round((t - t0) / 1e3, 1) if t >= t0 else None
+            w = words[c]
+            reached = w[L.P_REACHED]
             cpus.append({"cpu": c, "phases": [p for i, p in enumerate(PHASES) if reached >> i & 1],
                          "mcip_after": bool(self.banks.mcg(c) & msr.MCG_STATUS_MCIP),
-                         "softirq_worker": bool(X.load(L.pc(c, L.P_SIRQ_ROLE))),
+                         "softirq_worker": bool(w[L.P_SIRQ_ROLE]),
                          "logged": len(logouts[c]),
                          "records": sum(1 for x in logouts[c] if x["record_id"]),
-                         "guest_mode": X.load(L.pc(c, L.P_CURRENT_DOM)) != DOMID_IDLE,
-                         "t_us": stamps,
-                         "idle_poll_us": round(X.load(L.pc(c, L.P_IDLE_POLL)) / 1e3, 1)})
+                         "guest_mode": w[L.P_CURRENT_DOM] != DOMID_IDLE,
+                         "t_us": {name: round((w[k] - t0) / 1e3, 1) if w[k] >= t0 else None
+                                  for name, k in stamp_words},
+                         "idle_poll_us": round(w[L.P_IDLE_POLL] / 1e3, 1)})
         res = {"schema": SCHEMA, "trial": gen, "outcome": outcome, "resets": 0,
                "handler": self.cfg.handler, "seed": self.cfg.seed, "topology": self.cfg.topology,
                "local": local, "targets": targets, "vmce_policy": self.cfg.vmce_policy,
@@ -1153,6 +1192,8 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             return {"ownership": self._ownership(), "online": self._online()}
         if cmd == "trace":
             return self._trace_payload()
+        if cmd == "cpu_times":
+            return self.cpu_times()
         if cmd == "banks":
             return [[self.banks.read(c, b, r) for r in range(5)] for c in range(self.n)
                     for b in range(self.topo.nbanks)]

@@ -61,6 +61,7 @@ class Machine:
         self.boot_info = None
         self.log_dir: str | None = None
         self.sched_k: int | None = None   # controlled: PCT's k, from the first run
+        self._inflight: PendingTrial | None = None   # inject_async's, not yet received
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Machine":
@@ -105,6 +106,7 @@ class Machine:
             self._logdir = None
 
     def close(self) -> None:
+        self._inflight = None   # its reply, if any, is dropped with the rest
         if self.pid is None:
             self._release()
             return
@@ -144,11 +146,18 @@ class Machine:
 
     # -- requests ------------------------------------------------------------------------
     def _call(self, cmd: str, args: dict, timeout: float = 120.0):
+        return self._recv(cmd, self._send(cmd, args), timeout)
+
+    def _send(self, cmd: str, args: dict) -> int:
+        """Send one request; its id. A request still in flight (:meth:`inject_async`)
+        is received first: the pipe carries one at a time."""
         if self.pid is None:
             raise UsageError("machine", "not started; use `with Machine(...) as m:` or m.start()")
         if self._broken:
             raise EmulatorInternalError(f"this Machine is unusable ({self._broken}); close it "
                                         "and start a new one")
+        if self._inflight is not None:
+            self._inflight.wait()
         self._seq += 1
         rid = self._seq
         try:
@@ -156,14 +165,19 @@ class Machine:
         except (TypeError, ValueError, OverflowError) as exc:
             raise UsageError(cmd, f"an argument cannot be sent ({exc}); give numbers of at "
                              "most 64 bits, strings, lists and dicts") from None
+        try:
+            self._conn.send_bytes(data)
+        except BaseException as exc:
+            if not isinstance(exc, (OSError, EOFError)):
+                self._broken = f"{type(exc).__name__} while sending {cmd!r}"
+            if isinstance(exc, (OSError, EOFError)):
+                raise EmulatorInternalError(f"coordinator is gone ({exc})") from None
+            raise
+        return rid
+
+    def _recv(self, cmd: str, rid: int, timeout: float = 120.0):
         fd = self._conn.fileno()
         try:
-            try:
-                self._conn.send_bytes(data)
-            except BaseException as exc:
-                if not isinstance(exc, (OSError, EOFError)):
-                    self._broken = f"{type(exc).__name__} while sending {cmd!r}"
-                raise
             deadline = time.monotonic() + timeout
             while True:
                 # select/poll, not Connection.poll: that builds a selector per call
@@ -233,6 +247,32 @@ class Machine:
 
         Every argument is checked before anything is sent (UsageError, field named).
         """
+        args, spec = self._trial_args(errors, local, timeout_s, then, via, schedule,
+                                      schedule_seed, seed, chaos, starve, fault, raise_cpu,
+                                      wait_dom0)
+        return self._trial_done(self._call("trial", args), spec)
+
+    def inject_async(self, errors, local: bool = False, timeout_s: float | None = None,
+                     then: dict | None = None, *, seed=None, chaos: float | None = None,
+                     starve: float | None = None, fault: dict | None = None,
+                     raise_cpu: int | None = None, wait_dom0: bool = True) -> "PendingTrial":
+        """:meth:`inject`, sent now and received later: returns at once with a
+        :class:`PendingTrial` whose ``result()`` is what :meth:`inject` would have
+        returned. The caller works while the trial runs (a campaign checks the last
+        trial meanwhile). One trial in flight at a time: any other call first waits
+        for it (its result is kept for ``result()``). Arguments are checked before
+        anything is sent, as for :meth:`inject`; not with controlled scheduling."""
+        if self.config.sched == "controlled":
+            raise UsageError("sched", "inject_async is for host scheduling; under "
+                             "controlled scheduling use inject")
+        args, spec = self._trial_args(errors, local, timeout_s, then, None, None, None,
+                                      seed, chaos, starve, fault, raise_cpu, wait_dom0)
+        rid = self._send("trial", args)
+        self._inflight = PendingTrial(self, rid, spec)
+        return self._inflight
+
+    def _trial_args(self, errors, local, timeout_s, then, via, schedule, schedule_seed,
+                    seed, chaos, starve, fault, raise_cpu, wait_dom0):
         errors = checks.error_list("errors", errors)
         if via is not None:
             if not isinstance(via, str):
@@ -258,7 +298,9 @@ class Machine:
                 args[k] = list(v) if k == "seed" and isinstance(v, tuple) else v
         if not wait_dom0:
             args["wait_dom0"] = False
-        res = self._call("trial", args)
+        return args, spec
+
+    def _trial_done(self, res: dict, spec) -> dict:
         if "sched" in res:
             if self.sched_k is None and res["sched"]["over"] == "done":
                 self.sched_k = res["sched"]["steps"]   # PCT's k, learned from a first run
@@ -354,6 +396,11 @@ class Machine:
     def snapshot(self) -> dict:
         return self._call("snapshot", {})
 
+    def cpu_times(self) -> dict[str, float]:
+        """CPU seconds used so far by the machine's processes, by role
+        (``coordinator``, ``cpus``, ``dom0``, ``guests``), replaced processes included."""
+        return self._call("cpu_times", {})
+
     def set_hooks(self, **hooks) -> None:
         """Test hooks for CPUs booted from now on (e.g. ``softirq_stall_s``)."""
         self._call("hooks", hooks)
@@ -376,3 +423,33 @@ class Machine:
     @property
     def cpu_pids(self) -> dict[int, int]:
         return {int(k): v for k, v in self.snapshot()["pids"].items()}
+
+
+class PendingTrial:
+    """A trial sent by :meth:`Machine.inject_async`; :meth:`result` receives it (once;
+    later calls return the same result or raise the same error)."""
+
+    def __init__(self, m: Machine, rid: int, spec):
+        self._m, self._rid, self._spec = m, rid, spec
+        self._res = self._exc = None
+        self._done = False
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        m = self._m
+        self._done = True
+        if m._inflight is self:
+            m._inflight = None
+        try:
+            self._res = m._trial_done(m._recv("trial", self._rid), self._spec)
+        except BaseException as exc:
+            self._exc = exc
+            if not isinstance(exc, Exception):
+                raise   # ^C: now, not at result()
+
+    def result(self) -> dict:
+        self.wait()
+        if self._exc is not None:
+            raise self._exc
+        return self._res

@@ -81,6 +81,7 @@ class PageTable:
         self.X = R.X
         self.L = R.L.pages
         self.npages = self.L.npages
+        self._mv = memoryview(R.xen_map)
 
     def _off(self, mfn: int) -> int:
         return self.L.table + 8 * mfn
@@ -92,19 +93,33 @@ class PageTable:
         self.X.store(self._off(mfn), _pack(owner, state, gfn))
 
     def init_default(self, domids: list[int]) -> None:
-        """Lay out the default memory map for the given domains (Dom0 first)."""
-        for mfn in range(self.npages):
-            self.set(mfn, DOMID_NONE, PGC_FREE)
-        for mfn in XEN_FIXED:
-            self.set(mfn, DOMID_XEN, PGC_XEN_FIXED | PGC_ALLOCATED)
-        for mfn in XEN_HEAP:
-            self.set(mfn, DOMID_XEN, PGC_XEN_HEAP | PGC_ALLOCATED)
+        """Lay out the default memory map for the given domains (Dom0 first).
+
+        At boot, before any CPU runs: the table is built once per domain list as an
+        image and copied in one slice (a word at a time took 39 ms of a 60 ms warm
+        reset with 16384 pages; a campaign resets after every fatal trial)."""
+        key = tuple(domids)
+        img = self._images.get(key) if hasattr(self, "_images") else None
+        if img is None:
+            img = self._image(domids)
+            self._images = {key: img}
+        off = self.L.table
+        self._mv[off:off + len(img)] = img
+
+    def _image(self, domids: list[int]) -> bytes:
+        import numpy as np
+        t = np.full(self.npages, _pack(DOMID_NONE, PGC_FREE, 0), dtype="<u8")
+        t[XEN_FIXED.start:min(XEN_FIXED.stop, self.npages)] = _pack(
+            DOMID_XEN, PGC_XEN_FIXED | PGC_ALLOCATED, 0)
+        t[XEN_HEAP.start:min(XEN_HEAP.stop, self.npages)] = _pack(
+            DOMID_XEN, PGC_XEN_HEAP | PGC_ALLOCATED, 0)
         for k, d in enumerate(domids):
             r = domain_range(k)
             if r.stop > self.npages:
                 break
-            for mfn in r:
-                self.set(mfn, d, PGC_ALLOCATED, mfn - r.start)
+            gfn = np.arange(len(r), dtype="<u8")
+            t[r.start:r.stop] = np.uint64(_pack(d, PGC_ALLOCATED, 0)) | (gfn << np.uint64(32))
+        return t.tobytes()
 
     def owner(self, mfn: int) -> int:
         if not 0 <= mfn < self.npages:
