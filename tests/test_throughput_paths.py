@@ -122,3 +122,31 @@ def test_the_pipelined_loop_plays_what_the_plain_loop_plays():
     for i in early:
         assert not by[i - 1]["warm_reset"], f"trial {i} was sent before {i - 1}'s reset"
         assert by[i - 1]["outcome"] not in S.RESET_OUTCOMES
+
+
+def test_a_hang_where_every_cpu_sleeps_in_a_handler_wait_is_known_before_the_watchdog(
+        emu_machine):
+    """barrier-no-generation's lost wake-up parks every CPU in a barrier: the trial is a
+    hang as soon as nobody has moved for hang_quiet_s, not after the watchdog. A
+    stalled CPU (a fault: it sleeps outside any wait) still takes the watchdog."""
+    import time
+    m = emu_machine(handler="barrier-no-generation", watchdog_s=5.0)
+    errs = ["cpu=0 bank=0 status=0x9C00000000010151 mcg=0x5",
+            "cpu=2 bank=4 status=0xBD000000004000CF addr=0x180020 misc=0x86 mcg=0x5"]
+    hangs = []
+    for _ in range(8):
+        t = time.monotonic()
+        r = m.inject(errs)
+        if r["outcome"] == "hang":
+            hangs.append((time.monotonic() - t, r))
+    assert hangs, "barrier-no-generation did not hang in 8 trials"
+    for took, r in hangs:
+        assert took < 2.5, took
+        assert r["hang_detected"].startswith("early")
+        assert r["snapshot"] and r["resets"] == 1
+    m2 = emu_machine(watchdog_s=0.5)
+    t = time.monotonic()
+    r = m2.inject([SRAO_MEM], fault={"kind": "stall_cpu", "cpu": 1, "phase": "logout",
+                                     "s": 0.75})
+    assert r["outcome"] == "hang" and "hang_detected" not in r
+    assert time.monotonic() - t >= 0.5

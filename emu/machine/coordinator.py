@@ -59,6 +59,7 @@ SCHEMA = "emu.trial/1"
 BOOT_TIMEOUT_S = 30.0
 RING_LATE_S = 0.0005   # at the earliest; see Coordinator._ring_late
 RING_LATE_MAX_S = 0.02
+HANG_QUIET_S = 0.15    # see Coordinator._parked: 3 of the CPUs' 50 ms sleep slices
 
 
 class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
@@ -103,6 +104,12 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         self.ready_doms: set[int] = set()
         self._served = 0
         self.guest_spin_s = float(cfg.extra.get("guest_spin_s", GUEST_SPIN_S))
+        # How long a trial whose CPUs all sleep in handler waits may go without
+        # progress before it is a hang (_parked), and the phases that do not count.
+        self.hang_quiet_s = float(cfg.extra.get("hang_quiet_s", HANG_QUIET_S))
+        self._unparked_phases = {PH[p] for p in ("idle", "boot", "halted", "panic", "offline")
+                                 if p in PH}
+        self._fault_active = False
         # Tracing (cfg.trace): what the coordinator sees of the last trial, as
         # [t_ns, track, name, args] (track: "coordinator", "dom0", "dom1", ...), and
         # the CPUs' ring, read before a reset could wipe it.
@@ -532,6 +539,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         self._not_awaited = not wait_dom0
         plan = self._trial_control(gen, tseed, chaos, starve, fault, bound)
         fstate = self._fault_begin(fault)
+        self._fault_active = fault is not None or bool(plan["starvation"].get("armed"))
         errs, written, targets, mcg = self._inject(first, local, raise_cpu)
         mcg_in = dict(mcg)
         fds = self._poll_fds()
@@ -553,9 +561,21 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         shutdown_wave, left = (1 if sd is not None else None), True
         if sd is None and then:
             bit = 1 << PHASES.index(then["after_phase"])
-            deadline = time.monotonic() + (timeout_s or self.cfg.watchdog_s)
+            # The watchdog's rule: give up on the phase only when the first wave made
+            # no progress for the watchdog period (a slow wave on a loaded host still
+            # gets its second #MC where it was asked for; seen: a fixed deadline raised
+            # it while the first wave's CPUs were in the handler, a shutdown), or when
+            # the wave ended without reaching it.
+            wd, last_p, last_t = timeout_s or self.cfg.watchdog_s, self._progress(), \
+                time.monotonic()
             while not any(X.load(L.pc(c, L.P_REACHED)) & bit for c in targets):
-                if time.monotonic() > deadline or X.load(L.reset_req) != RESET_NONE:
+                if X.load(L.reset_req) != RESET_NONE or all(
+                        X.load(L.pc(c, L.P_DONE_GEN)) >= gen for c in targets):
+                    break
+                p, now = self._progress(), time.monotonic()
+                if p != last_p:
+                    last_p, last_t = p, now
+                elif now - last_t > wd:
                     break
                 time.sleep(0.0005)
             self.trial_gen += 1
@@ -943,6 +963,10 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         ring_at = (t_deliver or last_t) + ring_late_s
 
         sched = self.sched
+        # A hang is known before the watchdog when nobody can move: see _parked. Not
+        # with faults, test hooks or controlled scheduling (its deadlock is exact).
+        quiet_s = self.hang_quiet_s if sched is None and not self.hooks \
+            and not self._fault_active else watchdog_s
 
         def done():
             return (all(X.load(L.pc(c, L.P_DONE_GEN)) >= g for c, g in wait_targets.items())
@@ -980,6 +1004,28 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 last_progress, last_t = p, now
             elif now - last_t > watchdog_s:
                 return "hang", {"snapshot": self._snapshot()}
+            elif quiet_s < watchdog_s and now - last_t > quiet_s and ring_at is None \
+                    and self._parked(wait_targets):
+                return "hang", {"snapshot": self._snapshot(), "hang_detected": (
+                    f"early: every CPU still in the trial asleep in a handler wait and no "
+                    f"progress for {quiet_s:g} s (the watchdog is {watchdog_s:g} s)")}
+
+    def _parked(self, wait_targets: dict[int, int]) -> bool:
+        """Is every CPU the trial still waits for asleep on a channel in its #MC
+        handler or softirq (not idle: an idle CPU with the #MC pending is the late
+        ring's case)? Nobody else writes what they wait for (the coordinator does
+        not, Dom0 and the guests cannot), so with no progress they wait forever: the
+        hang of hazards C and D, known without waiting out the watchdog."""
+        X, L, HW, HL = self.R.X, self.R.L, self.R.HW, self.R.HL
+        left = [c for c, g in wait_targets.items() if X.load(L.pc(c, L.P_DONE_GEN)) < g]
+        if not left:
+            return False
+        for c in left:
+            if X.load(L.pc(c, L.P_PHASE)) in self._unparked_phases or \
+                    not HW.load(HL.sleep_reg(c)) or X.load(L.pc(c, L.P_MC_GEN)) < \
+                    wait_targets[c]:
+                return False
+        return True
 
     def _progress(self) -> int:
         """The watchdog's view: every CPU counts its own phase changes."""

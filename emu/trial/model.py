@@ -39,6 +39,7 @@ leaves their softirq rounds uneven, which hangs ``mce_inside_bar``.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import Counter
 
@@ -258,6 +259,17 @@ def _num(field: str, v) -> int:
 def normalize_spec(spec, index: int = 0) -> dict:
     """A spec dict (cpu, bank, status, addr, misc, mcg, domain) from a dict, an object
     with those attributes (emu.trial.spec.ErrorSpec) or an ``emu run --error`` string."""
+    if isinstance(spec, str):
+        return dict(_normalize_str(spec, index))   # a campaign repeats its strings
+    return _normalize(spec, index)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalize_str(spec: str, index: int) -> dict:
+    return _normalize(spec, index)
+
+
+def _normalize(spec, index: int) -> dict:
     where = f"error[{index}]"
     if isinstance(spec, str):
         d = {}

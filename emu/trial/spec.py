@@ -10,6 +10,7 @@ anything runs.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 from emu.errors import UsageError
@@ -58,6 +59,18 @@ def parse_number(field: str, text) -> int:
 
 def parse_error(spec, index: int = 0) -> dict:
     """``"cpu=0 bank=8 ..."`` or a dict → a dict of ints (not yet range-checked)."""
+    if isinstance(spec, str):
+        # a campaign parses each generated string on both sides of the pipe: once
+        return dict(_parse_str(spec, index))
+    return _parse(spec, index)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_str(spec: str, index: int) -> dict:
+    return _parse(spec, index)
+
+
+def _parse(spec, index: int) -> dict:
     where = f"error[{index}]"
     if isinstance(spec, dict):
         items = list(spec.items())

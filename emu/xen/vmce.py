@@ -108,15 +108,20 @@ class Vmce:
         X.store(self._d(k, D_STATE), DOM_RUNNING)
 
     def domains(self) -> list[dict]:
+        # The table in one slice (a report, read twice a trial by the coordinator: one
+        # load per word was most of its reads); aligned 8-byte words read whole.
+        base = self._d(0, 0) >> 3
+        t = memoryview(self.R.xen_map).cast("Q")[base:base + MAX_DOMS * DWORDS].tolist()
         out = []
         for k in range(MAX_DOMS):
-            st = self.dget(k, D_STATE)
+            d = t[k * DWORDS:(k + 1) * DWORDS]
+            st = d[D_STATE]
             if st == DOM_NONE:
                 continue
-            out.append({"domid": self.dget(k, D_ID), "state": DOM_STATE_NAMES[st],
-                        "type": "hvm" if self.dget(k, D_HVM) else "pv",
-                        "vcpus": self.dget(k, D_NVCPUS),
-                        "crash_reason": CRASH_REASONS.get(self.dget(k, D_CRASH_WHY))})
+            out.append({"domid": d[D_ID], "state": DOM_STATE_NAMES[st],
+                        "type": "hvm" if d[D_HVM] else "pv",
+                        "vcpus": d[D_NVCPUS],
+                        "crash_reason": CRASH_REASONS.get(d[D_CRASH_WHY])})
         return out
 
     def is_running(self, domid: int) -> bool:
