@@ -150,3 +150,36 @@ def test_a_hang_where_every_cpu_sleeps_in_a_handler_wait_is_known_before_the_wat
                                      "s": 0.75})
     assert r["outcome"] == "hang" and "hang_detected" not in r
     assert time.monotonic() - t >= 0.5
+
+
+def test_a_bank_left_valid_is_cleared_by_the_harness_not_by_a_warm_reset(emu_machine):
+    """UCNA is not cleared in #MC: the campaign writes 0 to that bank (Machine.
+    clear_banks, as a harness's wrmsr) and goes on without a boot; bad arguments are
+    usage errors naming ``banks``."""
+    from conftest import UCNA
+    m = emu_machine()
+    r = m.inject([UCNA])
+    assert not r["errors"][0]["cleared"]
+    assert m._call("banks", {})[1 * m.config.nbanks + 6][1] != 0   # still valid
+    boots = m.boot_info["boot"]
+    assert m.clear_banks([(1, 6)]) == [m._topo.inst[1][6]]
+    assert m._call("banks", {})[1 * m.config.nbanks + 6][1] == 0
+    assert m.snapshot()["pids"] and m.inject([SRAO_MEM])["outcome"] == "recovered"
+    assert m.boot_info["boot"] == boots
+    for bad in ([(9, 0)], [("x", 1)], "nope"):
+        with pytest.raises(UsageError) as ei:
+            m.clear_banks(bad)
+        assert ei.value.field == "banks"
+
+    o = S.Options(seed=3, trials=40, scenario="ucna", db=False,
+                  machine={"topology": "1x2x2", "watchdog_s": 0.5}).validate()
+    recs = []
+    w = S.Worker(o).start()
+    try:
+        S.play_items(w, o, [("trial", i) for i in range(40)], recs.append)
+        assert w.finish() == []
+        assert w.warm_resets == 0
+    finally:
+        w.close()
+    assert sum(bool(r["banks_cleared"]) for r in recs) >= 20
+    assert not [f for r in recs for f in r["findings"] if f["kind"] == "violation"]

@@ -679,6 +679,30 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         note_trial(self.log_dir, res)
         return res
 
+    def clear_banks(self, banks) -> list[int]:
+        """Write 0 to MCi_STATUS of each ``[cpu, bank]`` between trials (what a test
+        harness does with wrmsr between cases); the bank instances cleared. Refused
+        while a CPU is in a handler or its softirq (UsageError)."""
+        if not isinstance(banks, list) or not all(
+                isinstance(b, (list, tuple)) and len(b) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in b)
+                for b in banks):
+            raise UsageError("banks", f"{banks!r}: give a list of [cpu, bank] pairs")
+        for c, b in banks:
+            if not 0 <= c < self.n or not 0 <= b < self.topo.nbanks:
+                raise UsageError("banks", f"[{c}, {b}]: CPUs are 0..{self.n - 1}, banks "
+                                 f"0..{self.topo.nbanks - 1}")
+        X, L = self.R.X, self.R.L
+        busy = [c for c in range(self.n) if PHASES[X.load(L.pc(c, L.P_PHASE))] not in
+                ("idle", "halted", "offline")]
+        if busy:
+            raise UsageError("banks", f"CPUs {busy} are not idle: clear banks between trials")
+        done = set()
+        for c, b in banks:
+            self.banks.write(c, b, msr.REG_STATUS, 0)
+            done.add(self.topo.inst[c][b])
+        return sorted(done)
+
     def cpu_times(self) -> dict:
         """CPU seconds (user + system) used so far by this machine's processes, by
         role: ``coordinator``, ``cpus``, ``dom0``, ``guests`` (processes a warm reset or
@@ -1240,6 +1264,8 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             return self._trace_payload()
         if cmd == "cpu_times":
             return self.cpu_times()
+        if cmd == "clear_banks":
+            return self.clear_banks(args.get("banks"))
         if cmd == "banks":
             return [[self.banks.read(c, b, r) for r in range(5)] for c in range(self.n)
                     for b in range(self.topo.nbanks)]

@@ -396,6 +396,17 @@ class Machine:
     def snapshot(self) -> dict:
         return self._call("snapshot", {})
 
+    def clear_banks(self, banks) -> list[int]:
+        """Write 0 to MCi_STATUS of each ``(cpu, bank)`` between trials, as a test
+        harness does with wrmsr between cases: a campaign's cheaper way than a warm
+        reset to start the next trial without the errors a trial left valid (UCNA and
+        corrected errors are not cleared in #MC). Returns the bank instances cleared."""
+        try:
+            pairs = [[int(c), int(b)] for c, b in banks]
+        except (TypeError, ValueError):
+            raise UsageError("banks", f"{banks!r}: give (cpu, bank) pairs") from None
+        return self._call("clear_banks", {"banks": pairs})
+
     def cpu_times(self) -> dict[str, float]:
         """CPU seconds used so far by the machine's processes, by role
         (``coordinator``, ``cpus``, ``dom0``, ``guests``), replaced processes included."""
