@@ -289,3 +289,188 @@ def detection_table(handlers: list[str], errors, config: dict, trials: int = 200
                 row[st] = {"trials": r["first_finding_trial"], "seconds": r["seconds_to_first"]}
         rows.append(row)
     return rows
+
+
+# -- every handler version's exposing campaign, per strategy (issue 12) ---------------------
+CHAOS_P = 0.2            # the chaos column's perturbation probability per yield point
+# Per version: the scenario mix a campaign runs (default: the family its metadata names,
+# emu.xen.versions) and machine options beyond the stress defaults. ``level``: "machine"
+# (a campaign finds it), "unit" (only a unit test reaches it), "dom0" (its race needs
+# Dom0's fetch inside a CPU's commit: Dom0 runs outside the scheduler).
+VERSION_CAMPAIGNS: dict[str, dict] = {
+    "xen-2009-03": {"machine": {"vmce_policy": "dom0"}},
+    # 6a2c6a6842: a #MC with no valid bank after a round with an error
+    "stale-severity-cpu": {"scenario": "owner_race,no_bank"},
+    # 1cf8a44e39: RIPV=EIPV=0 in a guest's context (every CPU runs a DOM1 vCPU)
+    "no-eipv-check": {"machine": {"extra": {"hooks": {"current": {
+        c: [1, c % 2] for c in range(64)}}}}},
+    # 011899a2e0: an LMCE during the softirq, after the worker election
+    "shared-severity-cpu": {"scenario": "nested_lmce"},
+    "no-3e15c37e68": {"scenario": "cmci"},
+    "xchg-head-reread": {"level": "dom0"},
+    "freelist-aba": {"level": "unit"},
+}
+
+
+def version_campaign(handler: str) -> dict:
+    """``{"scenario", "machine", "level"}`` for ``handler``'s exposing campaign."""
+    from emu.xen.versions import HANDLERS, version_info
+    if handler not in HANDLERS:
+        raise UsageError("handler", f"unknown handler {handler!r}; choose from "
+                         f"{', '.join(HANDLERS)}")
+    c = VERSION_CAMPAIGNS.get(handler, {})
+    fam = (version_info(handler).get("family") or "").strip() or "all"
+    return {"scenario": c.get("scenario", fam), "machine": dict(c.get("machine", {})),
+            "level": c.get("level", "machine")}
+
+
+class _Scheduled:
+    """A controlled machine whose ``inject`` runs every trial under ``strategy``, seeded
+    from the trial's seed ``(S, i)`` (the stress worker's) or, for a prefill injection,
+    from a count: the stress worker drives it unchanged."""
+
+    def __init__(self, m, strategy: str, seed: int):
+        from emu.machine.sched import splitmix64
+        self._m, self._st, self._seed, self._mix = m, strategy, seed, splitmix64
+        self._k = 0
+        self.last = None
+
+    def inject(self, errors, *a, seed=None, chaos=None, starve=None, **kw):
+        self._k += 1
+        s = (seed[0] * 1_000_003 + seed[1]) if seed is not None else \
+            (self._seed * 1_000_003 + (1 << 40) + self._k)
+        r = self._m.inject(errors, *a, seed=seed, schedule=self._st,
+                           schedule_seed=self._mix(s), **kw)
+        self.last = r
+        return r
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+
+def _first_violation(rec: dict):
+    return next((f for f in rec["findings"] if f["kind"] == "violation"), None)
+
+
+def first_finding(handler: str, strategy: str, trials: int, seed: int = 0,
+                  machine: dict | None = None, chaos: float = CHAOS_P,
+                  watchdog_s: float = 2.0) -> dict:
+    """Trials of ``handler``'s exposing campaign (:func:`version_campaign`; the stress
+    campaign's trials ``(seed, i)``) until the first finding, checked as ``emu stress``
+    checks them (the oracle, the expected-outcome model; a deadlock is a finding
+    unless the model predicts that hang): under ``controlled`` with ``strategy``
+    (``random``, ``pct:D``), or host-scheduled with ``strategy="chaos"`` (perturbation
+    ``chaos`` per yield point) or ``"os"``. Returns ``{"strategy", "trials"`` (1-based
+    index of the first finding, None: none within ``trials``), ``"seconds"`` (to it,
+    or the whole budget), ``"trials_run", "finding", "outcome", "replay"}``."""
+    c = version_campaign(handler)
+    if c["level"] != "machine":
+        return {"strategy": strategy, "trials": None, "seconds": None, "trials_run": 0,
+                "finding": None, "level": c["level"]}
+    host = strategy in ("chaos", "os")
+    if not host:
+        parse_strategy(strategy)
+    mopts = dict(c["machine"], **(machine or {}))
+    mopts.update(handler=handler, watchdog_s=watchdog_s,
+                 sched="os" if host else "controlled")
+    if c["scenario"] == "cmci":
+        return _first_finding_cmci(handler, strategy, trials, seed, mopts, chaos)
+    from emu.campaign.stress import Options, Worker
+    o = Options(seed=seed, trials=trials, scenario=c["scenario"],
+                chaos=chaos if strategy == "chaos" else 0.0, db=False, progress=False,
+                machine=mopts).validate()
+    w = Worker(o).start()
+    t0 = time.monotonic()
+    out = {"strategy": strategy, "trials": None, "trials_run": 0, "finding": None,
+           "level": "machine"}
+    try:
+        if not host:
+            w.m = _Scheduled(w.m, strategy, seed)
+        for i in range(trials):
+            rec = w.play(seed, i)
+            out["trials_run"] = i + 1
+            f = _first_violation(rec)
+            if f is not None:
+                last = getattr(w.m, "last", None) or {}
+                out.update(trials=i + 1, finding=f["text"], outcome=rec["outcome"],
+                           family=rec["family"], replay=(last.get("sched") or {}).get(
+                               "replay") if not host else rec.get("replay"))
+                break
+        else:
+            fin = w.finish()
+            if fin:
+                out.update(trials=trials, finding=fin[0]["text"], outcome=None)
+    finally:
+        w.close()
+    out["seconds"] = round(time.monotonic() - t0, 3)
+    return out
+
+
+def _first_finding_cmci(handler, strategy, trials, seed, mopts, chaos) -> dict:
+    """no-3e15c37e68's campaign: two corrected errors in a CMCI core bank with a poll
+    round (the poller and the CMCI owner cross), a CPU per trial; findings are the
+    oracle's (the expected-outcome model covers #MC trials only)."""
+    from emu.machine import Machine
+    t0 = time.monotonic()
+    out = {"strategy": strategy, "trials": None, "trials_run": 0, "finding": None,
+           "level": "machine"}
+    cfg = dict(mopts, seed=seed)
+    if strategy == "chaos":
+        cfg["chaos"] = chaos
+    with Machine(**cfg) as m:
+        n = _ncpus(m)
+        sched = _Scheduled(m, strategy, seed) if cfg["sched"] == "controlled" else m
+        for i in range(trials):
+            ce = f"cpu={(seed + i) % n} bank=2 status=0x9000000000000134 via=poll"
+            kw = {"seed": (seed, i)} if sched is not m else {}
+            r = sched.inject([ce, ce], **kw) if kw else m.inject([ce, ce])
+            out["trials_run"] = i + 1
+            if r["violations"] or r["outcome"] in ("deadlock", "hang"):
+                out.update(trials=i + 1, finding=(r["violations"] or [r["outcome"]])[0],
+                           outcome=r["outcome"], family="cmci",
+                           replay=(r.get("sched") or {}).get("replay"))
+                break
+    out["seconds"] = round(time.monotonic() - t0, 3)
+    return out
+
+
+def version_table(handlers=None, strategies=("chaos", "random", "pct:2", "pct:3"),
+                  trials: int = 200, seed: int = 0, machine: dict | None = None,
+                  chaos: float = CHAOS_P, progress=None) -> list[dict]:
+    """The detection table over handler versions: per version (default: every
+    registered one), its campaign's scenario and, per strategy, trials and seconds
+    to the first finding (:func:`first_finding`)."""
+    from emu.xen.versions import HANDLERS
+    rows = []
+    for h in handlers or list(HANDLERS):
+        c = version_campaign(h)
+        row = {"handler": h, "scenario": c["scenario"], "level": c["level"]}
+        for st in strategies:
+            r = first_finding(h, st, trials, seed=seed, machine=machine, chaos=chaos)
+            row[st] = {k: r.get(k) for k in ("trials", "seconds", "trials_run", "finding",
+                                             "outcome", "replay")}
+            if progress is not None:
+                progress(h, st, r)
+        rows.append(row)
+    return rows
+
+
+def format_version_table(rows: list[dict], strategies) -> str:
+    """The table as text: trials (seconds) to the first finding, ``-`` for none."""
+    head = ["handler", "scenario"] + [("chaos " + f"{CHAOS_P:g}" if s == "chaos" else s)
+                                      for s in strategies]
+    lines = [head]
+    for r in rows:
+        cells = [r["handler"], r["scenario"]]
+        for s in strategies:
+            x = r.get(s) or {}
+            if r["level"] != "machine":
+                cells.append(f"({r['level']})")
+            elif x.get("trials"):
+                cells.append(f"{x['trials']} ({x['seconds']:.2f} s)")
+            else:
+                cells.append(f"- ({x.get('trials_run')} in {x.get('seconds') or 0:.1f} s)")
+        lines.append(cells)
+    w = [max(len(str(line[k])) for line in lines) for k in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w[k]) for k, c in enumerate(line)).rstrip()
+                     for line in lines)

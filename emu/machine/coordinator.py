@@ -483,24 +483,18 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             if local or then:
                 raise UsageError("error.via", "--local and then= raise a #MC; with via=cmci "
                                  "or via=poll give neither")
-            if self.sched is not None:
-                raise UsageError("error.via", "CMCI and the poller are not scheduled under "
-                                 "controlled scheduling (v1: the #MC path only); use via=mce "
-                                 "or sched='os'")
             per_trial = [k for k, v in (("seed", seed), ("chaos", chaos), ("starve", starve),
                                         ("fault", fault), ("raise_cpu", raise_cpu))
                          if v is not None] + ([] if wait_dom0 else ["wait_dom0"])
             if per_trial:
                 raise UsageError(per_trial[0], "per-trial perturbation, faults, raise_cpu and "
                                  "wait_dom0 apply to #MC trials; not with via=cmci or via=poll")
-            res = self._trial_irq(first, vias.pop(), timeout_s)
+            if self.sched is not None and schedule is None:
+                schedule = {"kind": "random", "seed": self.cfg.seed, "name": "random"}
+            res = self._trial_irq(first, vias.pop(), timeout_s, schedule, errors)
             note_trial(self.log_dir, res)
             return res
         second = None
-        if self.sched is not None and then:
-            raise UsageError("then", "a second #MC wave is not scheduled under controlled "
-                             "scheduling (its raise would be the coordinator's timing, not a "
-                             "step): drop then= or use sched='os'")
         if self.sched is None and schedule:
             raise UsageError("schedule", "this machine is not controlled: boot it with "
                              "sched='controlled' (--sched controlled)")
@@ -544,8 +538,12 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         mcg_in = dict(mcg)
         fds = self._poll_fds()
         if self.sched is not None:
+            # Under controlled, a second wave is a step the strategy picks (the raise),
+            # enabled once a first-wave target has reached then["after_phase"].
             self.sched.start(targets, schedule or {"kind": "random", "seed": self.cfg.seed,
-                                                   "name": "random"})
+                                                   "name": "random"},
+                             raise_phase_bit=1 << PHASES.index(then["after_phase"])
+                             if then else 0, others=self._online() if then else None)
         t_inject = time.monotonic_ns()
         # Latencies count from t0, the raise: MCG_STATUS is written (by the emulator,
         # where silicon takes no time) and the signal is about to go.
@@ -559,7 +557,10 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         ready = readable(fds, ring_late_s) if sd is None and not then else None
         wait_targets = {c: gen for c in targets}
         shutdown_wave, left = (1 if sd is not None else None), True
-        if sd is None and then:
+        second_wave = sd is None and then is not None
+        if second_wave and self.sched is not None:
+            second_wave = self._await_raise(timeout_s or self.cfg.watchdog_s)
+        elif second_wave:
             bit = 1 << PHASES.index(then["after_phase"])
             # The watchdog's rule: give up on the phase only when the first wave made
             # no progress for the watchdog period (a slow wave on a loaded host still
@@ -578,12 +579,17 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 elif now - last_t > wd:
                     break
                 time.sleep(0.0005)
+        if second_wave:
             self.trial_gen += 1
             gen = self.trial_gen
             X.store(L.trial_gen, gen)
             errs2, written2, targets2, mcg2 = self._inject(second, bool(then.get("local")))
             errs, written = errs + errs2, written + written2
+            if self.sched is not None:
+                self.sched.mark(targets2)     # they join at their handler's first step
             sd, _ = deliver_mc(self.banks, targets2, mcg2, self.cpu_pids, self.pgid)
+            if self.sched is not None and sd is None:
+                self._raised_controlled(targets2)
             if sd is not None:
                 shutdown_wave = 2
                 # Had that CPU left its #MC handler (phase "exit") with MCIP still set?
@@ -599,7 +605,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             self._trace_ring = self._read_trace_ring()   # before a reset wipes it
             self._trace_ring.update(t0=t0, trial=first_gen)
         res["rung_late"] = sorted(set(self.rung_late))
-        res["waves"] = 2 if then else 1
+        res["waves"] = 2 if then and (second_wave or self.sched is None) else 1
         for c in res["cpus"]:
             if isinstance(c, dict):   # (a cpu_died result's "cpus" lists the dead ones)
                 c["mcg_in"] = mcg_in.get(c["cpu"])
@@ -675,7 +681,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             res["died_between_trials"], self.died_between = self.died_between, []
         res["violations"] = check_trial(res, self.topo)
         if self.sched is not None:
-            controlled_record(res, self.cfg, errors, local)
+            controlled_record(res, self.cfg, errors, local, then)
         note_trial(self.log_dir, res)
         return res
 
@@ -717,6 +723,38 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             out["dom0"] += proc_cpu_s(self.dom0[0])
         out["guests"] += sum(proc_cpu_s(g[0]) for g in self.guests.values())
         return out
+
+    def _await_raise(self, bound: float) -> bool:
+        """Controlled, with a second wave: wait until the strategy picks the raise (the
+        coordinator's turn), serving Dom0 meanwhile. False if the schedule ended
+        first (a deadlock, or nothing moved for ``bound`` seconds): no second wave.
+        After a panic the wave is raised all the same, as on the OS path."""
+        X, L, sched = self.R.X, self.R.L, self.sched
+        last, t_last = self._progress(), time.monotonic()
+        while not sched.turn_is_raise():
+            if X.load(L.reset_req) != RESET_NONE:
+                return True
+            if sched.over() == OVER_DEADLOCK:
+                return False
+            if self._poll(0.02, done=sched.turn_is_raise):
+                return False             # a CPU died: _wait reports it
+            p = self._progress()
+            if p != last:
+                last, t_last = p, time.monotonic()
+            elif time.monotonic() - t_last > bound:
+                return False
+        return True
+
+    def _raised_controlled(self, targets2: list[int]) -> None:
+        """The second wave's #MC is out: wake the targets (idle or waiting for their
+        turn), then, once each has arrived at its handler's first step, make the next
+        choice (the coordinator holds the turn since the raise)."""
+        HL, ev = self.R.HL, self.R.ev
+        for c in targets2:
+            ev.ring_doorbell(HL.doorbell(c), HL.sleep_reg(c))
+        self.sched.ring(targets2)
+        if self.R.X.load(self.R.L.reset_req) == RESET_NONE:
+            self.sched.choose_and_hand()
 
     def _check_cpus(self) -> None:
         """Before an injection: has a CPU died since the last trial? (One waitid

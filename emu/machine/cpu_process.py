@@ -46,8 +46,11 @@ def cpu_process(R, cpu: int, handler, hooks: dict, pgid: int = 0) -> None:
         sched.install(yps)   # before the handler: it captures yps.yp and the barriers' spin
     x = handler(R, cpu, yps, hooks)
     X.store(L.pc(cpu, L.P_PID), os.getpid())
-    signal.signal(SIG_MC, x.do_machine_check)
-    signal.signal(SIG_INTR, x.do_interrupt)
+    if sched is not None:
+        _schedule_handlers(x, sched, X, L.pc(cpu, L.P_NEST))
+    else:
+        signal.signal(SIG_MC, x.do_machine_check)
+        signal.signal(SIG_INTR, x.do_interrupt)
     x.boot()
     soft = L.pc(cpu, L.P_SOFTIRQ)
     kick = L.pc(cpu, L.P_KICK)
@@ -66,17 +69,19 @@ def cpu_process(R, cpu: int, handler, hooks: dict, pgid: int = 0) -> None:
     else:
         def woken():
             return X.load(soft) != 0
+    if sched is not None:
+        sched.pending = woken
     while True:
         # xchg, not load+store: a #MC between the two would lose its raise.
         if X.xchg(soft, 0):
             x.mce_softirq()
-            if sched is not None:
-                sched.leave()
             continue
         if timer and (X.load(preq) > X.load(pdone) or x.poll_due(time.monotonic_ns())):
             x.mce_work_fn()        # TIMER_SOFTIRQ: the poll round
             x.poll_rearm()
             continue
+        if sched is not None and sched.on:
+            sched.leave()          # back in the idle loop: this CPU's part is over
         # Idle: poll (yielding) before sleeping, as halt polling does, for a window
         # that adapts to how soon the machine checks come (idle_poll_window).
         t = time.monotonic_ns()
@@ -88,6 +93,44 @@ def cpu_process(R, cpu: int, handler, hooks: dict, pgid: int = 0) -> None:
         poll = idle_poll_window(poll, (entered if entered > t else time.monotonic_ns()) - t,
                                 cap)
         X.store(poll_word, poll)
+
+
+def _schedule_handlers(x, sched, X, nest_off: int) -> None:
+    """Under controlled scheduling: the #MC and interrupt handlers are counted (a
+    CPU whose handler returns to its idle wait with nothing queued leaves the
+    schedule), an interrupt that finds interrupts off still counts as arrived, and
+    the poll round's IPIs are announced to the scheduler before they go."""
+    mc, intr, ipi = x.do_machine_check, x.do_interrupt, x.send_ipi
+
+    def on_mc(*a):
+        sched.hdepth += 1
+        try:
+            mc(*a)
+        finally:
+            sched.hdepth -= 1
+            if not sched.hdepth:
+                sched.handler_exit()
+
+    def on_intr(*a):
+        if x._irq_off or X.load(nest_off):
+            sched.ack()            # deferred to the end of the running handler
+        sched.hdepth += 1
+        try:
+            intr(*a)
+        finally:
+            sched.hdepth -= 1
+            if not sched.hdepth:
+                sched.handler_exit()
+
+    def send_ipi(cpus, fn):
+        cpus = list(cpus)
+        sched.before_ipi(cpus)
+        ipi(cpus, fn)
+        sched.after_signal(cpus)
+
+    x.send_ipi = send_ipi
+    signal.signal(SIG_MC, on_mc)
+    signal.signal(SIG_INTR, on_intr)
 
 
 def idle_poll_window(poll: int, idle_ns: int, cap: int) -> int:

@@ -288,7 +288,8 @@ class Machine:
         spec = None
         if self.config.sched == "controlled" or schedule is not None:
             from emu.machine.sched import resolve
-            spec = resolve(self.config, schedule, schedule_seed, self.sched_k, errors, local)
+            spec = resolve(self.config, schedule, schedule_seed, self.sched_k, errors, local,
+                           then)
         args = {"errors": errors, "local": local, "timeout_s": timeout_s, "then": then,
                 "schedule": spec}
         # Only what was given travels (the default trial costs no more than before).
@@ -317,7 +318,7 @@ class Machine:
         header, _ = decode_token(token)
         sc = header.get("scenario") or {}
         return self.inject(sc.get("errors") or [], local=bool(sc.get("local")),
-                           schedule="replay:" + token)
+                           then=sc.get("then"), schedule="replay:" + token)
 
     def poll(self, timeout_s: float | None = None) -> dict:
         """One round of Xen's polling timer now (``mce_checkregs`` on every online CPU,

@@ -123,9 +123,15 @@ class IrqPaths:
         return True
 
     # -- a CMCI or poll trial -----------------------------------------------------------------
-    def _trial_irq(self, errs: list, via: str, timeout_s: float | None = None) -> dict:
+    def _trial_irq(self, errs: list, via: str, timeout_s: float | None = None,
+                   schedule: dict | None = None, raw=None) -> dict:
+        """A CMCI or poll trial. ``schedule``: under controlled scheduling, the
+        strategy (None: unscheduled, as ``Machine.poll`` and the hotplug paths run);
+        ``raw``: the errors as given (the token's header)."""
         from emu.machine.coordinator import SCHEMA
+        from emu.machine.sched import OVER_DEADLOCK, OVER_DONE, controlled_record
         from emu.trial.oracle import check_trial
+        from emu.xen.mce import PHASES
         X, L, topo = self.R.X, self.R.L, self.topo
         self._check_irq_errors(errs, via)
         wd = timeout_s or self.cfg.watchdog_s
@@ -134,22 +140,51 @@ class IrqPaths:
         self._reset_trial_state(gen)
         if self.tev is not None:
             self._trace_reset()
+        sched = self.sched if schedule is not None else None
+        banks_before = None
+        if sched is not None:
+            if schedule.get("banks") is not None:
+                sched.restore_banks(schedule["banks"])   # a replay: the recorded input
+            banks_before = sched.bank_state()
         n0 = {c: X.load(L.pc(c, L.P_CMCI_N)) for c in range(self.n)}
         t_inject = time.monotonic_ns()
         written = self._report(errs)
         targets = sorted({c for *_, ci in written for c in ci["cpus"]})
         k = None
-        if via == "poll":
-            # The poll round first, the CMCIs once it runs: the two paths then cross
-            # as when an error lands while the poller is at work (3e15c37e68).
-            k = self._request_poll()
-            self._wait_cond(lambda: X.load(L.poll_started) >= k, wd)
-        t0 = self._send_interrupts(targets, VEC_CMCI) if targets else time.monotonic_ns()
+        if sched is not None:
+            # Controlled: the CMCI handlers (and CPU 0's poll round) take turns. The
+            # CMCIs go first and every handler waits at its first step; then the poll
+            # is asked for, and the first choice waits for CPU 0 and the coordinator
+            # (its arrival says the request is out), so the schedule starts from the
+            # same state whatever the signals' timing. The strategy decides how the
+            # poller and the CMCI owners cross.
+            parts = sorted(set(targets) | ({0} if via == "poll" else set()))
+            sched.start(parts, schedule, others=self._online(),
+                        extra_arrivals=1 if via == "poll" else 0)
+            t0 = self._send_interrupts(targets, VEC_CMCI) if targets else time.monotonic_ns()
+            if via == "poll":
+                self._wait_cond(lambda: sched.arrived(len(targets)), wd)
+                k = self._request_poll()
+                sched.arrive()
+        else:
+            if via == "poll":
+                # The poll round first, the CMCIs once it runs: the two paths then cross
+                # as when an error lands while the poller is at work (3e15c37e68).
+                k = self._request_poll()
+                self._wait_cond(lambda: X.load(L.poll_started) >= k, wd)
+            t0 = self._send_interrupts(targets, VEC_CMCI) if targets else time.monotonic_ns()
 
         def done():
-            return all(X.load(L.pc(c, L.P_CMCI_N)) > n0[c] for c in targets) and \
+            ok = all(X.load(L.pc(c, L.P_CMCI_N)) > n0[c] for c in targets) and \
                 (k is None or X.load(L.poll_done) >= k)
+            if sched is None:
+                return ok
+            return ok and sched.over() == OVER_DONE or sched.over() == OVER_DEADLOCK
         outcome = "continued" if self._wait_cond(done, wd) else "hang"
+        deadlock = None
+        if sched is not None and sched.over() == OVER_DEADLOCK:
+            outcome = "deadlock"
+            deadlock = sched.deadlock(lambda c: PHASES[X.load(L.pc(c, L.P_PHASE))])
         if self.tev is not None:
             self._trace_ring = self._read_trace_ring()
             self._trace_ring.update(t0=t0, trial=gen)
@@ -219,7 +254,20 @@ class IrqPaths:
                               "cleared it (polling takes no lock): duplicate records"})
         if outcome == "hang":
             res["snapshot"] = self._snapshot()
+        if deadlock is not None:
+            res["deadlock"] = deadlock
+        if sched is not None:
+            res["sched"] = sched.result()
+            res["sched"]["banks_before"] = banks_before
+            if outcome in ("hang", "deadlock"):
+                # the CPUs wait for turns that never come: start them again
+                boot = self.warm_reset(f"trial {gen}: {outcome}")
+                res["resets"] = 1
+                res["boot_log"] = boot["boot_log"]
+                res["lost_at_reset"] = boot["lost_at_reset"]
         res["violations"] = check_trial(res, self.topo)
+        if sched is not None:
+            controlled_record(res, self.cfg, raw if raw is not None else [], False, None, via)
         return res
 
     def _lat_max(self, word: int, cpus, t0: int):

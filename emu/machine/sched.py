@@ -75,15 +75,32 @@ _DATA_REGS = (REG_STATUS, REG_ADDR, REG_MISC)
 (G_TURN, G_STEP, G_ARRIVED, G_EXPECT, G_EPOCH, G_KIND, G_SEED, G_NPLAN, G_OVER,
  G_DIVERGED, G_DEPTH, G_MINPRIO, G_SPINS, G_DIV_WHY, G_FPTR, G_FMISS) = range(16)
 G_CP = 16                       # MAX_DEPTH change points
-G_WORDS = G_CP + MAX_DEPTH
-# per-CPU words
-(C_STATE, C_SITE, C_BOFF, C_BSEEN, C_TW, C_TSLEEP, C_PRIO, C_PART) = range(8)
-C_WORDS = 8
+# G_JOIN: the last join id handed out (never reset: ids stay unique for the boot);
+# G_PARTS: bumped when participants are added mid-trial; G_RAISE: the second wave
+# (RAISE_NONE, RAISE_PENDING, RAISE_DONE), enabled once a first-wave target reached
+# the phase bits G_RAISE_BIT; G_RAISE_PRIO its PCT priority; G_ASLEEP: a chooser
+# sleeps on G_ARRIVED (arrivals wake it).
+(G_JOIN, G_PARTS, G_RAISE, G_RAISE_BIT, G_RAISE_PRIO, G_ASLEEP) = range(
+    G_CP + MAX_DEPTH, G_CP + MAX_DEPTH + 6)
+G_WORDS = G_CP + MAX_DEPTH + 8
+# per-CPU words (C_JOIN: a join id this CPU has to consume at its next scheduling
+# point; C_FIRST: a first-wave target, whose phases enable the raise)
+(C_STATE, C_SITE, C_BOFF, C_BSEEN, C_TW, C_TSLEEP, C_PRIO, C_PART, C_JOIN, C_FIRST) = range(10)
+C_WORDS = 10
 DIV_NOT_ENABLED, DIV_PAST_END = 1, 2
+RAISE_NONE, RAISE_PENDING, RAISE_DONE = 0, 1, 2
+SITE_IPI = 252                  # the site logged for a poll round joining at its IPIs
+SITE_RAISE = 253                # the site logged when the second #MC wave is chosen
 
 
 def site_name(code: int) -> str:
-    return "wait" if code == SITE_WAIT else (SITES[code] if code < len(SITES) else "?")
+    if code == SITE_WAIT:
+        return "wait"
+    if code == SITE_RAISE:
+        return "raise"
+    if code == SITE_IPI:
+        return "ipi"
+    return SITES[code] if code < len(SITES) else "?"
 
 
 class SchedLayout:
@@ -216,10 +233,13 @@ def trace_digest(trace: list) -> str:
 
 # -- inside a CPU process -----------------------------------------------------------------
 class Sched:
-    """The scheduler as one CPU process runs it (installed by ``cpu_process``)."""
+    """The scheduler as one CPU process runs it (installed by ``cpu_process``); the
+    coordinator builds one too (``cpu=None``) to make the first choice after a raise
+    or a poll round's start."""
 
-    def __init__(self, R, cpu: int, S: SchedLayout):
-        self.R, self.X, self.cpu, self.S = R, R.X, cpu, S
+    def __init__(self, R, cpu: int | None, S: SchedLayout):
+        self.R, self.X, self.S = R, R.X, S
+        self.cpu = NONE if cpu is None else cpu
         self.n = S.n
         self.ev = R.ev
         self.base = R.X.address
@@ -228,10 +248,17 @@ class Sched:
         self.on = False
         self._rec = None
         self.epoch = 0
+        self.joined = 0            # the last join id this process consumed
         self.parts: list[int] = []
+        self._parts_gen = -1
+        self.hdepth = 0            # signal handlers (#MC, interrupt) running, nested
+        self.in_idle = False       # the interrupted base context is an idle wait
+        self.pending = _nothing_pending   # work queued for this CPU (cpu_process sets it)
         self.g = [S.gw(k) for k in range(G_WORDS)]
-        self.my = [S.cw(cpu, k) for k in range(C_WORDS)]
+        self.my = [S.cw(self.cpu, k) for k in range(C_WORDS)] if cpu is not None else None
         self.cw = [[S.cw(c, k) for k in range(C_WORDS)] for c in range(self.n)]
+        L = R.L
+        self._reached = [L.pc(c, L.P_REACHED) for c in range(self.n)]
         self._plan = memoryview(R.xen_map)[S.plan:S.plan + 2 * S.nsteps].cast("H")
 
     def install(self, yps) -> None:
@@ -250,17 +277,23 @@ class Sched:
 
     # -- scheduling points ------------------------------------------------------------
     def yp(self, site: str, d0: int = 0, d1: int = 0) -> None:
-        if not self.on:
-            # Only a yield point joins (the #MC path's first): a wait may be the idle
-            # loop's, entered after the coordinator marked the next trial's targets.
-            self._join(site)
-        else:
-            X, my = self.X, self.my
+        X, my = self.X, self.my
+        j = X.load(my[C_JOIN])
+        if j and j != self.joined:
+            # The first yield point of a handler this CPU was marked for (the trial's
+            # #MC, a second wave, an IPI or CMCI): an arrival.
+            self._arrive(j, SITE.get(site, 255))
+        elif self.on:
             X.store(my[C_STATE], READY)
             X.store(my[C_SITE], SITE.get(site, 255))
-            q = self.choose(self.cpu)
-            if q != self.cpu:
-                self._switch(q)
+            if X.load(self.g[G_TURN]) != self.cpu:
+                # A handler nested into a process that was waiting for its turn (not
+                # marked: a signal the schedule did not ask for). It waits its turn too.
+                self._await_turn()
+            else:
+                q = self.choose(self.cpu)
+                if q != self.cpu:
+                    self._switch(q)
             X.store(my[C_STATE], RUNNING)
         if self._rec is not None:
             self._rec(site, d0, d1)
@@ -268,12 +301,21 @@ class Sched:
     def wait(self, off: int, cond, timeout_s=None, slice_s: float = 0.05, check=None,
              spin_ns=None) -> bool:
         if not self.on:
-            return Events.wait(self.ev, off, cond, timeout_s, slice_s, check, spin_ns)
+            # Only a yield point joins (the #MC path's first): a wait may be the idle
+            # loop's, entered after the coordinator marked the next trial's targets.
+            prev, self.in_idle = self.in_idle, True
+            try:
+                return Events.wait(self.ev, off, cond, timeout_s, slice_s, check, spin_ns)
+            finally:
+                self.in_idle = prev
         if off == self.halt_ev:
             # halt() and mc_panic() wait here forever: this process leaves the schedule.
             self.leave()
             return Events.wait(self.ev, off, cond, timeout_s, slice_s, check, spin_ns)
         X, my, me = self.X, self.my, self.cpu
+        j = X.load(my[C_JOIN])
+        if j and j != self.joined:
+            self._arrive(j, SITE_WAIT)
         picked = False
         while not cond():
             if picked and X.load(self.g[G_KIND]) == K_PCT:
@@ -286,9 +328,12 @@ class Sched:
             X.store(my[C_BOFF], off)
             X.store(my[C_BSEEN], X.load(off))
             X.store(my[C_STATE], BLOCKED)
-            q = self.choose(me)
-            if q != me:
-                self._switch(q)
+            if X.load(self.g[G_TURN]) != me:
+                self._await_turn()     # (as in yp: a nested handler's wait)
+            else:
+                q = self.choose(me)
+                if q != me:
+                    self._switch(q)
             X.store(my[C_STATE], RUNNING)
             picked = True
             if check is not None:
@@ -296,7 +341,8 @@ class Sched:
         return True
 
     def leave(self) -> None:
-        """The end of this CPU's part of the trial (after its softirq, or at a halt)."""
+        """The end of this CPU's part of the trial (back at its idle loop, or at a
+        halt)."""
         if not self.on:
             return
         self.on = False
@@ -305,27 +351,112 @@ class Sched:
         if q >= 0:
             self._hand(q)
 
-    # -- mechanism --------------------------------------------------------------------
-    def _join(self, site: str) -> bool:
+    def handler_exit(self) -> None:
+        """A signal handler (#MC, interrupt) returned to the base context. If that is
+        the idle loop's wait and nothing is queued for this CPU (a softirq, a poll
+        round), its part of the trial is over."""
+        if self.on and self.in_idle and not self.pending():
+            self.leave()
+
+    def ack(self) -> None:
+        """An interrupt this CPU was marked for found interrupts off (in a handler):
+        it waits in the IRR, and runs later in this CPU's turn. Its arrival counts
+        now (the chooser waits for it)."""
+        X, my = self.X, self.my
+        j = X.load(my[C_JOIN])
+        if not j or j == self.joined:
+            return
+        if not self.on:
+            self._arrive(j, SITE_IPI)
+            return
+        self.joined = j
+        self._arrived()
+
+    def before_ipi(self, cpus) -> None:
+        """A call-function IPI is about to be sent to ``cpus`` (the poll round's
+        ``on_each_cpu``). A poll round joins the schedule here (its CPU was marked);
+        under the schedule, the recipients are marked, and the next choice waits
+        until each has arrived (at its handler's first yield point, or deferred)."""
         X = self.X
-        e = X.load(self.g[G_EPOCH])
-        if e == self.epoch or X.load(self.my[C_PART]) != e:
-            return False
-        self.epoch, self.on = e, True
-        self.parts = [c for c in range(self.n) if X.load(self.cw[c][C_PART]) == e]
-        X.store(self.my[C_SITE], SITE.get(site, 255))
-        X.store(self.my[C_STATE], READY)
-        if X.fetch_add(self.g[G_ARRIVED], 1) + 1 == X.load(self.g[G_EXPECT]):
+        j = X.load(self.my[C_JOIN])
+        if j and j != self.joined:
+            self._arrive(j, SITE_IPI)
+        if not self.on or not cpus:
+            return
+        jid = X.fetch_add(self.g[G_JOIN], 1) + 1
+        ep = X.load(self.g[G_EPOCH])
+        for c in cpus:
+            X.store(self.cw[c][C_PART], ep)
+            X.store(self.cw[c][C_JOIN], jid)
+        X.fetch_add(self.g[G_PARTS], 1)
+        X.fetch_add(self.g[G_EXPECT], len(cpus))
+
+    def after_signal(self, cpus) -> None:
+        """Signals were sent to ``cpus``: wake those sleeping on their turn word, so a
+        signal that landed just before the sleep is handled now (not at its timeout)."""
+        for c in cpus:
+            self.ring(c)
+
+    def ring(self, c: int) -> None:
+        w = self.cw[c]
+        self.X.fetch_add(w[C_TW], 1)
+        futex_wake(self.base + w[C_TW], 1)
+
+    # -- mechanism --------------------------------------------------------------------
+    def _arrive(self, j: int, site: int) -> None:
+        """Consume join ``j``: this process is in the schedule from now, and waits for
+        its turn. The last arrival of a start (nobody holds the turn) makes the first
+        choice: before it, every participant sits at its first scheduling point, so
+        the choice does not depend on the order in which the signals landed."""
+        X, my = self.X, self.my
+        self.joined = j
+        self.on = True
+        self.epoch = X.load(self.g[G_EPOCH])
+        self._refresh()
+        X.store(my[C_SITE], site)
+        X.store(my[C_STATE], READY)
+        if self._arrived() and X.load(self.g[G_TURN]) == NONE:
             q = self.choose(NONE)
             if q != self.cpu:
                 self._switch(q)
+            else:
+                X.store(self.g[G_TURN], q)
         else:
             self._await_turn()
-        X.store(self.my[C_STATE], RUNNING)
-        return True
+        X.store(my[C_STATE], RUNNING)
+
+    def _arrived(self) -> bool:
+        X, g = self.X, self.g
+        last = X.fetch_add(g[G_ARRIVED], 1) + 1 >= X.load(g[G_EXPECT])
+        if X.load(g[G_ASLEEP]):
+            futex_wake(self.base + g[G_ARRIVED])
+        return last
+
+    def _await_arrivals(self) -> None:
+        """The chooser waits until every marked participant has arrived."""
+        X, g = self.X, self.g
+        load = X.load
+        while load(g[G_ARRIVED]) < load(g[G_EXPECT]):
+            X.store(g[G_ASLEEP], 1)
+            seen = load(g[G_ARRIVED])
+            if seen >= load(g[G_EXPECT]) or load(self.reset_req):
+                break
+            futex_wait(self.base + g[G_ARRIVED], seen, 0.05)
+        X.store(g[G_ASLEEP], 0)
+
+    def _refresh(self) -> None:
+        X, e = self.X, self.X.load(self.g[G_EPOCH])
+        self._parts_gen = X.load(self.g[G_PARTS])
+        self.parts = [c for c in range(self.n) if X.load(self.cw[c][C_PART]) == e]
 
     def _hand(self, q: int) -> None:
-        X, w = self.X, self.cw[q]
+        X = self.X
+        if q == self.n:
+            # The second #MC wave: the coordinator raises it (its turn)
+            X.store(self.g[G_TURN], q)
+            self.R.notify()
+            return
+        w = self.cw[q]
         X.store(self.g[G_TURN], q)
         X.fetch_add(w[C_TW], 1)
         if X.load(w[C_TSLEEP]):
@@ -355,13 +486,19 @@ class Sched:
 
     def choose(self, cur: int) -> int:
         """The next process to run (-1: none; then the trial is over, stopped for a
-        reset, or deadlocked, and OVER says which). Runs only in the running process."""
+        reset, or deadlocked, and OVER says which; ``n``: the second #MC wave). Runs
+        only in the process that holds the turn (or the coordinator, holding it)."""
         X, g = self.X, self.g
         load = X.load
+        if load(g[G_ARRIVED]) < load(g[G_EXPECT]):
+            self._await_arrivals()
         if load(self.reset_req):
             X.store(g[G_OVER], OVER_RESET)
             self.R.notify()
             return -1
+        if load(g[G_PARTS]) != self._parts_gen or load(g[G_EPOCH]) != self.epoch:
+            self.epoch = load(g[G_EPOCH])
+            self._refresh()
         E = []
         mask = 0
         left = 0
@@ -374,8 +511,20 @@ class Sched:
                     mask |= 1 << p
             elif st == LEFT:
                 left += 1
+        n = self.n
+        pending = load(g[G_RAISE]) == RAISE_PENDING
+        if pending:
+            # The second wave can be raised once a first-wave target reached its phase
+            # (and when nothing else can run: the OS path raises it at its deadline).
+            bit = load(g[G_RAISE_BIT])
+            if not E or any(load(self.cw[p][C_FIRST]) and load(self._reached[p]) & bit
+                            for p in self.parts):
+                E.append(n)
+                if n < 64:
+                    mask |= 1 << n
         if not E:
-            X.store(g[G_OVER], OVER_DONE if left == len(self.parts) else OVER_DEADLOCK)
+            X.store(g[G_OVER], OVER_DONE if left == len(self.parts) and not pending
+                    else OVER_DEADLOCK)
             self.R.notify()
             return -1
         s = load(g[G_STEP])
@@ -392,7 +541,7 @@ class Sched:
                         break
             best = -1
             for p in E:
-                pr = load(self.cw[p][C_PRIO])
+                pr = load(self.cw[p][C_PRIO]) if p < n else load(g[G_RAISE_PRIO])
                 if pr > best:
                     best, q = pr, p
         elif kind in (K_REPLAY, K_PREFIX):
@@ -410,7 +559,7 @@ class Sched:
             j = load(g[G_FPTR])
             if j < load(g[G_NPLAN]):
                 want = self._plan[j]
-                if want in E:
+                if want in E and want < n:
                     q = want
                     if load(self.cw[q][C_STATE]) == READY:
                         X.store(g[G_FPTR], j + 1)   # it passes its yield point now
@@ -418,13 +567,22 @@ class Sched:
                     X.fetch_add(g[G_FMISS], 1)   # it waits here: the default runs
         if q < 0:
             q = cur if cur in E else E[0]     # the default: non-preemptive
+        if q == n:
+            X.store(g[G_RAISE], RAISE_DONE)
         if s < self.S.nsteps:
-            st = load(self.cw[q][C_STATE])
-            site = SITE_WAIT if st == BLOCKED else load(self.cw[q][C_SITE])
+            if q == n:
+                site = SITE_RAISE
+            else:
+                st = load(self.cw[q][C_STATE])
+                site = SITE_WAIT if st == BLOCKED else load(self.cw[q][C_SITE])
             X.store(self.S.log + 16 * s, q | site << 16 | cur << 32)
             X.store(self.S.log + 16 * s + 8, mask)
         X.store(g[G_STEP], s + 1)
         return q
+
+
+def _nothing_pending() -> bool:
+    return False
 
 
 # -- the coordinator's side -----------------------------------------------------------------
@@ -438,16 +596,23 @@ class SchedControl:
         self._plan = memoryview(R.xen_map)[S.plan:S.plan + 2 * S.nsteps].cast("H")
         self._names = _channel_names(R.L)
 
-    def start(self, targets: list[int], spec: dict) -> None:
+    def start(self, targets: list[int], spec: dict, raise_phase_bit: int = 0,
+              others: list[int] | None = None, extra_arrivals: int = 0) -> None:
         """Before the delivery: reset the words, mark the participants, load the
-        strategy. ``spec``: {"kind", "seed", "depth", "k", "plan"} (see load_spec)."""
+        strategy. ``spec``: {"kind", "seed", "depth", "k", "plan"} (see load_spec).
+        ``raise_phase_bit``: a second #MC wave is a step, enabled once a first-wave
+        target has reached a phase in these ``P_REACHED`` bits. ``others``: CPUs that
+        may join later (a second wave, IPIs), given PCT priorities now.
+        ``extra_arrivals``: arrivals the coordinator itself makes (see
+        :meth:`arrive`) before the first choice."""
         X, S = self.X, self.S
         self.epoch += 1
         self.spec = spec
         for k in range(G_WORDS):
-            X.store(S.gw(k), 0)
+            if k != G_JOIN:
+                X.store(S.gw(k), 0)
         X.store(S.gw(G_TURN), NONE)
-        X.store(S.gw(G_EXPECT), len(targets))
+        X.store(S.gw(G_EXPECT), len(targets) + extra_arrivals)
         kind = {"default": K_DEFAULT, "random": K_RANDOM, "pct": K_PCT, "replay": K_REPLAY,
                 "prefix": K_PREFIX, "follow": K_FOLLOW}[spec["kind"]]
         X.store(S.gw(G_KIND), kind)
@@ -460,26 +625,37 @@ class SchedControl:
                              f"{S.nsteps} (MachineConfig.sched_steps)")
         self._plan[:len(plan)] = memoryview(struct.pack(f"<{len(plan)}H", *plan)).cast("H")
         X.store(S.gw(G_NPLAN), len(plan))
+        if raise_phase_bit:
+            X.store(S.gw(G_RAISE), RAISE_PENDING)
+            X.store(S.gw(G_RAISE_BIT), raise_phase_bit)
         if kind == K_PCT:
-            self._load_pct(targets, int(spec["depth"]), int(spec["k"]), seed)
+            late = [c for c in (others or []) if c not in targets]
+            self._load_pct(targets, int(spec["depth"]), int(spec["k"]), seed,
+                           late + ([S.n] if raise_phase_bit else []))
+        jid = X.fetch_add(S.gw(G_JOIN), 1) + 1
         for c in range(S.n):
             w = [S.cw(c, k) for k in range(C_WORDS)]
             X.store(w[C_STATE], IDLE)
             X.store(w[C_PART], self.epoch if c in targets else 0)
+            X.store(w[C_FIRST], 1 if c in targets else 0)
+            X.store(w[C_JOIN], jid if c in targets else 0)
         X.store(S.gw(G_EPOCH), self.epoch)
 
-    def _load_pct(self, targets: list[int], d: int, k: int, seed: int) -> None:
+    def _load_pct(self, targets: list[int], d: int, k: int, seed: int,
+                  late: list[int] | None = None) -> None:
         X, S = self.X, self.S
         X.store(S.gw(G_DEPTH), d)
-        # Random distinct priorities d+1 .. d+n (Fisher-Yates on splitmix64).
-        prios = list(range(d + 1, d + 1 + len(targets)))
+        # Random distinct priorities d+1 .. d+n (Fisher-Yates on splitmix64); with
+        # ``late`` (processes that join later, and the raise as S.n), over all of them.
+        who = list(targets) + list(late or [])
+        prios = list(range(d + 1, d + 1 + len(who)))
         r = seed
         for i in range(len(prios) - 1, 0, -1):
             r = splitmix64(r)
             j = r % (i + 1)
             prios[i], prios[j] = prios[j], prios[i]
-        for c, p in zip(targets, prios, strict=True):
-            X.store(S.cw(c, C_PRIO), PRIO_BIAS + p)
+        for c, p in zip(who, prios, strict=True):
+            X.store(S.gw(G_RAISE_PRIO) if c == S.n else S.cw(c, C_PRIO), PRIO_BIAS + p)
         # d-1 distinct change points in [1, k]
         cps: list[int] = []
         k = max(k, d)
@@ -490,6 +666,49 @@ class SchedControl:
                 cps.append(v)
         for i, v in enumerate(cps):
             X.store(S.gw(G_CP + i), v)
+
+    # -- the coordinator's steps (a second wave, a poll round's start) -------------------
+    def turn_is_raise(self) -> bool:
+        return self.X.load(self.S.gw(G_TURN)) == self.S.n
+
+    def raise_pending(self) -> bool:
+        return self.X.load(self.S.gw(G_RAISE)) == RAISE_PENDING
+
+    def mark(self, cpus: list[int]) -> None:
+        """Mark ``cpus`` to join (a second wave) and count their arrivals; call before
+        the signals go out. The raise is done."""
+        X, S = self.X, self.S
+        jid = X.fetch_add(S.gw(G_JOIN), 1) + 1
+        for c in cpus:
+            X.store(S.cw(c, C_PART), self.epoch)
+            X.store(S.cw(c, C_JOIN), jid)
+        X.fetch_add(S.gw(G_PARTS), 1)
+        X.store(S.gw(G_RAISE), RAISE_DONE)
+        X.fetch_add(S.gw(G_EXPECT), len(cpus))
+
+    def arrived(self, n: int) -> bool:
+        return self.X.load(self.S.gw(G_ARRIVED)) >= n
+
+    def arrive(self) -> None:
+        """The coordinator's own arrival (``extra_arrivals``): if it is the last, it
+        makes the first choice."""
+        X, S = self.X, self.S
+        if X.fetch_add(S.gw(G_ARRIVED), 1) + 1 >= X.load(S.gw(G_EXPECT)) and \
+                X.load(S.gw(G_TURN)) == NONE:
+            self.choose_and_hand()
+
+    def choose_and_hand(self) -> None:
+        """Make the next choice for the processes (the coordinator holds the turn:
+        after a raise, or as the last arrival) and hand the turn over."""
+        ch = Sched(self.R, None, self.S)
+        q = ch.choose(NONE)
+        if q >= 0:
+            ch._hand(q)
+
+    def ring(self, cpus) -> None:
+        ch = Sched(self.R, None, self.S)
+        for c in cpus:
+            ch.ring(c)
 
     def over(self) -> int:
         return self.X.load(self.S.gw(G_OVER))
@@ -553,7 +772,8 @@ class SchedControl:
         out = {"strategy": self.spec.get("name", self.spec.get("kind")),
                "seed": self.spec.get("seed"), "steps": n,
                "log_full": n > S.nsteps, "choices": choices, "enabled": enabled,
-               "current": cur, "trace": [f"cpu{q}:{site_name(s)}" for q, s in trace],
+               "current": cur, "trace": ["raise" if q == S.n else f"cpu{q}:{site_name(s)}"
+                                          for q, s in trace],
                "trace_digest": trace_digest(trace), "spins": X.load(S.gw(G_SPINS)),
                "over": ("running", "done", "reset", "deadlock")[X.load(S.gw(G_OVER))],
                "diverged": None}
@@ -566,7 +786,9 @@ class SchedControl:
         if div:
             why = X.load(S.gw(G_DIV_WHY))
             out["diverged"] = {"step": div - 1, "reason": (
-                f"the token chose cpu{why & 0xFFFF}, which could not run"
+                (f"the token chose cpu{why & 0xFFFF}, which could not run"
+                 if why & 0xFFFF != S.n else "the token raised the second #MC wave where "
+                 "it could not be raised")
                 if why >> 16 == DIV_NOT_ENABLED else "the run went past the token's end")}
         return out
 
@@ -592,13 +814,26 @@ def summary(res: dict) -> dict:
             "owners": [e["owners"] for e in res["errors"]]}
 
 
-def controlled_record(res: dict, cfg, errors, local: bool) -> None:
+def scenario_header(errors, local: bool, then: dict | None = None,
+                    via: str | None = None) -> dict:
+    """What a token says the trial injected (its replay injects the same)."""
+    out = {"errors": list(errors), "local": bool(local)}
+    if then:
+        out["then"] = {"errors": list(then["errors"]), "after_phase": then["after_phase"],
+                       "local": bool(then.get("local"))}
+    if via:
+        out["via"] = via
+    return out
+
+
+def controlled_record(res: dict, cfg, errors, local: bool, then: dict | None = None,
+                      via: str | None = None) -> None:
     """Put the trial's token and its replay command in ``res["sched"]``."""
     from emu import __version__
     sc = res["sched"]
     header = {"emu": __version__, "handler": cfg.handler, "machine": machine_header(cfg),
               "strategy": sc["strategy"], "seed": sc.get("seed"),
-              "scenario": {"errors": list(errors), "local": bool(local)},
+              "scenario": scenario_header(errors, local, then, via),
               "banks": sc.get("banks_before") or [],
               "expect": summary(res)}
     if sc["log_full"]:
@@ -616,7 +851,8 @@ def k_estimate(ncpus: int) -> int:
     return 80 * ncpus
 
 
-def resolve(cfg, schedule, seed: int | None, k: int | None, errors, local: bool) -> dict:
+def resolve(cfg, schedule, seed: int | None, k: int | None, errors, local: bool,
+            then: dict | None = None) -> dict:
     """A strategy (text, or a spec dict from an explorer) → the spec the coordinator
     loads. ``k``: PCT's step count learned from an earlier run (None: estimate)."""
     if cfg.sched != "controlled":
@@ -635,11 +871,13 @@ def resolve(cfg, schedule, seed: int | None, k: int | None, errors, local: bool)
         header, plan = decode_token(st["token"])
         check_token_machine(header, cfg)
         want = header.get("scenario") or {}
-        if list(errors) != list(want.get("errors") or []) or bool(local) != bool(
-                want.get("local")):
+        given = scenario_header(errors, local, then, want.get("via"))
+        if given != dict(want, errors=list(want.get("errors") or []),
+                         local=bool(want.get("local"))):
             raise UsageError("schedule", f"the token was recorded for errors "
-                             f"{want.get('errors')} (local={want.get('local')}); give those, "
-                             "or use emu replay --schedule TOKEN")
+                             f"{want.get('errors')} (local={want.get('local')}"
+                             + (f", then={want['then']}" if want.get("then") else "")
+                             + "); give those, or use emu replay --schedule TOKEN")
         return {"kind": "replay", "plan": plan, "seed": header.get("seed"),
                 "name": "replay", "expect": header.get("expect"),
                 "banks": header.get("banks") or []}
