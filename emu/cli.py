@@ -311,7 +311,48 @@ def cmd_run(a) -> int:
     return 1 if res["violations"] else 0
 
 
+def cmd_detect(a) -> int:
+    """``emu versions --detect``: each version's campaign until its first finding, per
+    strategy (the detection table)."""
+    from emu.campaign.controlled import format_version_table, version_table
+    from emu.machine.sched import parse_strategy
+    from emu.xen.versions import HANDLERS
+    names = list(HANDLERS) if a.handlers in (None, "", "all") else \
+        [n.strip() for n in a.handlers.split(",") if n.strip()]
+    bad = [n for n in names if n not in HANDLERS]
+    if bad:
+        raise UsageError("handlers", f"unknown handler(s) {', '.join(bad)}; choose from "
+                         f"{', '.join(HANDLERS)} (or all)")
+    strategies = [x.strip() for x in a.strategies.split(",") if x.strip()]
+    for st in strategies:
+        if st != "chaos" and parse_strategy(st)["kind"] not in ("random", "pct"):
+            raise UsageError("strategies", f"{st!r}: give chaos, random or pct:D")
+    if not 1 <= a.trials <= 1_000_000:
+        raise UsageError("trials", f"{a.trials}: give 1..1000000")
+
+    def progress(h, st, r):
+        if not a.json and r.get("level") == "machine":
+            print(f"  {h} {st}: " + (f"found at trial {r['trials']} ({r['seconds']} s)"
+                                     if r.get("trials") else
+                                     f"nothing in {r.get('trials_run')} trials"),
+                  file=sys.stderr, flush=True)
+    rows = version_table(names, strategies, trials=a.trials, seed=a.seed, chaos=a.chaos,
+                         progress=progress)
+    if a.json:
+        print(json.dumps({"strategies": strategies, "trials": a.trials, "seed": a.seed,
+                          "chaos": a.chaos, "rows": rows}, sort_keys=True))
+    else:
+        print(format_version_table(rows, strategies, a.chaos))
+    missed = [r["handler"] for r in rows if r["level"] == "machine" and r["handler"] != "seed"
+              and any(not (r[s] or {}).get("trials") for s in strategies)]
+    seed_found = any((r[s] or {}).get("trials") for r in rows if r["handler"] == "seed"
+                     for s in strategies)
+    return 1 if missed or seed_found else 0
+
+
 def cmd_versions(a) -> int:
+    if a.detect:
+        return cmd_detect(a)
     from emu.xen.versions import HANDLERS, version_info
     infos = [version_info(n) for n in HANDLERS]
     if a.json:
@@ -796,8 +837,24 @@ def main(argv=None) -> int:
                     help="keep reading: print what a running machine appends")
     lg.add_argument("--mcelog-ascii", metavar="FILE",
                     help="decode mcelog's own text input (- for stdin) as mcelog --ascii does")
-    v = sub.add_parser("versions", help="list the handler versions (--handler NAME)")
+    v = sub.add_parser("versions", help="list the handler versions (--handler NAME); "
+                       "--detect: how fast each strategy finds each version")
     v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.add_argument("--detect", action="store_true",
+                   help="run each version's campaign (its exposing family) until the first "
+                   "finding, per strategy: the detection table")
+    v.add_argument("--handlers", default="all", help="with --detect: versions, comma-"
+                   "separated (default all)")
+    v.add_argument("--strategies", default="chaos,random,pct:2,pct:3",
+                   help="with --detect: chaos (host scheduling, perturbed), random, pct:D "
+                   "(controlled) (default chaos,random,pct:2,pct:3)")
+    v.add_argument("--trials", type=_int("trials"), default=300,
+                   help="with --detect: trial budget per version and strategy (default 300)")
+    v.add_argument("--seed", type=_int("seed"), default=0, help="with --detect: the "
+                   "campaign seed (default 0)")
+    v.add_argument("--chaos", type=_float("chaos"), default=0.2,
+                   help="with --detect: the chaos column's perturbation per yield point "
+                   "(default 0.2)")
     b = sub.add_parser("bench", help="latency by phase, CPU count and handler version, with "
                        "the futex floor and a naive peer design; --compare, --plot")
     b.add_argument("--cpus", default="4,16,64", help="CPU counts, e.g. 1,2,4,...,256 "

@@ -286,3 +286,116 @@ def test_replay_restores_the_banks_the_trial_began_with():
     assert {r["sched"]["replay_verdict"] for r in runs} == {"reproduced"}
     # without the restore, the banks left by earlier trials change the run
     assert plain["sched"]["banks_before"] != []
+
+
+# -- a second #MC wave, CMCI and the poller under the scheduler ---------------------------
+SRAO_CORE = "cpu=0 bank=1 status=0xBD000000004000CF addr=0x180020 misc=0x86 mcg=0x5"
+SRAO_CPU3 = "cpu=3 bank=1 status=0xBD000000004000CF addr=0x182000 misc=0x86 mcg=0x5"
+
+
+def test_second_wave_is_a_step_and_replays():
+    """then= under controlled: the raise is a decision in the log (its own entry in the
+    trace), taken once a first-wave target reached after_phase; the token carries it,
+    replays give the same trace, and a token that raises too early is diverged."""
+    then = {"errors": [SRAO_CPU3], "local": True, "after_phase": "softirq"}
+    with Machine(sched="controlled") as m:
+        rec = m.inject(SRAO_CORE, then=then, schedule="pct:3", schedule_seed=2)
+        sc = rec["sched"]
+        assert rec["waves"] == 2 and rec["outcome"] == "recovered", rec["violations"]
+        assert sc["trace"].count("raise") == 1 and sc["choices"].count(4) == 1
+        i = sc["trace"].index("raise")
+        # before the raise, some CPU had entered the softirq (the enabling phase)
+        assert any(t.split(":")[0] in ("cpu0", "cpu1", "cpu2", "cpu3") for t in sc["trace"][:i])
+        assert decode_token(sc["token"])[0]["scenario"]["then"]["after_phase"] == "softirq"
+        runs = [m.replay(sc["token"]) for _ in range(5)]
+        assert {r["sched"]["replay_verdict"] for r in runs} == {"reproduced"}
+        assert {tuple(r["sched"]["trace"]) for r in runs} == {tuple(sc["trace"])}
+        header, plan = decode_token(sc["token"])
+        early = encode_token(header, [4] + plan)   # raise at step 0: nobody is in softirq
+        bad = m.replay(early)
+        assert bad["sched"]["replay_verdict"] == "diverged"
+        assert "second #MC wave" in bad["sched"]["diverged"]["reason"]
+        # a replay must give the same second wave
+        with pytest.raises(UsageError) as ei:
+            m.inject(SRAO_CORE, schedule="replay:" + sc["token"])
+        assert ei.value.field == "schedule" and "then=" in str(ei.value)
+
+
+def test_nested_broadcast_on_seed_deadlock_is_the_models_hazard():
+    """A broadcast #MC after the first CPU left the handler, raised where some CPUs are
+    in mce_softirq and others not: the softirq rounds are uneven and mce_inside_bar
+    waits forever (today's Xen; the model's hazard D variant). Under controlled it is a
+    deadlock at once, and the stress checks count it as that hazard, not a violation."""
+    from emu.campaign.stress import Options, Worker
+    from emu.trial.model import compare, expected, owners_of
+    then = {"errors": [SRAO_CPU3], "local": False, "after_phase": "exit"}
+    with Machine(sched="controlled") as m:
+        r = next(x for x in (m.inject(SRAO_CORE, then=then, schedule="random",
+                                      schedule_seed=s) for s in range(20))
+                 if x["outcome"] == "deadlock")
+        assert "mce_inside_bar" in r["deadlock"]["text"]
+        o = Options(seed=0, db=False, machine={"sched": "controlled"}).validate()
+        exp = expected([SRAO_CORE], Worker(o).topo, owners=owners_of(r), then=then)
+    assert "hang" in exp["outcomes"] and any(h["id"] == "D" for h in exp["hazards"])
+    assert [d for d in compare(exp, r) if d.startswith("outcome")] == []
+
+
+def test_cmci_and_poll_cross_under_controlled():
+    """no-3e15c37e68 (the poller still scans CMCI banks): two corrected errors in a
+    CMCI core bank with a poll round; the CMCI handlers and the poll round (CPU 0's
+    IPIs) take turns; a schedule where the owner and a poller both read before either
+    clears logs the error twice; its token replays it. seed never does."""
+    ce = "cpu=2 bank=2 status=0x9000000000000134 via=poll"
+    with Machine(handler="no-3e15c37e68", sched="controlled") as m:
+        hit = None
+        for s in range(40):
+            r = m.inject([ce, ce], schedule="random", schedule_seed=s)
+            assert r["outcome"] == "continued" and r["sched"]["over"] == "done"
+            if r["violations"]:
+                hit = r
+                break
+        assert hit is not None and "logged 2 times" in hit["violations"][0]
+        assert {t.split(":")[0] for t in hit["sched"]["trace"]} >= {"cpu0", "cpu2", "cpu3"}
+        again = m.replay(hit["sched"]["token"])
+        assert again["sched"]["replay_verdict"] == "reproduced"
+        assert again["violations"] == hit["violations"]
+    with Machine(sched="controlled") as m:
+        for s in range(8):
+            r = m.inject([ce, ce], schedule="random", schedule_seed=s)
+            assert r["violations"] == [] and r["sched"]["over"] == "done"
+        assert m.inject(["cpu=1 bank=2 status=0x9000000000000134 via=cmci"] * 2,
+                        schedule="pct:2")["sched"]["over"] == "done"
+
+
+@pytest.mark.parametrize("handler", ["mcip-one-cpu", "stale-severity-cpu",
+                                     "softirq-plain-store"])
+def test_pct_campaigns_find_versions(handler):
+    """A version's exposing campaign (stress trials, checked as emu stress checks them)
+    under pct:2 and pct:3 finds its defect within a few trials."""
+    from emu.campaign.controlled import first_finding
+    for st in ("pct:2", "pct:3"):
+        r = first_finding(handler, st, 20)
+        assert r["trials"] is not None and r["trials"] <= 10, (handler, st, r)
+        assert r["replay"].startswith("emu replay --schedule emu1."), r
+
+
+def test_version_detection_table_has_a_column_per_strategy_beside_chaos():
+    from emu.campaign.controlled import detection_table, format_version_table
+    rows = detection_table(["mcip-one-cpu", "freelist-aba"], trials=5,
+                           strategies=("pct:2", "pct:3"))
+    assert [r["handler"] for r in rows] == ["mcip-one-cpu", "freelist-aba"]
+    assert set(rows[0]) == {"handler", "scenario", "level", "chaos", "pct:2", "pct:3"}
+    assert all(rows[0][k]["trials"] == 1 for k in ("chaos", "pct:2", "pct:3"))
+    assert rows[1]["level"] == "unit" and rows[1]["pct:2"]["trials"] is None
+    text = format_version_table(rows, ("chaos", "pct:2", "pct:3"))
+    assert "chaos 0.2" in text and "(unit)" in text
+
+
+def test_cli_versions_detect():
+    p = _cli("versions", "--detect", "--handlers", "mcip-one-cpu", "--strategies",
+             "pct:2,chaos", "--trials", "3", "--json")
+    assert p.returncode == 0, p.stderr
+    row = json.loads(p.stdout)["rows"][0]
+    assert row["pct:2"]["trials"] == 1 and row["chaos"]["trials"] == 1
+    p = _cli("versions", "--detect", "--strategies", "dfs:1")
+    assert p.returncode == 2 and "strategies" in p.stderr

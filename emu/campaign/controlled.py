@@ -19,6 +19,8 @@ from collections import Counter
 from emu.errors import EmulatorInternalError, UsageError
 from emu.machine.sched import parse_strategy
 
+CHAOS_P = 0.2            # the chaos column's perturbation probability per yield point
+
 
 def _bits(m: int) -> list[int]:
     out = []
@@ -255,14 +257,24 @@ def chaos_to_controlled(config: dict, errors, trials: int, local: bool = False) 
             "rate": round(n / len(found), 3) if found else None, "runs": rep}
 
 
-def detection_table(handlers: list[str], errors, config: dict, trials: int = 200,
-                    strategies=("random", "pct:2", "pct:3", "dfs:1"), local: bool = False,
-                    seed: int = 1) -> list[dict]:
+def detection_table(handlers: list[str] | None, errors=None, config: dict | None = None,
+                    trials: int = 200, strategies=("random", "pct:2", "pct:3", "dfs:1"),
+                    local: bool = False, seed: int = 1, chaos: float = CHAOS_P) -> list[dict]:
     """Per handler: trials (schedules, for dfs) and seconds to the first finding, for
     host scheduling (``os``; with ``config["chaos"]`` when the chaos issue's per-trial
     perturbation is in) and each controlled strategy. None: nothing found within
-    ``trials``."""
+    ``trials``.
+
+    With ``errors=None``: each handler version's own campaign instead (its exposing
+    family's seeded trials, checked as ``emu stress`` checks them), with a ``chaos``
+    column (host scheduling, perturbation ``chaos``) beside one per strategy
+    (``random`` and ``pct:D``; see :func:`version_table`)."""
+    if errors is None:
+        return version_table(handlers, ("chaos",) + tuple(
+            s for s in strategies if not s.startswith("dfs:") and s != "chaos"),
+            trials=trials, seed=seed, machine=config, chaos=chaos)
     from emu.machine import Machine
+    config = dict(config or {})
     rows = []
     for h in handlers:
         row = {"handler": h}
@@ -292,7 +304,6 @@ def detection_table(handlers: list[str], errors, config: dict, trials: int = 200
 
 
 # -- every handler version's exposing campaign, per strategy (issue 12) ---------------------
-CHAOS_P = 0.2            # the chaos column's perturbation probability per yield point
 # Per version: the scenario mix a campaign runs (default: the family its metadata names,
 # emu.xen.versions) and machine options beyond the stress defaults. ``level``: "machine"
 # (a campaign finds it), "unit" (only a unit test reaches it), "dom0" (its race needs
@@ -417,13 +428,14 @@ def _first_finding_cmci(handler, strategy, trials, seed, mopts, chaos) -> dict:
     cfg = dict(mopts, seed=seed)
     if strategy == "chaos":
         cfg["chaos"] = chaos
+    from emu.machine.sched import splitmix64
     with Machine(**cfg) as m:
         n = _ncpus(m)
-        sched = _Scheduled(m, strategy, seed) if cfg["sched"] == "controlled" else m
         for i in range(trials):
             ce = f"cpu={(seed + i) % n} bank=2 status=0x9000000000000134 via=poll"
-            kw = {"seed": (seed, i)} if sched is not m else {}
-            r = sched.inject([ce, ce], **kw) if kw else m.inject([ce, ce])
+            kw = {"schedule": strategy, "schedule_seed": splitmix64(seed * 1_000_003 + i)} \
+                if cfg["sched"] == "controlled" else {}
+            r = m.inject([ce, ce], **kw)
             out["trials_run"] = i + 1
             if r["violations"] or r["outcome"] in ("deadlock", "hang"):
                 out.update(trials=i + 1, finding=(r["violations"] or [r["outcome"]])[0],
@@ -455,9 +467,9 @@ def version_table(handlers=None, strategies=("chaos", "random", "pct:2", "pct:3"
     return rows
 
 
-def format_version_table(rows: list[dict], strategies) -> str:
+def format_version_table(rows: list[dict], strategies, chaos: float = CHAOS_P) -> str:
     """The table as text: trials (seconds) to the first finding, ``-`` for none."""
-    head = ["handler", "scenario"] + [("chaos " + f"{CHAOS_P:g}" if s == "chaos" else s)
+    head = ["handler", "scenario"] + [(f"chaos {chaos:g}" if s == "chaos" else s)
                                       for s in strategies]
     lines = [head]
     for r in rows:

@@ -797,7 +797,11 @@ def _channel_names(L) -> dict[int, str]:
     """Event-channel offsets → what a waiter on them waits for."""
     from emu.xen import barrier
     names = {L.mce_logout_lock + 8: "mce_logout_lock", L.halt_ev: "halt",
-             L.boot_ev: "boot", L.process_lock + 8: "mce_process_lock"}
+             L.boot_ev: "boot", L.process_lock + 8: "mce_process_lock",
+             L.call_ev: "on_each_cpu (call_pending == 0)",
+             L.mask_ev: "a cpumask (xen-2009-03: cpus_weight == num_online_cpus)",
+             L.cmci_discover_lock + 8: "cmci_discover_lock",
+             L.mce_enter_lock + 8: "mce_enter_lock"}
     for bar in ("mce_trap_bar", "mce_inside_bar", "mce_severity_bar"):
         off = getattr(L, bar)
         names[off + barrier.EV_IN] = f"{bar} (enter: val == num_online_cpus)"
