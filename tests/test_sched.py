@@ -399,3 +399,23 @@ def test_cli_versions_detect():
     assert row["pct:2"]["trials"] == 1 and row["chaos"]["trials"] == 1
     p = _cli("versions", "--detect", "--strategies", "dfs:1")
     assert p.returncode == 2 and "strategies" in p.stderr
+
+
+def test_pool_pressure_and_memory_run_under_controlled():
+    """pool_pressure's prefill with Dom0 paused, then the drain (Dom0 itself is not
+    scheduled), and memory's softirq path (page offline, vMCE): seed shows nothing."""
+    from emu.campaign.controlled import _Scheduled
+    from emu.campaign.stress import Options, Worker
+    for mix in ("pool_pressure", "memory"):
+        o = Options(seed=3, scenario=mix, db=False,
+                    machine={"sched": "controlled"}).validate()
+        w = Worker(o).start()
+        try:
+            w.m = _Scheduled(w.m, "pct:2", 3)
+            recs = [w.play(3, i) for i in range(3)]
+            assert w.finish() == []
+        finally:
+            w.close()
+        assert all(r["family"] == mix for r in recs)
+        assert [f for r in recs for f in r["findings"] if f["kind"] == "violation"] == []
+        assert w.m is None and recs[-1]["outcome"] in ("recovered", "continued", "reset")

@@ -10,6 +10,12 @@ decision log gives, per step, the enabled set and who ran before; every untried
 alternative at a step past the prefix, within the budget, is a new prefix. Each
 schedule is reached exactly once: by its deviations from the default, in order.
 For small machines (the enabled sets are kept for the first 64 CPUs).
+
+Per handler version (:func:`first_finding`, :func:`version_table`): the version's
+exposing campaign (the stress trials of its family, :data:`VERSION_CAMPAIGNS`) played
+by the stress worker (:class:`emu.campaign.stress.Worker`: the oracle and the
+expected-outcome model) on a controlled machine, every injection under the strategy,
+until the first violation; or host-scheduled with chaos, for the column beside them.
 """
 from __future__ import annotations
 

@@ -34,15 +34,32 @@ Strategies (pure functions of the shared state and the step index):
   cannot run (it waits) when its entry comes gets the default instead (a *miss*).
 - default (non-preemptive): the running process if enabled, else the lowest enabled.
 
-Participants are the trial's target CPUs, from their first yield point after the #MC
-to the end of their softirq (``leave``) or their halt. The last to arrive makes the
-first choice (before it, every target sits at its first yield point whatever the
-arrival order, so the choice is the same).
+Participants are the trial's target CPUs, from their first scheduling point after
+the #MC (or CMCI) to their return to the idle loop, or their halt. Each is marked with
+a *join id*; a process consumes it at its first yield point (an *arrival*) and waits for
+its turn. The last to arrive makes the first choice (before it, every target sits at its
+first yield point whatever the arrival order, so the choice is the same).
+
+Processes that join later are arrivals too, and the next choice waits until each has
+arrived (so it does not depend on when their signals landed):
+
+- a **second #MC wave** (``then=``) is a pseudo-participant, number ``n`` (the CPU
+  count): enabled once a first-wave target has reached ``after_phase`` (or when no CPU
+  can run), and when the strategy picks it the turn goes to the coordinator, which
+  writes the wave's banks and raises its #MC; its targets arrive (a CPU waiting for its
+  turn takes the nested #MC there), then the coordinator makes the next choice. The
+  decision log holds it (``raise`` in the trace), so a token replays it, and a token
+  that raises where the raise is not enabled is ``diverged``;
+- **CMCI and poll trials**: the CMCIs' handlers arrive first; then the coordinator asks
+  for the poll round and arrives itself, CPU 0 arrives at its ``on_each_cpu`` IPIs, and
+  the IPIs' recipients arrive at their handler's first yield point (one that finds
+  interrupts off counts as arrived; its handler runs later in its turn).
 
 Not controlled (documented limits): Dom0 and guest processes (they act after the
 softirq's VIRQ and on vMCEs; the coordinator serves their hypercalls on the telemetry
-pool concurrently), the coordinator's signals and late doorbell rings, timers and
-Dom0's fsync; a second #MC wave (``then=``) is refused.
+pool concurrently), the coordinator's signals and late doorbell rings, timers (the
+polling timer is refused) and Dom0's fsync; ``Machine.poll`` and CPU offline/online run
+unscheduled.
 """
 from __future__ import annotations
 
