@@ -9,7 +9,7 @@ softirq: pct:2 found it at trial 223, pct:3 at 300), 300 for no-3e15c37e68 (the 
 owner and a poller must both read before either clears: 68 and 19), 60 for the others
 (found within 22). Two versions have no machine-level campaign under the scheduler and
 are reported as such: freelist-aba (unit level only, as under chaos) and
-xchg-head-reread (Dom0's fetch inside a commit: Dom0 is not scheduled). About 3 min.
+xchg-head-reread (Dom0's fetch inside a commit: Dom0 is not scheduled). About 1 to 2 min here.
 """
 from __future__ import annotations
 

@@ -362,6 +362,9 @@ class _Scheduled:
         return r
 
     def __getattr__(self, name):
+        if name == "inject_async":
+            # (no pipelining: a trial under the scheduler is sent with its schedule)
+            raise AttributeError(name)
         return getattr(self._m, name)
 
 
