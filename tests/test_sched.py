@@ -23,6 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRAO0 = "cpu=0 bank=0 status=0xBD000000004000CF addr=0x180020 misc=0x86 mcg=0x5"
 SMALL = dict(topology="1x1x2", nbanks=1, bank_scopes="0:package", guests=0,
              sched="controlled")
+# The owner race's searches, about the CPUs alone: Dom0 outside the schedule (with it,
+# dfs:2 also places its fetch and ack among the CPUs' steps: 4624 schedules, ~40 s here)
+CPUS_ONLY = dict(SMALL, extra={"sched_dom0": False})
 
 
 @pytest.fixture
@@ -40,7 +43,7 @@ def _cli(*args, timeout=120):
 
 # -- exhaustive search ----------------------------------------------------------------
 def test_dfs2_seed_every_schedule_has_one_owner():
-    with Machine(**SMALL) as m:
+    with Machine(**CPUS_ONLY) as m:
         r1 = explore(m, [SRAO0], 1)
         r = explore(m, [SRAO0], 2)
     print(f"\ndfs:2 on seed, 2 CPUs, one shared bank: {r['schedules']} schedules "
@@ -53,7 +56,7 @@ def test_dfs2_seed_every_schedule_has_one_owner():
 
 
 def test_dfs2_unlocked_logout_finds_two_owners(variants):
-    with Machine(handler="unlocked_logout", **SMALL) as m:
+    with Machine(handler="unlocked_logout", **CPUS_ONLY) as m:
         r = explore(m, [SRAO0], 2)
         r0 = explore(m, [SRAO0], 0)
     print(f"\ndfs:2 on unlocked_logout: {r['schedules']} schedules, owners {r['owners']}")
@@ -321,6 +324,34 @@ def test_second_wave_is_a_step_and_replays():
         assert ei.value.field == "schedule" and "then=" in str(ei.value)
 
 
+def test_dom0_fetch_and_ack_are_scheduled_steps_and_replay():
+    """Dom0 under controlled: once a softirq worker raised VIRQ_MCA, Dom0 is a
+    participant (number N + 1, ``dom0`` in the trace) while its drain is under way;
+    each of its steps serves one of its fetch/ack hypercalls (or sees it go idle). The
+    token carries the steps, its replays give the same trace, and a token that picks
+    Dom0 before any VIRQ is diverged. The record is logged once, as on the host."""
+    with Machine(sched="controlled") as m:
+        n = 4
+        for s in range(20):
+            rec = m.inject(SRAO_CORE, schedule="random", schedule_seed=s)
+            if rec["sched"]["dom0"]["steps"]:
+                break
+        sc = rec["sched"]
+        assert sc["dom0"] == {"scheduled": True, "left": False, "steps": sc["dom0"]["steps"]}
+        assert sc["dom0"]["steps"] > 0 and sc["choices"].count(n + 1) == sc["dom0"]["steps"]
+        assert sc["trace"].count("dom0") == sc["dom0"]["steps"]
+        assert rec["outcome"] == "recovered" and rec["violations"] == []
+        assert [d["count"] for d in rec["errors"][0]["dom0_log"]] == [1]
+        runs = [m.replay(sc["token"]) for _ in range(3)]
+        assert {r["sched"]["replay_verdict"] for r in runs} == {"reproduced"}
+        assert {tuple(r["sched"]["trace"]) for r in runs} == {tuple(sc["trace"])}
+        header, plan = decode_token(sc["token"])
+        bad = m.replay(encode_token(header, [n + 1] + plan))   # no VIRQ yet at step 0
+        assert bad["sched"]["replay_verdict"] == "diverged"
+        assert "Dom0" in bad["sched"]["diverged"]["reason"]
+    print(f"\ndom0 steps at seed {s}: {sc['dom0']['steps']} of {sc['steps']}")
+
+
 def test_nested_broadcast_on_seed_deadlock_is_the_models_hazard():
     """A broadcast #MC after the first CPU left the handler, raised where some CPUs are
     in mce_softirq and others not: the softirq rounds are uneven and mce_inside_bar
@@ -402,8 +433,8 @@ def test_cli_versions_detect():
 
 
 def test_pool_pressure_and_memory_run_under_controlled():
-    """pool_pressure's prefill with Dom0 paused, then the drain (Dom0 itself is not
-    scheduled), and memory's softirq path (page offline, vMCE): seed shows nothing."""
+    """pool_pressure's prefill with Dom0 paused (a paused Dom0 is not scheduled),
+    then the drain, and memory's softirq path (page offline, vMCE): seed shows nothing."""
     from emu.campaign.controlled import _Scheduled
     from emu.campaign.stress import Options, Worker
     for mix in ("pool_pressure", "memory"):

@@ -312,8 +312,7 @@ def detection_table(handlers: list[str] | None, errors=None, config: dict | None
 # -- every handler version's exposing campaign, per strategy (issue 12) ---------------------
 # Per version: the scenario mix a campaign runs (default: the family its metadata names,
 # emu.xen.versions) and machine options beyond the stress defaults. ``level``: "machine"
-# (a campaign finds it), "unit" (only a unit test reaches it), "dom0" (its race needs
-# Dom0's fetch inside a CPU's commit: Dom0 runs outside the scheduler).
+# (a campaign finds it), "unit" (only a unit test reaches it).
 VERSION_CAMPAIGNS: dict[str, dict] = {
     "xen-2009-03": {"machine": {"vmce_policy": "dom0"}},
     # 6a2c6a6842: a #MC with no valid bank after a round with an error
@@ -324,7 +323,11 @@ VERSION_CAMPAIGNS: dict[str, dict] = {
     # 011899a2e0: an LMCE during the softirq, after the worker election
     "shared-severity-cpu": {"scenario": "nested_lmce"},
     "no-3e15c37e68": {"scenario": "cmci"},
-    "xchg-head-reread": {"level": "dom0"},
+    # e9af61b969: Dom0's fetch (a scheduled step) inside a softirq worker's committed-list
+    # push, between its cmpxchg and the re-read, while a record is still committed
+    # (thread-scoped banks: one record per CPU and wave)
+    "xchg-head-reread": {"scenario": "dom0_busy",
+                         "machine": {"bank_scopes": "0-3:thread,4-9:package"}},
     "freelist-aba": {"level": "unit"},
 }
 

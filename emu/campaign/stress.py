@@ -113,7 +113,28 @@ def nested_lmce(rng: np.random.Generator, topo, machine_opts) -> F.Scenario:
     return scn
 
 
-EXTRA_FAMILIES = {"no_bank": no_bank, "nested_lmce": nested_lmce}
+def dom0_busy(rng: np.random.Generator, topo, machine_opts) -> F.Scenario:
+    """A record for Dom0 to drain, then, once a first-wave CPU is past the softirq
+    (after its VIRQ_MCA), a broadcast second wave with a clearable SRAO in a bank of
+    every record group (a thread-scoped bank per CPU, else a core-scoped one per core:
+    one record each), committed one after another by the softirq worker while Dom0's
+    drain may still be under way: ``e9af61b969``'s race needs Dom0's fetch inside one
+    of those committed-list pushes (``bench/find_races.py``'s ``dom0_busy`` without
+    its 50 ms hold: under controlled scheduling the strategy places the fetch)."""
+    banks, groups = F._record_groups(topo)
+    b1 = F._pick(rng, banks)
+    first = F.spec(F._pick(rng, groups[0]), b1, F._srao(rng), F._free_addr(rng, machine_opts),
+                   F.MISC_PHYS, F.MCG_OK)
+    b2 = F._pick(rng, banks)
+    second = [F.spec(F._pick(rng, g), b2, F._srao(rng), F._free_addr(rng, machine_opts),
+                     F.MISC_PHYS, F.MCG_OK) for g in groups]
+    return F.Scenario("dom0_busy", (first,), then={"errors": second,
+                                                   "after_phase": "softirq_done",
+                                                   "local": False},
+                      note=f"{len(second)} records committed while Dom0 drains")
+
+
+EXTRA_FAMILIES = {"no_bank": no_bank, "nested_lmce": nested_lmce, "dom0_busy": dom0_busy}
 ALL_FAMILIES = dict(F.FAMILIES, **EXTRA_FAMILIES)
 
 

@@ -18,7 +18,9 @@ Channel protocol (msgpack arrays ``[1, cmd, args]``; replies ``[ok, value]``):
   (the #MC handler, see :mod:`emu.domains.guest`); ``logged {"ids", "dup"?, "yp"?}``
   (``dup``: the record was already in the log, acked only), ``handled {...}``,
   ``perturbed {"gen", "n", "points", "starved"}`` (this trial's perturbation counts,
-  after a drain) and ``paused {}`` (the answer to a ``pause`` notification) (no reply).
+  after a drain), ``paused {}`` (the answer to a ``pause`` notification) and, under
+  controlled scheduling only, ``idle {"seen"}`` (about to sleep, having handled
+  ``seen`` virq/pause/resume notifications) (no reply).
 * notifications: ``virq``, ``vmce {"vcpus"}``, ``quit``, ``pause``, ``resume``; any may
   carry the trial's control, ``"ctl": {"gen", "seed", "chaos", "starve"?, "die"?}``
   (``die: [point, n]``: a per-trial kill_dom0 fault), applied once per trial.
@@ -589,6 +591,12 @@ class Dom0Logger:
         self.cpuid = cpuid
         self.paused = bool(self.hooks.get("pause"))
         self.need_drain = True           # drain once at start
+        # Under controlled scheduling (hook sched_idle), Dom0 says "idle" before it
+        # sleeps, with the number of virq/pause/resume notifications it has handled, so
+        # the machine knows when no request is to come (emu.machine.channels._dom0_step).
+        self.sched_idle = bool(self.hooks.get("sched_idle"))
+        self.notes = 0
+        self._idle_said: int | None = None
         self.quit = False
         self.fetched = 0                 # records fetched by this process (die_count)
         self.drains = 0
@@ -622,6 +630,8 @@ class Dom0Logger:
     def handle(self, name: str, args: dict) -> None:
         if "ctl" in args:
             self._trial_ctl(args["ctl"])
+        if name in ("virq", "pause", "resume"):
+            self.notes += 1
         if name == "virq":
             self.need_drain = True
         elif name == "vmce":
@@ -706,10 +716,14 @@ class Dom0Logger:
         while not self.quit:
             if self.need_drain and not self.paused:
                 self.need_drain = False
+                self._idle_said = None
                 self.drain()
                 # everything that arrived meanwhile, before deciding on another drain
                 self._service_between_records()
                 continue
+            if self.sched_idle and self._idle_said != self.notes and not self.ch.pending:
+                self._idle_said = self.notes
+                self.ch.send("idle", {"seen": self.notes})
             note = self.ch.next_notification()
             if note is not None:
                 self.handle(*note)

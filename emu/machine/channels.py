@@ -100,6 +100,15 @@ class DomainChannels:
     coordinator's regions, telemetry, vMCE table and ``_poll``)."""
 
     xen_bug: str | None = None   # a telemetry BUG_ON hit while serving Dom0 (see trial)
+    # Controlled scheduling of Dom0 (see _dom0_step): its channel is served only in its
+    # steps while _dom0_sched is on. Dom0 (told so at its start) sends ``idle {"seen"}``
+    # before it sleeps, ``seen`` counting the virq/pause/resume notifications it has
+    # handled; _dom0_notes counts those sent to it: equal, Dom0 makes no request until
+    # the next one.
+    _dom0_sched = False
+    _dom0_notes = 0
+    _dom0_idle_seen = -1
+    _dom0_steps = 0
 
     # -- Dom0 ----------------------------------------------------------------------------
     def _fork_domain(self, main) -> tuple:
@@ -123,6 +132,9 @@ class DomainChannels:
         hypercalls."""
         from emu.domains.dom0 import dom0_main
         hooks = dict(self.dom0_hooks, pause=self.dom0_paused)
+        if self.cfg.sched == "controlled":
+            hooks["sched_idle"] = True
+        self._dom0_notes, self._dom0_idle_seen = 0, -1
         rot = check_log_rotation(self.cfg.extra)
         self.dom0 = self._fork_domain(
             lambda ch: dom0_main(ch, self.dom0_log_path, self.dom0_fsync, hooks, **rot))
@@ -225,7 +237,9 @@ class DomainChannels:
         return max(last_boot(p) for p in self._recent_log_parts())   # bounded
 
     def _dom0_fds(self) -> list:
-        fds = [self.dom0[1].fileno(), self.dom0[2]] if self.dom0 else []
+        # (Dom0's channel is read only in its steps while it is scheduled)
+        fds = ([self.dom0[2]] if self._dom0_sched else [self.dom0[1].fileno(), self.dom0[2]]) \
+            if self.dom0 else []
         for _, conn, pidfd in self.guests.values():
             fds += [conn.fileno(), pidfd]
         return fds
@@ -307,6 +321,11 @@ class DomainChannels:
             self._dom0_restart_due()
             return
         pid, conn, pidfd = self.dom0
+        if self._dom0_sched:
+            if pidfd not in ready:
+                return    # served in its steps (_dom0_step), VIRQs forwarded there
+            self._dom0_sched = False
+            self.sched.dom0_off()
         if pidfd in ready:
             # Dom0 died (e.g. SIGKILL mid-log): reap it and start it again; it
             # fetches from the head again, and its durable log dedups.
@@ -358,9 +377,87 @@ class DomainChannels:
             return False
         try:
             self.dom0[1].send_bytes(msgpack.packb([PROTO, name, self._ctl_args(0)]))
-            return True
         except OSError:
             return False
+        if name in ("virq", "pause", "resume"):
+            self._dom0_notes += 1
+        return True
+
+    # -- Dom0 under controlled scheduling ---------------------------------------------
+    def _dom0_idle(self) -> bool:
+        return self._dom0_idle_seen == self._dom0_notes
+
+    def _dom0_quiesce(self, timeout_s: float) -> bool:
+        """Serve Dom0 (outside any schedule) until it is idle: told of every VIRQ, and
+        asleep after handling every notification. A scheduled trial starts from there,
+        so Dom0's requests in it depend on the schedule only. False if Dom0 is paused,
+        failing, gone or not idle within ``timeout_s``."""
+        X, L = self.R.X, self.R.L
+        deadline = time.monotonic() + timeout_s
+
+        def idle():
+            return self._dom0_idle() and X.load(L.vm.virq_count) == self.virq_seen
+        while True:
+            if self.dom0 is None or self.dom0_paused or self.dom0_failure is not None:
+                return False
+            if idle():
+                return True
+            if time.monotonic() > deadline:
+                return False
+            self._poll(0.02, done=idle)
+
+    def _dom0_step(self, bound_s: float) -> None:
+        """Controlled, Dom0's turn (the strategy picked it; the coordinator holds the
+        turn): tell Dom0 of a VIRQ raised since its last step, then serve exactly one
+        of its telemetry requests (a fetch or an ack, on the shared pool), or learn
+        that it went idle; its other messages (``logged``, a vMCE handler's MSR
+        accesses) are served on the way. Then make the next choice. Dom0's own work
+        between two requests (writing its log, the fsync) touches nothing the CPUs
+        see, so where it falls does not matter."""
+        X, L = self.R.X, self.R.L
+        vc = X.load(L.vm.virq_count)
+        if vc != self.virq_seen:
+            self.virq_seen = vc
+            if self.tev is not None:
+                self.tev.append([time.monotonic_ns(), "coordinator", "virq", {"to": 0}])
+            self._notify_dom0("virq")
+        busy = self._dom0_next_request(bound_s)
+        self._dom0_steps += 1
+        self.sched.dom0_state(bool(busy), self.virq_seen)
+        if busy is None:
+            # Died or silent: it leaves the schedule (and is served as on the host).
+            self.sched.dom0_off()
+            self._dom0_sched = False
+        self.sched.choose_and_hand(after_dom0=True)
+
+    def _dom0_next_request(self, bound_s: float) -> bool | None:
+        """Wait for Dom0's next telemetry request and serve it (True), or for its idle
+        mark once it has handled every notification sent (False). None: Dom0 died or
+        sent neither within ``bound_s``."""
+        if self.dom0 is None:
+            return None
+        _pid, conn, pidfd = self.dom0
+        fd = conn.fileno()
+        deadline = time.monotonic() + bound_s
+        while True:
+            r = readable([fd, pidfd], max(0.0, deadline - time.monotonic()))
+            if fd not in r:
+                if pidfd in r or time.monotonic() >= deadline:
+                    return None
+                continue
+            try:
+                raw = conn.recv_bytes()
+            except (EOFError, OSError):
+                return None
+            try:
+                cmd = msgpack.unpackb(raw, strict_map_key=False)[1]
+            except Exception:  # noqa: BLE001 - _hypercall refuses and counts it
+                cmd = None
+            self._hypercall(conn, raw, 0)
+            if cmd in ("fetch", "ack"):
+                return True
+            if cmd == "idle" and self._dom0_idle():
+                return False
 
     def _hypercall(self, conn, raw: bytes, domid: int = 0) -> None:
         """One request from domain ``domid``'s channel."""
@@ -377,7 +474,8 @@ class DomainChannels:
             return
         if cmd in ("handled", "probe_result", "perturbed"):
             pass
-        elif domid != 0 and cmd in ("fetch", "ack", "logged", "paused", "log_failed"):
+        elif domid != 0 and cmd in ("fetch", "ack", "logged", "paused", "log_failed",
+                                    "idle"):
             # HYPERVISOR_mca is privileged (XSM): only the hardware domain may use it.
             self.refused += 1
             self.refused_by.setdefault(domid, []).append(cmd)
@@ -444,6 +542,9 @@ class DomainChannels:
             self.dom0_failure = dict(f, trial=self.trial_gen)
         elif cmd == "paused":
             self._pause_acked = True
+        elif cmd == "idle":
+            seen = args.get("seen")
+            self._dom0_idle_seen = seen if isinstance(seen, int) else -1
         elif cmd in ("rdmsr", "wrmsr"):
             from emu.xen.vmce import GeneralProtection
             try:

@@ -60,6 +60,8 @@ def _check_extra(extra) -> None:
             raise UsageError(f"extra.{k}", f"{extra[k]!r}: give a dict")
     if "fsync" in extra and not isinstance(extra["fsync"], bool):
         raise UsageError("extra.fsync", f"{extra['fsync']!r}: give True or False")
+    if "sched_dom0" in extra and not isinstance(extra["sched_dom0"], bool):
+        raise UsageError("extra.sched_dom0", f"{extra['sched_dom0']!r}: give True or False")
     spin = extra.get("guest_spin_s")
     if spin is not None and (not _is_real(spin) or not 0 <= spin <= 1):
         raise UsageError("extra.guest_spin_s", f"{spin!r}: give seconds in [0, 1]")

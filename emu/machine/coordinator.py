@@ -526,7 +526,15 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         if self.tev is not None:
             self._trace_reset()
         banks_before = None
+        dom0_vseen = None
         if self.sched is not None:
+            # Dom0 takes part in the schedule if it is idle when the trial starts (its
+            # requests then depend on the schedule only); not with a fault (a Dom0 kill
+            # or pause acts on the host's clock), nor with extra={"sched_dom0": False}.
+            if fault is None and self.cfg.extra.get("sched_dom0", True) and \
+                    self._dom0_quiesce(min(bound, 5.0)):
+                dom0_vseen = self.virq_seen
+            self._dom0_sched, self._dom0_steps = dom0_vseen is not None, 0
             if schedule and schedule.get("banks") is not None:
                 self.sched.restore_banks(schedule["banks"])   # a replay: the recorded input
             banks_before = self.sched.bank_state()
@@ -543,7 +551,8 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             self.sched.start(targets, schedule or {"kind": "random", "seed": self.cfg.seed,
                                                    "name": "random"},
                              raise_phase_bit=1 << PHASES.index(then["after_phase"])
-                             if then else 0, others=self._online() if then else None)
+                             if then else 0, others=self._online() if then else None,
+                             dom0_vseen=dom0_vseen)
         t_inject = time.monotonic_ns()
         # Latencies count from t0, the raise: MCG_STATUS is written (by the emulator,
         # where silicon takes no time) and the signal is about to go.
@@ -600,6 +609,7 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         outcome, detail = ("shutdown", {"cpu": sd}) if sd is not None else \
             self._wait(wait_targets, timeout_s or self.cfg.watchdog_s, ready, t0 / 1e9,
                        ring_late_s)
+        dom0_scheduled, self._dom0_sched = self._dom0_sched, False   # Dom0 goes on freely
         res = self._collect(first_gen, errs, written, targets, t0, outcome, detail, local)
         if self.tev is not None:
             self._trace_ring = self._read_trace_ring()   # before a reset wipes it
@@ -617,6 +627,9 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         if self.sched is not None:
             res["sched"] = self.sched.result()
             res["sched"]["banks_before"] = banks_before
+            res["sched"]["dom0"] = {"scheduled": dom0_vseen is not None,
+                                    "left": dom0_vseen is not None and not dom0_scheduled,
+                                    "steps": self._dom0_steps}
         res["trial_seed"] = list(tseed)
         res["raise_cpu"] = raise_cpu
         res["arrivals"] = self._arrivals(self._words)
@@ -648,6 +661,10 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         if wait_dom0:
             self._await_pause_fault()
             self._await_logged(rids - lost.keys(), wd)
+            if dom0_vseen is not None and not res["resets"]:
+                # Dom0 ends the drain it had under way in the trial: a BUG_ON its last
+                # fetch hits belongs to this trial (and the next one starts from idle).
+                self._dom0_quiesce(min(wd, 5.0))
         t_logged = [self.logged[r][1] for r in rids if r in self.logged]
         res["latency_us"]["dom0_logged"] = (round((max(t_logged) - t0) / 1e3, 1)
                                             if t_logged and len(t_logged) == len(rids) else None)
@@ -736,7 +753,10 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 return True
             if sched.over() == OVER_DEADLOCK:
                 return False
-            if self._poll(0.02, done=sched.turn_is_raise):
+            if sched.turn_is_dom0():
+                self._dom0_step(bound)
+                continue
+            if self._poll(0.02, done=lambda: sched.turn_is_raise() or sched.turn_is_dom0()):
                 return False             # a CPU died: _wait reports it
             p = self._progress()
             if p != last:
@@ -1034,7 +1054,8 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             return (all(X.load(L.pc(c, L.P_DONE_GEN)) >= g for c, g in wait_targets.items())
                     and (sched is None or sched.over() == OVER_DONE)
                     or X.load(L.reset_req) != RESET_NONE
-                    or sched is not None and sched.over() == OVER_DEADLOCK)
+                    or sched is not None and (sched.over() == OVER_DEADLOCK
+                                              or sched.turn_is_dom0()))
         if ready is not None:
             dead = self._poll(0, ready=ready, done=done)
             if dead:
@@ -1053,6 +1074,10 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             if all(X.load(L.pc(c, L.P_DONE_GEN)) >= g for c, g in wait_targets.items()) \
                     and (sched is None or sched.over() == OVER_DONE):
                 return "done", {}
+            if sched is not None and sched.turn_is_dom0():
+                self._dom0_step(watchdog_s)
+                last_progress, last_t = self._progress(), time.monotonic()
+                continue
             now = time.monotonic()
             if ring_at is not None and now >= ring_at:
                 ring_at = None
@@ -1221,7 +1246,9 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
     def serve(self) -> None:
         conn = self.conn
         while True:
-            # Between requests, keep serving Dom0 (boot records, VIRQs).
+            # Between requests, keep serving Dom0 (boot records, VIRQs), outside any
+            # schedule (also after a trial that stopped on an error).
+            self._dom0_sched = False
             fd = conn.fileno()
             # select, not Connection.poll: that builds a selector per call (5 µs here)
             watch = [fd] if self.parent_pidfd is None else [fd, self.parent_pidfd]

@@ -55,11 +55,22 @@ arrived (so it does not depend on when their signals landed):
   the IPIs' recipients arrive at their handler's first yield point (one that finds
   interrupts off counts as arrived; its handler runs later in its turn).
 
-Not controlled (documented limits): Dom0 and guest processes (they act after the
-softirq's VIRQ and on vMCEs; the coordinator serves their hypercalls on the telemetry
-pool concurrently), the coordinator's signals and late doorbell rings, timers (the
-polling timer is refused) and Dom0's fsync; ``Machine.poll`` and CPU offline/online run
-unscheduled.
+- **Dom0** (number ``n + 1``, ``dom0`` in the trace), in #MC trials that start with
+  Dom0 idle (told of every VIRQ, asleep; the coordinator waits for that): enabled while
+  a drain is under way (it has a request to come) or once a VIRQ was raised that it was
+  not told of. When the strategy picks it, the turn goes to the coordinator, which
+  tells it of that VIRQ, then serves exactly one of its telemetry hypercalls (a fetch
+  or an ack, on the shared pool) or learns that it went idle (Dom0 says ``idle`` with
+  the count of notifications it handled), then makes the next choice. Dom0's requests
+  are a function of the replies, so the steps replay. Once every CPU has left, the
+  trial is over and Dom0 finishes its drain outside the schedule.
+
+Not controlled (documented limits): guest processes and Dom0's vMCE handler (their
+MSR accesses are served as they come, or within Dom0's steps), Dom0 in CMCI/poll
+trials, in trials with a fault and when paused or failing, the coordinator's signals
+and late doorbell rings, timers (the polling timer is refused) and Dom0's log writes
+and fsync (between two of its steps: nothing a CPU sees); ``Machine.poll`` and CPU
+offline/online run unscheduled.
 """
 from __future__ import annotations
 
@@ -99,13 +110,20 @@ G_CP = 16                       # MAX_DEPTH change points
 # sleeps on G_ARRIVED (arrivals wake it).
 (G_JOIN, G_PARTS, G_RAISE, G_RAISE_BIT, G_RAISE_PRIO, G_ASLEEP) = range(
     G_CP + MAX_DEPTH, G_CP + MAX_DEPTH + 6)
-G_WORDS = G_CP + MAX_DEPTH + 8
+# Dom0 as a participant (number n + 1): G_DOM0_ON, it takes part in this trial;
+# G_DOM0_BUSY, it has a request to come (a drain under way); G_DOM0_VSEEN, the VIRQ
+# count it was last told of (a VIRQ raised since enables it); G_DOM0_PRIO, its PCT
+# priority.
+(G_DOM0_ON, G_DOM0_BUSY, G_DOM0_VSEEN, G_DOM0_PRIO) = range(
+    G_CP + MAX_DEPTH + 6, G_CP + MAX_DEPTH + 10)
+G_WORDS = G_CP + MAX_DEPTH + 12
 # per-CPU words (C_JOIN: a join id this CPU has to consume at its next scheduling
 # point; C_FIRST: a first-wave target, whose phases enable the raise)
 (C_STATE, C_SITE, C_BOFF, C_BSEEN, C_TW, C_TSLEEP, C_PRIO, C_PART, C_JOIN, C_FIRST) = range(10)
 C_WORDS = 10
 DIV_NOT_ENABLED, DIV_PAST_END = 1, 2
 RAISE_NONE, RAISE_PENDING, RAISE_DONE = 0, 1, 2
+SITE_DOM0 = 251                 # the site logged when Dom0's next request is served
 SITE_IPI = 252                  # the site logged for a poll round joining at its IPIs
 SITE_RAISE = 253                # the site logged when the second #MC wave is chosen
 
@@ -117,6 +135,8 @@ def site_name(code: int) -> str:
         return "raise"
     if code == SITE_IPI:
         return "ipi"
+    if code == SITE_DOM0:
+        return "dom0"
     return SITES[code] if code < len(SITES) else "?"
 
 
@@ -276,6 +296,7 @@ class Sched:
         self.cw = [[S.cw(c, k) for k in range(C_WORDS)] for c in range(self.n)]
         L = R.L
         self._reached = [L.pc(c, L.P_REACHED) for c in range(self.n)]
+        self._virq = L.vm.virq_count
         self._plan = memoryview(R.xen_map)[S.plan:S.plan + 2 * S.nsteps].cast("H")
 
     def install(self, yps) -> None:
@@ -468,8 +489,9 @@ class Sched:
 
     def _hand(self, q: int) -> None:
         X = self.X
-        if q == self.n:
-            # The second #MC wave: the coordinator raises it (its turn)
+        if q >= self.n:
+            # The second #MC wave (n): the coordinator raises it; Dom0 (n + 1): the
+            # coordinator serves its next request. Either way, the coordinator's turn.
             X.store(self.g[G_TURN], q)
             self.R.notify()
             return
@@ -539,6 +561,14 @@ class Sched:
                 E.append(n)
                 if n < 64:
                     mask |= 1 << n
+        if load(g[G_DOM0_ON]) and (E or left != len(self.parts)) and (
+                load(g[G_DOM0_BUSY]) or load(self._virq) != load(g[G_DOM0_VSEEN])):
+            # Dom0 has a request to come (a drain under way, or a VIRQ it was not told
+            # of yet). Once every CPU has left, the trial is over and Dom0 goes on
+            # outside the schedule, as on the host.
+            E.append(n + 1)
+            if n + 1 < 64:
+                mask |= 1 << (n + 1)
         if not E:
             X.store(g[G_OVER], OVER_DONE if left == len(self.parts) and not pending
                     else OVER_DEADLOCK)
@@ -554,11 +584,13 @@ class Sched:
             if cur != NONE and d > 1:
                 for i in range(d - 1):
                     if load(g[G_CP + i]) == s:
-                        X.store(self.cw[cur][C_PRIO], PRIO_BIAS + i + 1)
+                        X.store(self.cw[cur][C_PRIO] if cur < n else g[G_DOM0_PRIO],
+                                PRIO_BIAS + i + 1)
                         break
             best = -1
             for p in E:
-                pr = load(self.cw[p][C_PRIO]) if p < n else load(g[G_RAISE_PRIO])
+                pr = load(self.cw[p][C_PRIO]) if p < n else load(
+                    g[G_RAISE_PRIO] if p == n else g[G_DOM0_PRIO])
                 if pr > best:
                     best, q = pr, p
         elif kind in (K_REPLAY, K_PREFIX):
@@ -589,6 +621,8 @@ class Sched:
         if s < self.S.nsteps:
             if q == n:
                 site = SITE_RAISE
+            elif q == n + 1:
+                site = SITE_DOM0
             else:
                 st = load(self.cw[q][C_STATE])
                 site = SITE_WAIT if st == BLOCKED else load(self.cw[q][C_SITE])
@@ -614,14 +648,16 @@ class SchedControl:
         self._names = _channel_names(R.L)
 
     def start(self, targets: list[int], spec: dict, raise_phase_bit: int = 0,
-              others: list[int] | None = None, extra_arrivals: int = 0) -> None:
+              others: list[int] | None = None, extra_arrivals: int = 0,
+              dom0_vseen: int | None = None) -> None:
         """Before the delivery: reset the words, mark the participants, load the
         strategy. ``spec``: {"kind", "seed", "depth", "k", "plan"} (see load_spec).
         ``raise_phase_bit``: a second #MC wave is a step, enabled once a first-wave
         target has reached a phase in these ``P_REACHED`` bits. ``others``: CPUs that
         may join later (a second wave, IPIs), given PCT priorities now.
         ``extra_arrivals``: arrivals the coordinator itself makes (see
-        :meth:`arrive`) before the first choice."""
+        :meth:`arrive`) before the first choice. ``dom0_vseen``: Dom0 takes part (it is
+        idle, and was told of this many VIRQs); None: it stays outside the schedule."""
         X, S = self.X, self.S
         self.epoch += 1
         self.spec = spec
@@ -645,10 +681,14 @@ class SchedControl:
         if raise_phase_bit:
             X.store(S.gw(G_RAISE), RAISE_PENDING)
             X.store(S.gw(G_RAISE_BIT), raise_phase_bit)
+        if dom0_vseen is not None:
+            X.store(S.gw(G_DOM0_VSEEN), dom0_vseen)
+            X.store(S.gw(G_DOM0_ON), 1)
         if kind == K_PCT:
             late = [c for c in (others or []) if c not in targets]
             self._load_pct(targets, int(spec["depth"]), int(spec["k"]), seed,
-                           late + ([S.n] if raise_phase_bit else []))
+                           late + ([S.n] if raise_phase_bit else []),
+                           dom0=dom0_vseen is not None)
         jid = X.fetch_add(S.gw(G_JOIN), 1) + 1
         for c in range(S.n):
             w = [S.cw(c, k) for k in range(C_WORDS)]
@@ -659,11 +699,12 @@ class SchedControl:
         X.store(S.gw(G_EPOCH), self.epoch)
 
     def _load_pct(self, targets: list[int], d: int, k: int, seed: int,
-                  late: list[int] | None = None) -> None:
+                  late: list[int] | None = None, dom0: bool = False) -> None:
         X, S = self.X, self.S
         X.store(S.gw(G_DEPTH), d)
-        # Random distinct priorities d+1 .. d+n (Fisher-Yates on splitmix64); with
-        # ``late`` (processes that join later, and the raise as S.n), over all of them.
+        # Random distinct priorities 2(d+1) .. 2(d+n), even (Fisher-Yates on
+        # splitmix64); with ``late`` (processes that join later, and the raise as S.n),
+        # over all of them. Change points set priorities 1 .. d-1, below all.
         who = list(targets) + list(late or [])
         prios = list(range(d + 1, d + 1 + len(who)))
         r = seed
@@ -672,7 +713,7 @@ class SchedControl:
             j = r % (i + 1)
             prios[i], prios[j] = prios[j], prios[i]
         for c, p in zip(who, prios, strict=True):
-            X.store(S.gw(G_RAISE_PRIO) if c == S.n else S.cw(c, C_PRIO), PRIO_BIAS + p)
+            X.store(S.gw(G_RAISE_PRIO) if c == S.n else S.cw(c, C_PRIO), PRIO_BIAS + 2 * p)
         # d-1 distinct change points in [1, k]
         cps: list[int] = []
         k = max(k, d)
@@ -683,10 +724,31 @@ class SchedControl:
                 cps.append(v)
         for i, v in enumerate(cps):
             X.store(S.gw(G_CP + i), v)
+        if dom0:
+            # Dom0 gets an odd priority, uniformly in one of the len(who) + 1 gaps: the
+            # others' priorities and change points stay those of a trial without it.
+            r = splitmix64(r ^ 0xD0D0)
+            X.store(S.gw(G_DOM0_PRIO), PRIO_BIAS + 2 * (d + 1 + r % (len(who) + 1)) - 1)
 
     # -- the coordinator's steps (a second wave, a poll round's start) -------------------
     def turn_is_raise(self) -> bool:
         return self.X.load(self.S.gw(G_TURN)) == self.S.n
+
+    def turn_is_dom0(self) -> bool:
+        return self.X.load(self.S.gw(G_TURN)) == self.S.n + 1
+
+    def dom0_on(self) -> bool:
+        return bool(self.X.load(self.S.gw(G_DOM0_ON)))
+
+    def dom0_state(self, busy: bool, vseen: int) -> None:
+        """After a Dom0 step (the coordinator's turn): has Dom0 a request to come, and
+        the VIRQ count it has been told of."""
+        self.X.store(self.S.gw(G_DOM0_BUSY), 1 if busy else 0)
+        self.X.store(self.S.gw(G_DOM0_VSEEN), vseen)
+
+    def dom0_off(self) -> None:
+        """Dom0 leaves the schedule (it died, or did not answer)."""
+        self.X.store(self.S.gw(G_DOM0_ON), 0)
 
     def raise_pending(self) -> bool:
         return self.X.load(self.S.gw(G_RAISE)) == RAISE_PENDING
@@ -714,11 +776,11 @@ class SchedControl:
                 X.load(S.gw(G_TURN)) == NONE:
             self.choose_and_hand()
 
-    def choose_and_hand(self) -> None:
+    def choose_and_hand(self, after_dom0: bool = False) -> None:
         """Make the next choice for the processes (the coordinator holds the turn:
-        after a raise, or as the last arrival) and hand the turn over."""
+        after a raise, a Dom0 step, or as the last arrival) and hand the turn over."""
         ch = Sched(self.R, None, self.S)
-        q = ch.choose(NONE)
+        q = ch.choose(self.S.n + 1 if after_dom0 else NONE)
         if q >= 0:
             ch._hand(q)
 
@@ -789,8 +851,8 @@ class SchedControl:
         out = {"strategy": self.spec.get("name", self.spec.get("kind")),
                "seed": self.spec.get("seed"), "steps": n,
                "log_full": n > S.nsteps, "choices": choices, "enabled": enabled,
-               "current": cur, "trace": ["raise" if q == S.n else f"cpu{q}:{site_name(s)}"
-                                          for q, s in trace],
+               "current": cur, "trace": ["raise" if q == S.n else "dom0" if q == S.n + 1
+                                          else f"cpu{q}:{site_name(s)}" for q, s in trace],
                "trace_digest": trace_digest(trace), "spins": X.load(S.gw(G_SPINS)),
                "over": ("running", "done", "reset", "deadlock")[X.load(S.gw(G_OVER))],
                "diverged": None}
@@ -804,8 +866,9 @@ class SchedControl:
             why = X.load(S.gw(G_DIV_WHY))
             out["diverged"] = {"step": div - 1, "reason": (
                 (f"the token chose cpu{why & 0xFFFF}, which could not run"
-                 if why & 0xFFFF != S.n else "the token raised the second #MC wave where "
-                 "it could not be raised")
+                 if why & 0xFFFF < S.n else "the token raised the second #MC wave where "
+                 "it could not be raised" if why & 0xFFFF == S.n else "the token chose "
+                 "Dom0 where it had no request to make")
                 if why >> 16 == DIV_NOT_ENABLED else "the run went past the token's end")}
         return out
 

@@ -36,6 +36,7 @@ from emu.xen.mctelem import (
     UNCOMMITTED,
     Mctelem,
     MctelemBug,
+    _no_yp,
     _pack_hdr,
 )
 
@@ -181,14 +182,18 @@ class MctelemXchgHeadReread(Mctelem):
 
     window = staticmethod(_nothing)
 
-    def _xchg_head(self, head_off: int, i: int) -> None:
+    def _xchg_head(self, head_off: int, i: int, yp=_no_yp) -> None:
         X = self.X
         committed = head_off in (self.T.committed, self.T.committed + 8)
         while True:
             self._hset(i, H_NEXT, X.load(head_off))                 # *old = *headp
+            yp("telem", head_off, i)
             ret = X.cmpxchg(head_off, self.hget(i, H_NEXT), i + 1)  # cmpxchgptr(.., *old, new)
             if committed:
                 self.window()   # (the test hook: on committed-list pushes only)
+            # The re-read of *old is a read of the entry's link, which a consumer that
+            # moved the list meanwhile has rewritten: a yield point (committed pushes).
+            yp("telem", i, ret)
             if ret == self.hget(i, H_NEXT):                         # "== *old": re-read
                 return
 

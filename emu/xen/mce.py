@@ -123,7 +123,7 @@ class XenCpu(IntelCmci, IntelNonfatal):
         self.banks = Banks(R)
         self.tele = self.telemetry_class(R)
         self.pages = PageTable(R)
-        self.yp = yps.yp
+        self.yp = self.tele.yp = yps.yp
         self.yps = yps
         self.ser = bool(R.cfg.ser)
         self.mce_broadcast = bool(R.cfg.mce_broadcast)
@@ -494,7 +494,7 @@ class XenCpu(IntelCmci, IntelNonfatal):
                           else None, starve, load(c + 8 * xl.CTL_STARVE_NS) / 1e9)
         elif yps.active or yps.count or yps.points:
             yps.configure(0.0, None)
-        self.yp = yps.yp
+        self.yp = self.tele.yp = yps.yp
         (self.kill_phase, self.kill_cpus, self.stall_phase, self.stall_s,
          self.stall_cpus) = self._boot_hooks
         if flags & xl.CTL_F_FAULT and load(c + 8 * xl.CTL_FAULT_CPU) == cpu:

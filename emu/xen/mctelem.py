@@ -82,8 +82,19 @@ U64 = (1 << 64) - 1
 _pack = msgpack.Packer().pack   # one packer, reused: packb makes one per call
 
 
+def _no_yp(site: str, d0: int = 0, d1: int = 0) -> None:
+    pass
+
+
 class Mctelem:
-    """The telemetry pool, as seen by one process (a CPU or the coordinator)."""
+    """The telemetry pool, as seen by one process (a CPU or the coordinator).
+
+    ``yp``: the owning CPU's yield point (:class:`emu.xen.mce.XenCpu` sets it; the
+    coordinator's copy, which serves Dom0, has none). A committed-list push passes it
+    inside ``mctelem_xchg_head``'s loop, where Dom0's fetch (or another CPU's push) can
+    come between the read of the head and the cmpxchg."""
+
+    yp = staticmethod(_no_yp)
 
     def __init__(self, R):
         self.X = R.X
@@ -132,14 +143,17 @@ class Mctelem:
 
     def mctelem_commit(self, i: int) -> None:
         self._hset(i, H_STATE, COMMITTED)
-        self._xchg_head(self.T.committed + 8 * self.hget(i, H_CLASS), i)
+        self._xchg_head(self.T.committed + 8 * self.hget(i, H_CLASS), i, self.yp)
 
-    def _xchg_head(self, head_off: int, i: int) -> None:
-        # The fixed mctelem_xchg_head (e9af61b969): link first, then cmpxchg.
+    def _xchg_head(self, head_off: int, i: int, yp=_no_yp) -> None:
+        # The fixed mctelem_xchg_head (e9af61b969): link first, then cmpxchg. ``yp``:
+        # committed-list pushes only (a per-CPU pending list has no other writer but
+        # its own CPU's softirq, which cannot run inside the push).
         X = self.X
         while True:
             old = X.load(head_off)
             self._hset(i, H_NEXT, old)
+            yp("telem", head_off, i)
             if X.cmpxchg(head_off, old, i + 1) == old:
                 return
 
