@@ -6,7 +6,7 @@ the expected-outcome model) runs under pct:2 and pct:3 until its first finding; 
 over every family, gives none in the largest budget. Budgets (campaign seed 0, measured
 with margin): 600 trials for shared-severity-cpu (an LMCE inside a ~1 % window of the
 softirq: pct:2 found it at trial 241, pct:3 at 256), 300 for no-3e15c37e68 (the CMCI
-owner and a poller must both read before either clears: 48 and 8), 4000 for
+owner and a poller must both read before either clears: 48 and 20), 4000 for
 xchg-head-reread (Dom0's fetch, a scheduled step, inside one committed-list push of the
 dom0_busy family, a one-step window: pct:2 found it at trial 277, pct:3 at 2430), 60
 for the others (found within 22). freelist-aba has no machine-level campaign (unit level

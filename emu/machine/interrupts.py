@@ -114,12 +114,17 @@ class IrqPaths:
         self.R.ev.bump(L.pc(0, L.P_KICK))     # CPU 0's timer softirq
         return self.poll_k
 
-    def _wait_cond(self, cond, timeout_s: float) -> bool:
+    def _wait_cond(self, cond, timeout_s: float, sched=None) -> bool:
+        """Wait for ``cond``; with ``sched``, serve Dom0's steps (controlled) meanwhile."""
         deadline = time.monotonic() + timeout_s
         while not cond():
+            if sched is not None and sched.turn_is_dom0():
+                self._dom0_step(timeout_s)
+                continue
             if time.monotonic() > deadline:
                 return False
-            self._poll(0.02, done=cond)
+            self._poll(0.02, done=cond if sched is None else
+                       lambda: cond() or sched.turn_is_dom0())
         return True
 
     # -- a CMCI or poll trial -----------------------------------------------------------------
@@ -142,7 +147,14 @@ class IrqPaths:
             self._trace_reset()
         sched = self.sched if schedule is not None else None
         banks_before = None
+        dom0_vseen = None
         if sched is not None:
+            # Dom0 takes part as in an #MC trial (Coordinator.trial): its fetch, served
+            # concurrently, would otherwise land inside a CMCI handler's committed-list
+            # push at the host's whim.
+            if self.cfg.extra.get("sched_dom0", True) and self._dom0_quiesce(min(wd, 5.0)):
+                dom0_vseen = self.virq_seen
+            self._dom0_sched, self._dom0_steps = dom0_vseen is not None, 0
             if schedule.get("banks") is not None:
                 sched.restore_banks(schedule["banks"])   # a replay: the recorded input
             banks_before = sched.bank_state()
@@ -160,7 +172,7 @@ class IrqPaths:
             # poller and the CMCI owners cross.
             parts = sorted(set(targets) | ({0} if via == "poll" else set()))
             sched.start(parts, schedule, others=self._online(),
-                        extra_arrivals=1 if via == "poll" else 0)
+                        extra_arrivals=1 if via == "poll" else 0, dom0_vseen=dom0_vseen)
             t0 = self._send_interrupts(targets, VEC_CMCI) if targets else time.monotonic_ns()
             if via == "poll":
                 self._wait_cond(lambda: sched.arrived(len(targets)), wd)
@@ -180,7 +192,8 @@ class IrqPaths:
             if sched is None:
                 return ok
             return ok and sched.over() == OVER_DONE or sched.over() == OVER_DEADLOCK
-        outcome = "continued" if self._wait_cond(done, wd) else "hang"
+        outcome = "continued" if self._wait_cond(done, wd, sched) else "hang"
+        dom0_scheduled, self._dom0_sched = self._dom0_sched, False   # Dom0 goes on freely
         deadlock = None
         if sched is not None and sched.over() == OVER_DEADLOCK:
             outcome = "deadlock"
@@ -192,6 +205,8 @@ class IrqPaths:
                    if x["who"] in ("MCA_CMCI_HANDLER", "MCA_POLLER") and x["gen"] == gen]
         rids = {x["record_id"] for x in logouts if x["record_id"]}
         self._await_logged(rids, wd)
+        if dom0_vseen is not None and outcome == "continued":
+            self._dom0_quiesce(min(wd, 5.0))   # (as Coordinator.trial: its drain ends)
         t_logged = [self.logged[r][1] for r in rids if r in self.logged]
         errors_out = []
         for e, maddr, w, ci in written:
@@ -259,6 +274,9 @@ class IrqPaths:
         if sched is not None:
             res["sched"] = sched.result()
             res["sched"]["banks_before"] = banks_before
+            res["sched"]["dom0"] = {"scheduled": dom0_vseen is not None,
+                                    "left": dom0_vseen is not None and not dom0_scheduled,
+                                    "steps": self._dom0_steps}
             if outcome in ("hang", "deadlock"):
                 # the CPUs wait for turns that never come: start them again
                 boot = self.warm_reset(f"trial {gen}: {outcome}")

@@ -55,22 +55,22 @@ arrived (so it does not depend on when their signals landed):
   the IPIs' recipients arrive at their handler's first yield point (one that finds
   interrupts off counts as arrived; its handler runs later in its turn).
 
-- **Dom0** (number ``n + 1``, ``dom0`` in the trace), in #MC trials that start with
-  Dom0 idle (told of every VIRQ, asleep; the coordinator waits for that): enabled while
-  a drain is under way (it has a request to come) or once a VIRQ was raised that it was
-  not told of. When the strategy picks it, the turn goes to the coordinator, which
-  tells it of that VIRQ, then serves exactly one of its telemetry hypercalls (a fetch
-  or an ack, on the shared pool) or learns that it went idle (Dom0 says ``idle`` with
-  the count of notifications it handled), then makes the next choice. Dom0's requests
-  are a function of the replies, so the steps replay. Once every CPU has left, the
-  trial is over and Dom0 finishes its drain outside the schedule.
+- **Dom0** (number ``n + 1``, ``dom0`` in the trace), in #MC and CMCI/poll trials that
+  start with Dom0 idle (told of every VIRQ, asleep; the coordinator waits for that):
+  enabled while a drain is under way (it has a request to come) or once a VIRQ was
+  raised that it was not told of. When the strategy picks it, the turn goes to the
+  coordinator, which tells it of that VIRQ, then serves exactly one of its telemetry
+  hypercalls (a fetch or an ack, on the shared pool) or learns that it went idle (Dom0
+  says ``idle`` with the count of notifications it handled), then makes the next
+  choice. Dom0's requests are a function of the replies, so the steps replay. Once
+  every CPU has left, the trial is over and Dom0 finishes its drain outside the
+  schedule.
 
-Not controlled (documented limits): guest processes and Dom0's vMCE handler (their
-MSR accesses are served as they come, or within Dom0's steps), Dom0 in CMCI/poll
-trials, in trials with a fault and when paused or failing, the coordinator's signals
-and late doorbell rings, timers (the polling timer is refused) and Dom0's log writes
-and fsync (between two of its steps: nothing a CPU sees); ``Machine.poll`` and CPU
-offline/online run unscheduled.
+Not controlled (documented limits): guest processes and Dom0's vMCE handler (their MSR
+accesses are served as they come, or within Dom0's steps), Dom0 in trials with a fault
+and when paused or failing, the coordinator's signals and late doorbell rings, timers
+(the polling timer is refused) and Dom0's log writes and fsync (between two of its
+steps: nothing a CPU sees); ``Machine.poll`` and CPU offline/online run unscheduled.
 """
 from __future__ import annotations
 
