@@ -102,25 +102,22 @@ def _schedule_handlers(x, sched, X, nest_off: int) -> None:
     the poll round's IPIs are announced to the scheduler before they go."""
     mc, intr, ipi = x.do_machine_check, x.do_interrupt, x.send_ipi
 
-    def on_mc(*a):
+    def counted(handler, *a):
         sched.hdepth += 1
         try:
-            mc(*a)
+            handler(*a)
         finally:
             sched.hdepth -= 1
             if not sched.hdepth:
                 sched.handler_exit()
 
+    def on_mc(*a):
+        counted(mc, *a)
+
     def on_intr(*a):
         if x._irq_off or X.load(nest_off):
             sched.ack()            # deferred to the end of the running handler
-        sched.hdepth += 1
-        try:
-            intr(*a)
-        finally:
-            sched.hdepth -= 1
-            if not sched.hdepth:
-                sched.handler_exit()
+        counted(intr, *a)
 
     def send_ipi(cpus, fn):
         cpus = list(cpus)
