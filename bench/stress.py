@@ -71,7 +71,7 @@ def _cpu(w) -> dict:
 
 
 def run_variant(cpus: int, variant: str, trials: int, scenario: str, chaos: float,
-                fault_rate: float, seed: int) -> dict:
+                fault_rate: float, seed: int, extra: dict | None = None) -> dict:
     import numpy as np
 
     from emu.campaign import stress as S
@@ -80,7 +80,8 @@ def run_variant(cpus: int, variant: str, trials: int, scenario: str, chaos: floa
     if variant == "faults":
         kw.update(faults="kill_dom0,pause_dom0,kill_cpu", fault_rate=fault_rate)
     o = S.Options(seed=seed, trials=trials, scenario=scenario, db=False,
-                  machine={"topology": TOPOLOGY.get(cpus, f"1x{cpus}x1"), "watchdog_s": 0.5},
+                  machine={"topology": TOPOLOGY.get(cpus, f"1x{cpus}x1"), "watchdog_s": 0.5,
+                           **({"extra": extra} if extra else {})},
                   **kw).validate()
     exp, cmp_ = _Timed(model.expected), _Timed(model.compare)
     model.expected, model.compare = exp, cmp_
@@ -133,10 +134,19 @@ def main(argv=None) -> int:
     p.add_argument("--chaos", type=float, default=0.05)
     p.add_argument("--fault-rate", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--extra", default="",
+                   help="the machine's extra options as JSON, for wait-strategy A/B runs "
+                        "(e.g. '{\"spin_ns\": 0}')")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     try:
         cpus = [int(x) for x in a.cpus.split(",") if x.strip()]
+        try:
+            extra = json.loads(a.extra) if a.extra else None
+        except ValueError as exc:
+            raise UsageError("--extra", f"{a.extra!r}: not JSON ({exc})") from None
+        if extra is not None and not isinstance(extra, dict):
+            raise UsageError("--extra", f"{a.extra!r}: give a JSON object")
         variants = [v.strip() for v in a.variants.split(",") if v.strip()]
         bad = [v for v in variants if v not in ("plain", "chaos", "faults")]
         if bad:
@@ -148,7 +158,8 @@ def main(argv=None) -> int:
             variants = [v for v in variants if v == "plain"]    # no per-trial chaos here
         for n in cpus:
             for v in variants:
-                r = run_variant(n, v, a.trials, a.scenario, a.chaos, a.fault_rate, a.seed)
+                r = run_variant(n, v, a.trials, a.scenario, a.chaos, a.fault_rate, a.seed,
+                                extra)
                 if a.json:
                     print(json.dumps(r), flush=True)
                 else:

@@ -66,6 +66,8 @@ def test_inject_async_gives_what_inject_gives_and_keeps_calls_in_order(emu_machi
 
 
 def test_cpu_times_count_the_processes_a_reset_replaced(emu_machine):
+    """Machine.cpu_times adds the time of CPU processes a reset replaced; a warm reset
+    replaces only the CPUs that cannot be held in reset (here: a killed one)."""
     m = emu_machine()
     a = m.cpu_times()
     assert set(a) == {"coordinator", "cpus", "dom0", "guests"}
@@ -73,11 +75,17 @@ def test_cpu_times_count_the_processes_a_reset_replaced(emu_machine):
         m.inject([SRAO_MEM], wait_dom0=False)
     b = m.cpu_times()
     assert b["cpus"] > a["cpus"] and b["coordinator"] > a["coordinator"]
-    old = set(m.cpu_pids.values())
-    m.reset()
-    assert not old & set(m.cpu_pids.values())
+    old = dict(m.cpu_pids)
+    boot = m.reset()
+    # a warm reset holds the CPU processes in reset and releases them: none replaced
+    assert m.cpu_pids == old and boot["reset_in_place"] == [0, 1, 2, 3]
+    # ... but a dead one is: a kill_cpu fault ends in a reset that forks CPU 1 anew
+    r = m.inject([SRAO_MEM], fault={"kind": "kill_cpu", "cpu": 1, "phase": "logout"})
+    assert r["outcome"] == "cpu_died", r["outcome"]
+    new = dict(m.cpu_pids)
+    assert new[1] != old[1] and all(new[c] == old[c] for c in (0, 2, 3)), (old, new)
     c = m.cpu_times()
-    # the replaced CPUs' time is kept (taken at their reaping), not lost with them
+    # the replaced CPU's time is kept (taken at its reaping), not lost with it
     assert c["cpus"] >= b["cpus"] and c["dom0"] >= b["dom0"]
 
 

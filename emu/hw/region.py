@@ -6,6 +6,11 @@ that survives a warm reset and is zeroed at power-off. The doorbell models an
 interrupt line: delivery bumps it before the signal, so a CPU about to halt (sleep)
 sees the pending #MC and does not (see :class:`emu.hw.futex.Events`).
 
+The *reset line* (the platform's RESET#/INIT): ``reset_gen`` counts its assertions
+and ``reset_release`` its releases; a CPU held in reset stores the generation it saw
+in its ``init_ack`` word and sleeps on ``reset_release`` (:mod:`emu.hw.cpu`). Both
+are hardware, so they survive the wipe of Xen memory the reset causes.
+
 Interrupts (a CMCI, an IPI) share that line: each CPU also has an *IRR* word, the
 local APIC's pending vectors (``VEC_*`` in :mod:`emu.hw.cpu`), set by the sender
 before the doorbell and the signal. Silicon-wide words: the banks that can signal
@@ -44,6 +49,9 @@ class HwLayout:
         self.cpu_words = h.words(n * CPU_WORDS)
         self.cmci_cap = h.words()            # bit i: bank i can signal CMCI
         self.cmci_max_threshold = h.words()  # what CTL2's threshold field holds at most
+        self.reset_gen = h.words()           # the reset line: assertions so far
+        self.reset_release = h.words()       # ... and releases (the generation released)
+        self.init_ack = h.words(n)           # per CPU: the assertion it is held in
         h.page_align()
         self.size = h.size
 
@@ -55,6 +63,9 @@ class HwLayout:
 
     def sleep_reg(self, cpu: int) -> int:
         return self.cpu_words + 8 * (cpu * CPU_WORDS + 1)
+
+    def init_ack_word(self, cpu: int) -> int:
+        return self.init_ack + 8 * cpu
 
     def irr(self, cpu: int) -> int:
         return self.cpu_words + 8 * (cpu * CPU_WORDS + 2)

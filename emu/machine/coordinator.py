@@ -1,7 +1,7 @@
 """The coordinator: machine lifecycle, reset controller, watchdog, trial results.
 
 Modelled: power-on (banks zeroed), boot (Xen memory re-initialised, CPU processes
-forked and brought up one at a time through boot-time logout), hardware injection
+forked, or released from reset, and brought up through boot-time logout), hardware injection
 (errors written into banks with the overwrite rules, then one #MC raised), the
 reset controller (``mc_panic``, processor shutdown, hangs and dead CPUs all end in
 a warm reset that keeps the banks), and a watchdog: a trial whose handler makes no
@@ -25,7 +25,7 @@ import msgpack
 from emu.errors import EmuError, EmulatorInternalError, UsageError
 from emu.hw import msr
 from emu.hw.banks import Banks
-from emu.hw.cpu import deliver_mc
+from emu.hw.cpu import assert_reset, deliver_mc, held, release_reset
 from emu.hw.yieldpoint import SITES
 from emu.machine import chaos as ch
 from emu.machine.channels import (
@@ -60,6 +60,10 @@ BOOT_TIMEOUT_S = 30.0
 RING_LATE_S = 0.0005   # at the earliest; see Coordinator._ring_late
 RING_LATE_MAX_S = 0.02
 HANG_QUIET_S = 0.15    # see Coordinator._parked: 3 of the CPUs' 50 ms sleep slices
+# How long a CPU process may take to stop for the reset line before it is replaced
+# (killed, and a new one forked): a running or sleeping CPU takes it in well under a
+# millisecond; one that cannot (stopped past SIGCONT, wedged) costs this once.
+RESET_HOLD_S = 0.5
 
 
 class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
@@ -88,6 +92,8 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         self.rung_late: list[int] = []
         self.cpu_pids: dict[int, int] = {}
         self.pidfds: dict[int, int] = {}
+        self._cpu_hooks: dict[int, dict] = {}   # cpu -> the hooks its process was forked with
+        self.reset_in_place = 0                 # CPUs a warm reset kept (not re-forked)
         _raise_nofile(2 * self.n + 256)   # a pidfd per CPU, a channel and a pidfd per domain
         self.hooks: dict = dict(cfg.extra.get("hooks", {}))
         self.last_boot_log: list = []
@@ -166,11 +172,15 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
 
     # -- lifecycle --------------------------------------------------------------------
     def power_on(self) -> dict:
+        if self.cpu_pids:
+            self._kill_cpus()   # power off: nothing is held in reset
         self.R.power_off()
         self.banks.power_on(self.cfg.mcg_cap, self.cfg.cmci_cap, self.cfg.cmci_max_threshold)
         return self.boot()
 
-    def boot(self) -> dict:
+    def boot(self, held_gen: int = 0) -> dict:
+        """Boot: Xen memory anew, then the CPUs: those held in reset generation
+        ``held_gen`` (still in ``cpu_pids``) are released, the others forked."""
         t0 = time.monotonic()
         R, X, L = self.R, self.R.X, self.R.L
         self.boots += 1
@@ -192,8 +202,13 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         X.store(L.poll_period_ns, int(self.cfg.poll_period_s * 1e9))
         self.poll_k = 0
         handler = handler_class(self.cfg.handler)   # imported before forking, not in every CPU
-        self.pgid = None
+        kept = sorted(self.cpu_pids) if held_gen else []
+        if not self.cpu_pids:
+            self.pgid = None   # a new group (a kept CPU keeps the old one alive)
         for cpu in range(self.n):
+            if cpu in self.cpu_pids:
+                continue       # held in reset: released below
+            self._cpu_hooks[cpu] = dict(self.hooks)
             pid = fork_child(lambda c=cpu: cpu_process(R, c, handler, self.hooks,
                                                              self.pgid or 0))
             # Both sides set the group, so it holds whichever runs first.
@@ -204,6 +219,8 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             self.pgid = self.pgid or pid
             self.cpu_pids[cpu] = pid
             self.pidfds[cpu] = os.pidfd_open(pid)
+        if held_gen:
+            release_reset(R.HW, R.HL, held_gen)
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         while X.load(L.online) < self.n:
             dead = self._poll(0.05)
@@ -224,8 +241,57 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 raise EmulatorInternalError(f"boot failed: domains "
                                             f"{sorted(set(self.domids) - self.ready_doms)} not up")
         return {"boot": self.boots, "cpus": self.n, "pids": dict(self.cpu_pids),
+                "reset_in_place": kept,
                 "boot_ms": (time.monotonic() - t0) * 1e3, "boot_log": self.last_boot_log,
                 "ownership": self._ownership()}
+
+    def _reset_cpus(self) -> int:
+        """The reset line: every live CPU process whose hooks are still the machine's
+        is stopped and held (:func:`emu.hw.cpu.assert_reset`); the others, and any
+        that does not take the line within RESET_HOLD_S, are killed (boot forks new
+        ones). Returns the generation the kept CPUs are held in (0: none kept)."""
+        if not self.cpu_pids or self.cfg.extra.get("reset_refork"):
+            self._kill_cpus()
+            return 0
+        stale = [c for c in self.cpu_pids if self._cpu_hooks.get(c) != self.hooks]
+        for c in stale:
+            self._drop_cpu(c)
+        if not self.cpu_pids:
+            return 0
+        HW, HL = self.R.HW, self.R.HL
+        gen = assert_reset(HW, HL, self.cpu_pids)
+        deadline = time.monotonic() + RESET_HOLD_S
+        waiting = set(self.cpu_pids)
+        while waiting:
+            waiting = {c for c in waiting if not held(HW, HL, c, gen)}
+            left = deadline - time.monotonic()
+            if not waiting or left <= 0:
+                break
+            r = readable([self.R.efd] + [self.pidfds[c] for c in waiting], min(left, 0.05))
+            try:
+                os.eventfd_read(self.R.efd)
+            except BlockingIOError:
+                pass
+            for c in [c for c in waiting if self.pidfds[c] in r]:
+                self._drop_cpu(c)     # died (killed by a fault, or by a hook)
+                waiting.discard(c)
+        for c in waiting:
+            self._drop_cpu(c)         # did not stop: replaced
+        self.reset_in_place += len(self.cpu_pids)
+        return gen if self.cpu_pids else 0
+
+    def _drop_cpu(self, cpu: int) -> None:
+        """Kill and reap one CPU process (boot forks its replacement)."""
+        pid = self.cpu_pids.pop(cpu)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            reap_status(pid, 0, "cpus")
+        except ChildProcessError:
+            pass
+        os.close(self.pidfds.pop(cpu))
 
     def _kill_cpus(self) -> None:
         for pid in self.cpu_pids.values():
@@ -250,10 +316,10 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
             self.tev.append([time.monotonic_ns(), "coordinator", "reset", {"cause": cause}])
         self._stop_guests()
         self._stop_dom0()
-        self._kill_cpus()
+        gen = self._reset_cpus()
         lost = self._lost_at_reset(cause)
         self.banks.warm_reset()
-        boot = self.boot()
+        boot = self.boot(gen)
         inst = self.topo.inst
         for x in lost:
             # A bank the #MC left valid (fatal) is logged again by boot-time logout:
