@@ -40,6 +40,8 @@ def cpu_process(R, cpu: int, handler, hooks: dict, pgid: int = 0) -> None:
         # hand-over is a wake-up on the same run queue (no cross-core IPI).
         pin_to_host_core(0 if R.S is not None else cpu, R.cfg.seed)
     signal.signal(SIG_RESET, on_reset_line)
+    if cpu in (hooks.get("reset_deaf_cpus") or ()):
+        signal.signal(SIG_RESET, signal.SIG_IGN)   # test hook: a CPU the line cannot stop
     while True:
         try:
             _boot_and_run(R, cpu, handler, hooks)
