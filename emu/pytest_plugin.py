@@ -182,8 +182,45 @@ def emu_leak_check():
     assert not kids, f"emulator processes survived the test: {kids}"
     orphans = _orphans(start, cmd)
     assert not orphans, f"orphaned emulator processes (re-parented to init): {orphans}"
-    leaked = _shm() - before_shm
+    leaked = _shm_leaked(before_shm)
     assert not leaked, f"left in /dev/shm: {sorted(leaked)}"
+
+
+def _shm_in_use_elsewhere(names: set[str]) -> set[str]:
+    """Of ``names`` (files in /dev/shm), those another live process holds open or
+    mapped: not this test's (e.g. a concurrent run's multiprocessing semaphores)."""
+    me = os.getpid()
+    paths = {f"/dev/shm/{n}": n for n in names}
+    used = set()
+    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    parts = line.split(None, 5)   # address perms offset dev inode path
+                    if len(parts) == 6 and parts[5].strip() in paths:
+                        used.add(paths[parts[5].strip()])
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target in paths:
+                    used.add(paths[target])
+        except OSError:
+            continue
+    return used
+
+
+def _shm_leaked(before: set[str], settle_s: float = 1.0) -> set[str]:
+    """New files in /dev/shm that stay (a transient one, created and unlinked by
+    someone else meanwhile, is given ``settle_s`` to go) and that no other live
+    process holds: this test's leaks."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        new = _shm() - before
+        if not new or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return new - _shm_in_use_elsewhere(new) if new else new
 
 
 # --- machines and trials ---------------------------------------------------------------------

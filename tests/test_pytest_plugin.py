@@ -5,6 +5,7 @@ workers with their own seed streams and run directories."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,32 @@ def test_marker_is_registered_and_fixtures_documented(tester):
         assert name in out and words in out, name
     res = tester.runpytest_subprocess("--help")
     assert "--emu-topology" in res.stdout.str() and "emu_seed" in res.stdout.str()
+
+
+def test_leak_check_blames_a_new_shm_file_but_not_one_another_process_holds():
+    """The /dev/shm check counts what this test left, not what a concurrent run (its
+    multiprocessing semaphores, say) holds open or mapped meanwhile."""
+    import subprocess
+    import sys
+
+    from emu import pytest_plugin as P
+    before = P._shm()
+    foreign, ours = "/dev/shm/emu-test-foreign-%d" % os.getpid(), \
+        "/dev/shm/emu-test-ours-%d" % os.getpid()
+    code = ("import mmap, os, sys\n"
+            f"fd = os.open({foreign!r}, os.O_CREAT | os.O_RDWR); os.ftruncate(fd, 4096)\n"
+            "m = mmap.mmap(fd, 4096); os.close(fd); print('ok', flush=True)\n"
+            "sys.stdin.read()\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stdin=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ok"
+        open(ours, "w").close()
+        assert P._shm_leaked(before, settle_s=0.1) == {os.path.basename(ours)}
+    finally:
+        p.stdin.close()
+        p.wait(timeout=10)
+        p.stdout.close()
+        for f in (foreign, ours):
+            os.unlink(f)
+    assert P._shm_leaked(before, settle_s=0.1) == set()
