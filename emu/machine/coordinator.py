@@ -250,6 +250,8 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         is stopped and held (:func:`emu.hw.cpu.assert_reset`); the others, and any
         that does not take the line within RESET_HOLD_S, are killed (boot forks new
         ones). Returns the generation the kept CPUs are held in (0: none kept)."""
+        # extra={"reset_refork": True}: fork every CPU anew, as before the reset line
+        # (an A/B knob: bench/stress.py --extra)
         if not self.cpu_pids or self.cfg.extra.get("reset_refork"):
             self._kill_cpus()
             return 0
