@@ -175,7 +175,7 @@ def test_emu_log_never_crashes_on_any_lines(lines, torn):
 
 
 @pytest.mark.slow
-@settings(max_examples=2000, deadline=None, database=None,
+@settings(max_examples=800, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
 @given(lines=st.lists(log_lines(), max_size=10), torn=st.booleans())
 def test_emu_log_never_crashes_many(lines, torn):
