@@ -48,7 +48,7 @@ HANDLERS: dict[str, str | Version] = {
         "before 011899a2e0 (2017-04-07)",
         "record reserved but never committed (an LMCE during the softirq wiped the "
         "worker election); non-broadcast: an unrecoverable error continued (the "
-        "trap's fatal check skipped)", "nested"),
+        "trap's fatal check skipped)", "nested_lmce"),
     "stale-severity-cpu": Version(
         "emu.xen.history:StaleSeverityCpu",
         "severity_cpu not reset after the fatal check",
@@ -60,7 +60,7 @@ HANDLERS: dict[str, str | Version] = {
         "mctelem_xchg_head re-reads the link after a successful cmpxchg",
         "before e9af61b969 (2014-01-17)",
         "Xen BUG (MCTE_TRANSITION_STATE): a telemetry entry linked twice, when Dom0's "
-        "fetch lands inside a commit (two waves, Dom0 busy)", "nested"),
+        "fetch lands inside a commit (two waves, Dom0 busy)", "dom0_busy"),
     "freelist-aba": Version(
         "emu.xen.history:FreelistAba",
         "lock-free telemetry free lists with the ABA race",
