@@ -71,7 +71,8 @@ def _cpu(w) -> dict:
 
 
 def run_variant(cpus: int, variant: str, trials: int, scenario: str, chaos: float,
-                fault_rate: float, seed: int, extra: dict | None = None) -> dict:
+                fault_rate: float, seed: int, extra: dict | None = None,
+                machine: dict | None = None) -> dict:
     import numpy as np
 
     from emu.campaign import stress as S
@@ -81,7 +82,7 @@ def run_variant(cpus: int, variant: str, trials: int, scenario: str, chaos: floa
         kw.update(faults="kill_dom0,pause_dom0,kill_cpu", fault_rate=fault_rate)
     o = S.Options(seed=seed, trials=trials, scenario=scenario, db=False,
                   machine={"topology": TOPOLOGY.get(cpus, f"1x{cpus}x1"), "watchdog_s": 0.5,
-                           **({"extra": extra} if extra else {})},
+                           **({"extra": extra} if extra else {}), **(machine or {})},
                   **kw).validate()
     exp, cmp_ = _Timed(model.expected), _Timed(model.compare)
     model.expected, model.compare = exp, cmp_
@@ -137,6 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--extra", default="",
                    help="the machine's extra options as JSON, for wait-strategy A/B runs "
                         "(e.g. '{\"spin_ns\": 0}')")
+    p.add_argument("--machine", default="",
+                   help="more machine options (MachineConfig fields) as JSON, e.g. "
+                        "'{\"idle_poll_us\": 0}'")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     try:
@@ -147,6 +151,12 @@ def main(argv=None) -> int:
             raise UsageError("--extra", f"{a.extra!r}: not JSON ({exc})") from None
         if extra is not None and not isinstance(extra, dict):
             raise UsageError("--extra", f"{a.extra!r}: give a JSON object")
+        try:
+            mach = json.loads(a.machine) if a.machine else None
+        except ValueError as exc:
+            raise UsageError("--machine", f"{a.machine!r}: not JSON ({exc})") from None
+        if mach is not None and not isinstance(mach, dict):
+            raise UsageError("--machine", f"{a.machine!r}: give a JSON object")
         variants = [v.strip() for v in a.variants.split(",") if v.strip()]
         bad = [v for v in variants if v not in ("plain", "chaos", "faults")]
         if bad:
@@ -159,7 +169,7 @@ def main(argv=None) -> int:
         for n in cpus:
             for v in variants:
                 r = run_variant(n, v, a.trials, a.scenario, a.chaos, a.fault_rate, a.seed,
-                                extra)
+                                extra, mach)
                 if a.json:
                     print(json.dumps(r), flush=True)
                 else:
