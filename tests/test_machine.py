@@ -272,6 +272,26 @@ def test_dom0_killed_mid_log_still_logs_exactly_once(emu_machine, tmp_path, die_
     assert len(ids) == len(set(ids)) == 3
 
 
+def test_a_reply_to_a_dom0_that_died_after_its_request_is_dropped(emu_machine, tmp_path):
+    """Dom0 sends its ack, closes its channel and dies: the machine serves the ack
+    (the record leaves Xen's pool), its reply finds no reader (counted, not an
+    emulator error), and the record is in the durable log exactly once."""
+    import json
+    m = emu_machine(extra={"log_dir": str(tmp_path),
+                           "dom0_hooks": {"die_at": "ack_sent", "die_count": 1}})
+    rs = [m.inject(f"cpu={i} bank=8 status=0xBD000000004000CF addr={0x190000 + i * 0x1000:#x} "
+                   "misc=0x86 mcg=0x5") for i in range(3)]
+    assert all(r["outcome"] == "recovered" and r["violations"] == [] for r in rs)
+    assert rs[-1]["dom0"]["restarts"] == 1 and rs[-1]["dom0"]["replies_lost"] == 1, \
+        rs[-1]["dom0"]
+    for r in rs:
+        assert [d["count"] for d in r["errors"][0]["dom0_log"]] == [1], r["errors"][0]
+    m.close()
+    with open(rs[0]["dom0_log_path"]) as f:
+        ids = [json.loads(x)["id"] for x in f]
+    assert len(ids) == len(set(ids)) == 3
+
+
 def test_idle_poll_window_follows_kvm_halt_polling():
     from emu.machine.cpu_process import IDLE_POLL_MIN_NS, idle_poll_window
     cap = 1_000_000

@@ -51,6 +51,9 @@ from emu.hw.msr import hexs, status_flags
 SCHEMA = "emu.mcelog/1"
 CLASSES = ("urgent", "nonurgent")
 DIE_POINTS = ("before_write", "mid_write", "after_write", "after_ack")
+# Test hooks only (not a fault a campaign draws): "ack_sent" sends the ack, closes the
+# channel and dies before the reply, so the machine's reply finds no reader.
+TEST_DIE_POINTS = ("ack_sent",)
 # CPUID.1:EAX Dom0 puts in every record (Linux takes it from XEN_MC_physcpuinfo):
 # Intel family 6 model 0x55 stepping 4 (Skylake-SP), so mcelog does its Intel decode.
 DEFAULT_CPUID = 0x00050654
@@ -603,8 +606,9 @@ class Dom0Logger:
         self.duplicates = 0
         self.ack_failures = 0
         die_at = self.hooks.get("die_at")
-        if die_at is not None and die_at not in DIE_POINTS:
-            raise UsageError("hooks.die_at", f"{die_at!r}: choose one of {', '.join(DIE_POINTS)}")
+        if die_at is not None and die_at not in DIE_POINTS + TEST_DIE_POINTS:
+            raise UsageError("hooks.die_at", f"{die_at!r}: choose one of "
+                             f"{', '.join(DIE_POINTS + TEST_DIE_POINTS)}")
         self.die_at = die_at
         self.die_count = int(self.hooks.get("die_count", 1))
         self._boot_die = (self.die_at, self.die_count)
@@ -696,6 +700,10 @@ class Dom0Logger:
             # Test hook: a buggy or hostile logger acks an id that is not the head.
             ok, acked = self.ch.request("ack", {"cls": item.get("cls", cls), "id": rid + 1})
             self.forged = {"ok": ok, "acked": acked}
+        if self.die_at == "ack_sent" and self.fetched == self.die_count:
+            self.ch.send("ack", {"cls": item.get("cls", cls), "id": rid})
+            self.ch.conn.close()
+            os._exit(9)
         ok, acked = self.ch.request("ack", {"cls": item.get("cls", cls), "id": rid})
         if not ok or not acked:
             # Not the head any more (someone else acked it?): stop this class rather
@@ -734,7 +742,7 @@ def dom0_main(conn, log_path, fsync: bool = True, hooks: dict | None = None, *,
               rotate_keep: int = 8) -> int:
     """Body of the Dom0 process: log telemetry durably, run Dom0's #MC handler.
 
-    ``hooks``: ``{"die_at": "before_write"|"mid_write"|"after_write"|"after_ack",
+    ``hooks``: ``{"die_at": "before_write"|"mid_write"|"after_write"|"after_ack"|"ack_sent",
     "die_count": n}`` → ``os._exit(9)`` at that point of the n-th fetched record
     (``mid_write`` leaves half a line: a torn write); ``{"forge_ack": True}`` → before
     acking the first record, ack a non-head id; ``{"pause": True}`` → no fetch

@@ -269,7 +269,14 @@ class DomainChannels:
                 raw = conn.recv_bytes()
             except (EOFError, OSError):
                 return
-            self._hypercall(conn, raw, d)
+            try:
+                self._hypercall(conn, raw, d)
+            except (BrokenPipeError, ConnectionResetError):
+                # The domain died after its request (a dead Dom0's last words): nobody
+                # takes the reply; its death is handled through its pidfd, as when it
+                # dies after taking a reply.
+                self.replies_lost += 1
+                return
             self._served += 1
             if not readable([fd], 0):
                 return

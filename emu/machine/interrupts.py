@@ -259,7 +259,7 @@ class IrqPaths:
                "domains": self._domains(), "lost_at_reset": [], "hazards": [],
                "dom0_log_path": self.dom0_log_path,
                "dom0": {"restarts": self.dom0_restarts, "exits": list(self.dom0_exits),
-                        "refused": self.refused}}
+                        "refused": self.refused, "replies_lost": self.replies_lost}}
         for e in errors_out:
             if e["logs"] > 1 and e["cmci_owner"] is None and \
                     all(x["source"] == "poll" for x in e["logged_by"]):
