@@ -460,7 +460,11 @@ class DomainChannels:
                 cmd = msgpack.unpackb(raw, strict_map_key=False)[1]
             except Exception:  # noqa: BLE001 - _hypercall refuses and counts it
                 cmd = None
-            self._hypercall(conn, raw, 0)
+            try:
+                self._hypercall(conn, raw, 0)
+            except (BrokenPipeError, ConnectionResetError):
+                self.replies_lost += 1    # Dom0 died after its request (see _serve_channel)
+                return None
             if cmd in ("fetch", "ack"):
                 return True
             if cmd == "idle" and self._dom0_idle():
