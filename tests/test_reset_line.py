@@ -111,3 +111,19 @@ def test_an_mc_pending_with_the_reset_runs_nothing_of_the_old_boot(tmp_path):
     _, st = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(st) == 0
     assert got == "reset", got
+
+
+def test_bench_reset_smoke():
+    """bench/reset.py runs (tiny sizes), first key reset_ms_p50, both ways measured."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "bench/reset.py", "--cpus", "4", "--resets", "2",
+                        "--refork", "--json"], cwd=root, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout.splitlines()[0])
+    assert next(iter(r)) == "reset_ms_p50" and r["reset_ms_p50"] > 0
+    assert r["refork_ms_p50"] > 0 and r["cpus"] == 4
