@@ -39,6 +39,7 @@ def measure(cpus: int, resets: int, refork: bool) -> dict:
     times: dict[str, list[float]] = {k: [] for k in ways}
     try:
         for m in ms.values():
+            m.start()
             m.reset()                       # warm-up, not counted
         block = 5
         for r in range(0, resets, block):
