@@ -126,6 +126,19 @@ def run_variant(cpus: int, variant: str, trials: int, scenario: str, chaos: floa
             "wall_us_per_trial": round(el / trials * 1e6, 1)}
 
 
+def _json_object(option: str, text: str) -> dict | None:
+    """``text`` as a JSON object (None if empty); UsageError naming ``option``."""
+    if not text:
+        return None
+    try:
+        d = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(option, f"{text!r}: not JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise UsageError(option, f"{text!r}: give a JSON object")
+    return d
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpus", default="4,16,64")
@@ -145,18 +158,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         cpus = [int(x) for x in a.cpus.split(",") if x.strip()]
-        try:
-            extra = json.loads(a.extra) if a.extra else None
-        except ValueError as exc:
-            raise UsageError("--extra", f"{a.extra!r}: not JSON ({exc})") from None
-        if extra is not None and not isinstance(extra, dict):
-            raise UsageError("--extra", f"{a.extra!r}: give a JSON object")
-        try:
-            mach = json.loads(a.machine) if a.machine else None
-        except ValueError as exc:
-            raise UsageError("--machine", f"{a.machine!r}: not JSON ({exc})") from None
-        if mach is not None and not isinstance(mach, dict):
-            raise UsageError("--machine", f"{a.machine!r}: give a JSON object")
+        extra, mach = _json_object("--extra", a.extra), _json_object("--machine", a.machine)
         variants = [v.strip() for v in a.variants.split(",") if v.strip()]
         bad = [v for v in variants if v not in ("plain", "chaos", "faults")]
         if bad:

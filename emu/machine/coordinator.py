@@ -93,7 +93,6 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
         self.cpu_pids: dict[int, int] = {}
         self.pidfds: dict[int, int] = {}
         self._cpu_hooks: dict[int, dict] = {}   # cpu -> the hooks its process was forked with
-        self.reset_in_place = 0                 # CPUs a warm reset kept (not re-forked)
         _raise_nofile(2 * self.n + 256)   # a pidfd per CPU, a channel and a pidfd per domain
         self.hooks: dict = dict(cfg.extra.get("hooks", {}))
         self.last_boot_log: list = []
@@ -286,7 +285,6 @@ class Coordinator(DomainChannels, IrqPaths, TraceRecorder):
                 waiting.discard(c)
         for c in waiting:
             self._drop_cpu(c)         # did not stop: replaced
-        self.reset_in_place += len(self.cpu_pids)
         return gen if self.cpu_pids else 0
 
     def _drop_cpu(self, cpu: int) -> None:
